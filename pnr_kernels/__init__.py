@@ -1,0 +1,29 @@
+"""pnr_kernels: exact, fused losses for continual self-supervised learning with Pseudo-Negative
+Regularization (PNR, Cha et al., ICML 2024). See docs/losses.md for the mathematics."""
+from .backends import BACKENDS, BackendUnavailableError, available_backends
+from .losses import (
+    barlow_pnr_regularizer,
+    barlow_twins_loss,
+    byol_loss,
+    byol_pnr_regularizer,
+    cassle_simclr_regularizer,
+    moco_pnr_loss,
+    nt_xent_loss,
+    simclr_pnr_loss,
+    vicreg_loss,
+    vicreg_pnr_regularizer,
+)
+from .modules import (
+    BarlowPNRRegularizer,
+    BarlowTwinsLoss,
+    BYOLLoss,
+    BYOLPNRRegularizer,
+    CaSSLeSimCLRRegularizer,
+    MoCoPNRLoss,
+    NTXentLoss,
+    SimCLRPNRLoss,
+    VICRegLoss,
+    VICRegPNRRegularizer,
+)
+
+__version__ = "0.1.0"

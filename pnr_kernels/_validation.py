@@ -1,0 +1,93 @@
+"""Input checks shared by every loss and every backend.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+size or value) with a message that names the offending argument and the expected form, so a user
+sees what to change without reading the code.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Mapping, Optional
+
+import torch
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_embeddings(tensors: Mapping[str, torch.Tensor], *, batch_size: Optional[int] = None) -> tuple:
+    """Check that every named tensor is a floating (B, D) matrix with one shared shape, dtype and
+    device. Returns ``(B, D)``.
+
+    ``batch_size`` forces B when the caller already knows it (e.g. from another group of inputs).
+    """
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(t).__name__}")
+        if t.dtype not in FLOATING_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+            )
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); at least one row is needed")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has zero width (shape {tuple(t.shape)}); dim must be at least 1")
+        if first is None:
+            first_name, first = name, t
+            if batch_size is not None and t.shape[0] != batch_size:
+                raise ValueError(f"{name} has batch size {t.shape[0]}, expected {batch_size}")
+            continue
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"batch sizes differ: {first_name} has {first.shape[0]} rows, {name} has {t.shape[0]}"
+            )
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"widths differ: {first_name} has dim {first.shape[1]}, {name} has {t.shape[1]}")
+        check_same_dtype_device(first_name, first, name, t)
+    return tuple(first.shape)
+
+
+def check_same_dtype_device(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"dtypes differ: {ref_name} is {ref.dtype}, {name} is {t.dtype}; cast them to one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"devices differ: {ref_name} is on {ref.device}, {name} is on {t.device}")
+
+
+def check_queue(name: str, queue: torch.Tensor, *, dim: int, like_name: str, like: torch.Tensor) -> int:
+    """Check a (2, K, D) queue of past keys (any strides). Returns K."""
+    if not isinstance(queue, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (2, K, dim), got {type(queue).__name__}")
+    if queue.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (2 views, K entries, dim), got shape {tuple(queue.shape)}")
+    if queue.shape[0] != 2:
+        raise ValueError(f"{name} must hold 2 views in its first dimension, got shape {tuple(queue.shape)}")
+    if queue.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(queue.shape)}); K must be at least 1")
+    if queue.shape[2] != dim:
+        raise ValueError(f"{name} has width {queue.shape[2]}, but the embeddings have dim {dim}")
+    check_same_dtype_device(like_name, like, name, queue)
+    return queue.shape[1]
+
+
+def check_positive_number(name: str, value) -> float:
+    """A finite, strictly positive real number (temperatures)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_weight(name: str, value) -> float:
+    """A finite real number (loss weights; zero and negative are allowed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

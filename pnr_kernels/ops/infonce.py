@@ -1,0 +1,170 @@
+"""The fused multi-key InfoNCE op and the contrastive losses composed from it.
+
+The op (docs/losses.md, "The central op"):
+
+    lse[r, i] = LSE over key blocks k and keys j (j != i where exclude_diagonal[k]) of
+                scales[r] * rows[r][i] . keys[k][j]
+
+``rows`` is a list of R row sets, each (M, D); ``keys`` a list of key blocks, each (M_k, D); any
+strides. The output is (R, M) in float32 (float64 for float64 inputs). Every row set sees every key
+block, so one kernel can load each key tile once for all row sets (SimCLR-PNR's two terms share
+Z and F this way). Its gradient, with ``g = grad_lse`` and ``p = exp(logit - lse)``:
+
+    d rows[r][i] = scales[r] * g[r, i] * sum_{k, j} p[r, k, i, j] keys[k][j]
+    d keys[k][j] = sum_r scales[r] * sum_i g[r, i] p[r, k, i, j] rows[r][i]
+
+A backend provides an :class:`InfoNCEKernels` pair (forward, backward) that never materialises
+anything of size rows x keys; :func:`define_infonce_op` wraps it into a ``torch.library`` custom op
+with registered autograd (so it works under ``torch.compile``), and the loss functions below add
+the positives, which are O(M x D), in PyTorch. Inputs that do not require a gradient (the frozen
+previous-model blocks) get no gradient work at all: the backward kernel is told which are needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import torch
+
+from ..reference import compute_dtype, normalize
+
+# forward(rows, keys, exclude_diagonal, scales) -> lse (R, M)
+ForwardKernel = Callable[[List[torch.Tensor], List[torch.Tensor], List[bool], List[float]], torch.Tensor]
+# backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad)
+#   -> the gradients of the rows that need one, then of the keys that need one, in input order,
+#      each in its input's dtype and shape
+BackwardKernel = Callable[..., List[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class InfoNCEKernels:
+    forward: ForwardKernel
+    backward: BackwardKernel
+
+
+def infonce_flops(row_sizes: Sequence[int], key_sizes: Sequence[int], dim: int,
+                  rows_need_grad: Sequence[bool], keys_need_grad: Sequence[bool]) -> int:
+    """FLOPs of one forward + backward of the op, counting 2 per multiply-add of the products:
+    the forward logits, their recomputation in backward, the row gradients and key gradients
+    that are needed. (SimCLR-PNR at N rows: 28 N^2 D.)"""
+    total = 0
+    for m, row_grad in zip(row_sizes, rows_need_grad):
+        for mk, key_grad in zip(key_sizes, keys_need_grad):
+            total += 2 * m * mk * dim * (2 + int(row_grad) + int(key_grad))
+    return total
+
+
+def define_infonce_op(backend: str, kernels: InfoNCEKernels):
+    """Register ``pnr_kernels::infonce_lse_<backend>`` (and its backward op) and return the
+    forward op, callable as ``op(rows, keys, exclude_diagonal, scales)``."""
+    name = f"pnr_kernels::infonce_lse_{backend}"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def forward(rows: List[torch.Tensor], keys: List[torch.Tensor], exclude_diagonal: List[bool],
+                scales: List[float]) -> torch.Tensor:
+        return kernels.forward(rows, keys, exclude_diagonal, scales)
+
+    @forward.register_fake
+    def _(rows, keys, exclude_diagonal, scales):
+        return rows[0].new_empty((len(rows), rows[0].shape[0]), dtype=compute_dtype(rows[0].dtype))
+
+    @torch.library.custom_op(name + "_backward", mutates_args=())
+    def backward(grad_lse: torch.Tensor, lse: torch.Tensor, rows: List[torch.Tensor],
+                 keys: List[torch.Tensor], exclude_diagonal: List[bool], scales: List[float],
+                 rows_need_grad: List[bool], keys_need_grad: List[bool]) -> List[torch.Tensor]:
+        return kernels.backward(grad_lse.contiguous(), lse, rows, keys, exclude_diagonal, scales,
+                                rows_need_grad, keys_need_grad)
+
+    @backward.register_fake
+    def _(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad):
+        needed = [r for r, g in zip(rows, rows_need_grad) if g] + [k for k, g in zip(keys, keys_need_grad) if g]
+        return [torch.empty_like(t) for t in needed]
+
+    def setup_context(ctx, inputs, output):
+        rows, keys, exclude_diagonal, scales = inputs
+        ctx.save_for_backward(output, *rows, *keys)
+        ctx.num_rows = len(rows)
+        ctx.exclude_diagonal = list(exclude_diagonal)
+        ctx.scales = list(scales)
+        ctx.rows_need_grad = [r.requires_grad for r in rows]
+        ctx.keys_need_grad = [k.requires_grad for k in keys]
+
+    def backward_autograd(ctx, grad_lse):
+        lse, *tensors = ctx.saved_tensors
+        rows, keys = tensors[:ctx.num_rows], tensors[ctx.num_rows:]
+        grads = iter(backward(grad_lse, lse, rows, keys, ctx.exclude_diagonal, ctx.scales,
+                              ctx.rows_need_grad, ctx.keys_need_grad))
+        rows_grad = [next(grads) if need else None for need in ctx.rows_need_grad]
+        keys_grad = [next(grads) if need else None for need in ctx.keys_need_grad]
+        return rows_grad, keys_grad, None, None
+
+    forward.register_autograd(backward_autograd, setup_context=setup_context)
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive losses over the op. They mirror pnr_kernels.reference; the op replaces the
+# materialised log-sum-exp, everything else is O(M x D).
+# ---------------------------------------------------------------------------------------------
+
+def _unit_rows(*xs: torch.Tensor) -> torch.Tensor:
+    """Stack, normalise in the compute dtype, and round back to the input dtype, so that the
+    kernels read the same values the positives below are computed from."""
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    return normalize(x.to(compute_dtype(x.dtype))).to(x.dtype)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(a.dtype)
+    return (a.to(dtype) * b.to(dtype)).sum(1)
+
+
+def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature):
+    b, t = z1.shape[0], temperature
+    z, p, f = _unit_rows(z1, z2), _unit_rows(p1, p2), _unit_rows(f1, f2)
+    lse = op([z, p], [z, f], [True, True], [1.0 / t, 1.0 / t])
+    main = lse[0] - _row_dot(z, z.roll(b, dims=0)) / t
+    reg = lse[1] - _row_dot(p, f) / t
+    return (main.mean() + reg.mean()).to(z1.dtype)
+
+
+def nt_xent_loss(op, z1, z2, *, temperature):
+    b, t = z1.shape[0], temperature
+    z = _unit_rows(z1, z2)
+    lse = op([z], [z], [True], [1.0 / t])
+    return (lse[0] - _row_dot(z, z.roll(b, dims=0)) / t).mean().to(z1.dtype)
+
+
+def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
+                  temperature, distill_temperature):
+    t, td = temperature, distill_temperature
+    q1, q2, k1, k2, p1, p2, f1, f2 = (_unit_rows(x) for x in (q1, q2, k1, k2, p1, p2, f1, f2))
+    total = 0.0
+    # view v's queries meet the queues of view v' = 1 - v: (q1, k2, p1, f1, Q1), (q2, k1, p2, f2, Q0)
+    for q, k, p, f, v in ((q1, k2, p1, f1, 1), (q2, k1, p2, f2, 0)):
+        lse = op([q, p], [key_queue[v], prev_queue[v]], [False, False], [1.0 / t, 1.0 / td])
+        pos_q, pos_p = _row_dot(q, k) / t, _row_dot(p, f) / td
+        total = total + (torch.logaddexp(lse[0], pos_q) - pos_q).mean()
+        total = total + (torch.logaddexp(lse[1], pos_p) - pos_p).mean()
+    return (total / 2).to(q1.dtype)
+
+
+def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature):
+    t = temperature
+    p, f = _unit_rows(p1, p2), _unit_rows(f1, f2)
+    pos = _row_dot(p, f) / t
+    d_pf = op([p], [f], [False], [1.0 / t])[0] - pos
+    d_fp = op([f], [p], [False], [1.0 / t])[0] - pos
+    return ((d_pf.mean() + d_fp.mean()) / 2).to(p1.dtype)
+
+
+def contrastive_losses(op) -> dict:
+    """The contrastive losses of one backend, keyed as ``pnr_kernels.reference.LOSSES``."""
+    import functools
+
+    return {
+        "simclr_pnr": functools.partial(simclr_pnr_loss, op),
+        "nt_xent": functools.partial(nt_xent_loss, op),
+        "moco_pnr": functools.partial(moco_pnr_loss, op),
+        "cassle_simclr": functools.partial(cassle_simclr_regularizer, op),
+    }

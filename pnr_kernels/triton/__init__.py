@@ -1,0 +1,37 @@
+"""The Triton backend: fused kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1,
+which is how the tests run them without a GPU)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (must be set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton is a Linux dependency of the package
+        return f"triton is not importable ({exc}); install it with `pip install triton` (Linux)"
+    return None
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype):
+    error = _import_error()
+    if error is not None:
+        return error
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"it runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got a {device.type} tensor"
+    if dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels; use backend='reference' or 'native' for float64"
+    return None
+
+
+def losses():
+    return {}
