@@ -66,7 +66,7 @@ def cassle_simclr(p1, p2, f1, f2, temperature):
 
 
 def _cos(a, b):
-    return float(a @ b) / max(math.sqrt(float(a @ a)) * math.sqrt(float(b @ b)), 1e-8)
+    return float(a @ b) / (max(math.sqrt(float(a @ a)), 1e-8) * max(math.sqrt(float(b @ b)), 1e-8))
 
 
 def _mean_cos(a, b):
