@@ -106,7 +106,8 @@ def _check_op(rows, keys, exclude, scales, rows_need_grad, keys_need_grad, *, to
 @pytest.mark.parametrize("dim", [WIDTH, 150], ids=["D=70", "D=150"])
 def test_two_row_sets_two_key_blocks_span_tiles_and_d_chunks(dim):
     """SimCLR-PNR's shape (rows [Z, P], keys [Z, F]), different scales per row set. fp32 rows stay
-    resident up to D=64; D=70 walks 3 logit chunks of 32, D=150 5 and 2 gradient output chunks."""
+    resident up to D=64; D=70 walks 3 logit chunks of 32 and writes 2 gradient slices of 64, D=150
+    5 and 3."""
     rows, keys = _op_inputs(2, [KEYS], dim)
     _check_op(rows, keys, [True, True], [5.0, 3.0], [True, True], [True, False])
 
@@ -119,7 +120,7 @@ def test_more_row_sets_and_key_blocks_than_one_launch_serves():
 @pytest.mark.parametrize("dim", [WIDTH, 300], ids=["D=70", "D=300"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_op(dtype, dim):
-    """16-bit rows stay resident up to D=256; D=300 walks 5 chunks of 64."""
+    """16-bit rows stay resident up to D=256; D=300 walks 5 chunks of 64 and writes 2 slices."""
     rows, keys = _op_inputs(2, [KEYS], dim, dtype=dtype)
     _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=(2e-2, 5e-2))
 

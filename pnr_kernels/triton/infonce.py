@@ -51,13 +51,12 @@ MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# D blocking, by element size: up to RESIDENT_D the whole width is one chunk and the operand a
-# program reuses across its loop stays on chip; wider D is walked in CHUNK_D chunks (the compile
-# test's shared-memory check bounds both). A gradient program's output tile is at most
-# MAX_BLOCK_DV wide; MIN_BLOCK is tl.dot's smallest K / N.
+# D blocking, by element size: up to RESIDENT_D the whole width is one chunk, the operand a
+# program reuses across its loop stays on chip, and a gradient program writes the whole width;
+# wider D is walked in CHUNK_D chunks for the logits and written in RESIDENT_D slices (the compile
+# test's shared-memory check bounds all of these). MIN_BLOCK is tl.dot's smallest K / N.
 RESIDENT_D = {2: 256, 4: 64}
 CHUNK_D = {2: 64, 4: 32}
-MAX_BLOCK_DV = 128
 MIN_BLOCK = 16
 
 
@@ -91,28 +90,33 @@ def _d_range(start, D, BLOCK_D: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
+def _full_width(ptr, stride_0, stride_1, offs_0, mask_0, D, SINGLE_CHUNK: tl.constexpr,
+                INT64: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (len(offs_0), BLOCK_D) tile covering all of D when SINGLE_CHUNK; otherwise a
+    placeholder that is never read."""
+    tile = tl.zeros([1, 1], dtype=tl.float32)
+    if SINGLE_CHUNK:
+        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
+        tile = _load_tile(ptr, stride_0, stride_1, offs_0, mask_0, offs_d, mask_d)
+    return tile
+
+
+@triton.jit
 def _logits(row0, row1, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
             k_ptr, k_sm, k_sd, offs_n, mask_n, D,
-            TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, ROWS_RESIDENT: tl.constexpr,
+            TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
             INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Unscaled dot products (BLOCK_M, BLOCK_N) of one row tile of one or two row sets with one key
-    tile; each key chunk is loaded once for both row sets.
+    tile; each key chunk serves both row sets.
 
-    SINGLE_CHUNK (D <= BLOCK_D): the caller holds one operand in registers across its loop and
-    passes it: the row tiles ``row0, row1`` if ROWS_RESIDENT, else the key tile ``key``; the other
-    is loaded here. Otherwise D is walked in BLOCK_D chunks, loading both (the passed tiles are
-    unused)."""
+    SINGLE_CHUNK (D <= BLOCK_D): ``row0, row1, key`` are the full-width tiles (``_full_width``),
+    loaded by the caller, which keeps one side on chip across its loop and reuses the other as
+    the operand of its gradient product. Otherwise D is walked here in BLOCK_D chunks and the
+    tiles passed are placeholders."""
     s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    s1 = s0
     if SINGLE_CHUNK:
-        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
-        if ROWS_RESIDENT:
-            key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_d, mask_d)
-        else:
-            row0 = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_d, mask_d)
-            if TWO_ROWS:
-                row1 = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_d, mask_d)
         s0 = _mma(row0, tl.trans(key), s0, UPCAST, PRECISION)
         if TWO_ROWS:
             s1 = _mma(row1, tl.trans(key), s1, UPCAST, PRECISION)
@@ -126,23 +130,6 @@ def _logits(row0, row1, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
                 s1 = _mma(_load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_d, mask_d), key_t, s1,
                           UPCAST, PRECISION)
     return s0, s1
-
-
-@triton.jit
-def _resident_rows(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D,
-                   TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, INT64: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """The row tiles a program keeps in registers across its key loop when D fits one chunk
-    (placeholders otherwise, never read)."""
-    row0 = tl.zeros([1, 1], dtype=tl.float32)
-    row1 = row0
-    if SINGLE_CHUNK:
-        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
-        row0 = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_d, mask_d)
-        row1 = row0
-        if TWO_ROWS:
-            row1 = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_d, mask_d)
-    return row0, row1
 
 
 @triton.jit
@@ -193,8 +180,9 @@ def _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_
         mask_n = offs_n < MK
         if INT64:
             offs_n = offs_n.to(tl.int64)
-        s0, s1 = _logits(row0, row1, row0, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK, True,
+        key = _full_width(k_ptr, k_sm, k_sd, offs_n, mask_n, D, SINGLE_CHUNK, INT64, BLOCK_D)
+        s0, s1 = _logits(row0, row1, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK,
                          INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
         m0, l0 = _online_update(m0, l0, tl.where(excluded, float("-inf"), s0 * scale0_log2))
@@ -219,8 +207,11 @@ def _infonce_fwd_kernel(
     mask_m = offs_m < M
     if INT64:
         offs_m = offs_m.to(tl.int64)
-    row0, row1 = _resident_rows(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D,
-                                NUM_ROWS == 2, SINGLE_CHUNK, INT64, BLOCK_D)
+    # the row tiles stay on chip across the key loop when D fits one chunk
+    row0 = _full_width(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
+    row1 = row0
+    if NUM_ROWS == 2:
+        row1 = _full_width(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
     m0 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -256,11 +247,13 @@ def _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm,
         mask_n = offs_n < MK
         if INT64:
             offs_n = offs_n.to(tl.int64)
-        s0, s1 = _logits(row0, row1, row0, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK, True,
+        key = _full_width(k_ptr, k_sm, k_sd, offs_n, mask_n, D, SINGLE_CHUNK, INT64, BLOCK_D)
+        s0, s1 = _logits(row0, row1, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK,
                          INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
-        key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_dv, mask_dv)
+        if not SINGLE_CHUNK:  # else the logits' key tile spans this program's whole output width
+            key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_dv, mask_dv)
         p0 = _probs(s0, scale0_log2, lse0_log2, excluded)
         acc0 = _mma(p0.to(key.dtype), key, acc0, UPCAST, PRECISION)
         if TWO_ROWS:
@@ -284,11 +277,16 @@ def _infonce_drow_kernel(
     point at (NUM_ROWS, M) contiguous fp32 rows of these row sets."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    if SINGLE_CHUNK:  # the gradient products reuse the full-width logit tiles
+        tl.static_assert(BLOCK_DV == BLOCK_D)
     offs_dv, mask_dv = _d_range(tl.program_id(1) * BLOCK_DV, D, BLOCK_DV, INT64)
     if INT64:
         offs_m = offs_m.to(tl.int64)
-    row0, row1 = _resident_rows(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D,
-                                NUM_ROWS == 2, SINGLE_CHUNK, INT64, BLOCK_D)
+    # the row tiles stay on chip across the key loop when D fits one chunk
+    row0 = _full_width(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
+    row1 = row0
+    if NUM_ROWS == 2:
+        row1 = _full_width(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
     lse0_log2 = _load_lse_log2(lse_ptr, offs_m, mask_m)
     lse1_log2 = lse0_log2
     if NUM_ROWS == 2:
@@ -335,34 +333,39 @@ def _infonce_dkey_kernel(
     summed over the NUM_ROWS row sets (lse_ptr, g_ptr: their (NUM_ROWS, M) fp32 rows)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < MK
+    if SINGLE_CHUNK:  # the gradient products reuse the full-width logit tiles
+        tl.static_assert(BLOCK_DV == BLOCK_D)
     offs_dv, mask_dv = _d_range(tl.program_id(1) * BLOCK_DV, D, BLOCK_DV, INT64)
     if INT64:
         offs_n = offs_n.to(tl.int64)
-    # the key tile stays in registers across the row loop when D fits one chunk
-    key = tl.zeros([1, 1], dtype=tl.float32)
-    if SINGLE_CHUNK:
-        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
-        key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_d, mask_d)
+    # the key tile stays on chip across the row loop when D fits one chunk
+    key = _full_width(k_ptr, k_sm, k_sd, offs_n, mask_n, D, SINGLE_CHUNK, INT64, BLOCK_D)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for m_start in range(0, M, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         if INT64:
             offs_m = offs_m.to(tl.int64)
-        s0, s1 = _logits(key, key, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, NUM_ROWS == 2, SINGLE_CHUNK, False,
+        row0 = _full_width(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
+        row1 = row0
+        if NUM_ROWS == 2:
+            row1 = _full_width(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
+        s0, s1 = _logits(row0, row1, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, NUM_ROWS == 2, SINGLE_CHUNK,
                          INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
         # weights g[r, i] scales[r] p[i, j]; padding rows load g = 0
         g0 = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * (scale0_log2 * 0.6931471805599453)
         w0 = _probs(s0, scale0_log2, _load_lse_log2(lse_ptr, offs_m, mask_m), excluded) * g0[:, None]
-        row = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_dv, mask_dv)
-        acc = _mma(tl.trans(w0.to(row.dtype)), row, acc, UPCAST, PRECISION)
+        if not SINGLE_CHUNK:  # else the logits' row tiles span this program's whole output width
+            row0 = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_dv, mask_dv)
+        acc = _mma(tl.trans(w0.to(row0.dtype)), row0, acc, UPCAST, PRECISION)
         if NUM_ROWS == 2:
             g1 = tl.load(g_ptr + M + offs_m, mask=mask_m, other=0.0) * (scale1_log2 * 0.6931471805599453)
             w1 = _probs(s1, scale1_log2, _load_lse_log2(lse_ptr + M, offs_m, mask_m), excluded) * g1[:, None]
-            row = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_dv, mask_dv)
-            acc = _mma(tl.trans(w1.to(row.dtype)), row, acc, UPCAST, PRECISION)
+            if not SINGLE_CHUNK:
+                row1 = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_dv, mask_dv)
+            acc = _mma(tl.trans(w1.to(row1.dtype)), row1, acc, UPCAST, PRECISION)
     tl.store(dk_ptr + offs_n[:, None] * D + offs_dv[None, :], acc.to(dk_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_dv[None, :])
 
@@ -397,18 +400,15 @@ _dkey = triton.autotune(launch_configs("dkey", interpreting()),
                         key=["D", "NUM_ROWS", "BLOCK_D", "BLOCK_DV"])(_infonce_dkey_kernel)
 
 
-def d_blocking(dim: int, element_size: int):
-    """(SINGLE_CHUNK, BLOCK_D) of the logits for width ``dim``: one resident chunk covering D up to
-    RESIDENT_D, else chunks of CHUNK_D."""
+def d_blocking(dim: int, element_size: int) -> Dict[str, object]:
+    """SINGLE_CHUNK, BLOCK_D (logits) and BLOCK_DV (gradient output slice) for width ``dim``: one
+    chunk covering D up to RESIDENT_D (then BLOCK_DV = BLOCK_D: the gradient products reuse the
+    logits' tiles), else CHUNK_D chunks and RESIDENT_D slices (each slice's program recomputes
+    the logits: D / RESIDENT_D times the logit work in backward)."""
     covering = max(MIN_BLOCK, triton.next_power_of_2(dim))
     if covering <= RESIDENT_D[element_size]:
-        return True, covering
-    return False, CHUNK_D[element_size]
-
-
-def block_dv(dim: int) -> int:
-    """Width of a gradient program's output tile: the power of two covering D, at most MAX_BLOCK_DV."""
-    return min(MAX_BLOCK_DV, max(MIN_BLOCK, triton.next_power_of_2(dim)))
+        return dict(SINGLE_CHUNK=True, BLOCK_D=covering, BLOCK_DV=covering)
+    return dict(SINGLE_CHUNK=False, BLOCK_D=CHUNK_D[element_size], BLOCK_DV=RESIDENT_D[element_size])
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
@@ -429,7 +429,7 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
         INT64=force_int64 or needs_int64(*rows, *keys),
         UPCAST=interpreting() and dtype == torch.bfloat16,
         PRECISION="ieee" if highest else "tf32",
-        **dict(zip(("SINGLE_CHUNK", "BLOCK_D"), d_blocking(rows[0].shape[1], rows[0].element_size()))),
+        **d_blocking(rows[0].shape[1], rows[0].element_size()),
     )
 
 
@@ -465,6 +465,7 @@ def _summed(parts_of_group, groups, dtypes):
 def infonce_forward(rows, keys, exclude_diagonal, scales, *, force_int64=False):
     """The op's forward: lse (R, M) fp32. ``force_int64`` runs the int64-offset path (tests)."""
     flags = _common_flags(rows, keys, force_int64)
+    del flags["BLOCK_DV"]
     m, d = rows[0].shape
     out = []
     for row_group in _groups(len(rows), MAX_ROW_SETS):
@@ -490,7 +491,7 @@ def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_n
     """The op's backward: gradients of the rows, then keys, that need one (ops/infonce.py)."""
     flags = _common_flags(rows, keys, force_int64)
     m, d = rows[0].shape
-    dv = block_dv(d)
+    dv = flags["BLOCK_DV"]
     grad_lse = grad_lse.to(torch.float32).contiguous()
     lse = lse.contiguous()
     # the gradients are written contiguously: (M or M_k) x D elements
@@ -506,7 +507,7 @@ def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_n
             *_pair(r), *_pair(k), lse[list(row_group)], grad_lse[list(row_group)], *_pair(out),
             *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d, *_strides(*_pair(r), *_pair(k)),
             NUM_ROWS=len(r), NUM_KEYS=len(k), EXCLUDE0=exclude[0], EXCLUDE1=exclude[-1],
-            BLOCK_DV=dv, **flags)
+            **flags)
         return out
 
     def key_grad(j, row_group, dtypes):
@@ -516,7 +517,7 @@ def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_n
         _dkey[lambda meta: (triton.cdiv(mk, meta["BLOCK_N"]), triton.cdiv(d, dv))](
             *_pair(r), keys[j], lse[list(row_group)], grad_lse[list(row_group)], out, *_pair([scales[i] * LOG2E for i in row_group]), m, mk, d,
             *_strides(*_pair(r), keys[j]),
-            NUM_ROWS=len(r), EXCLUDE=exclude_diagonal[j], BLOCK_DV=dv, **flags)
+            NUM_ROWS=len(r), EXCLUDE=exclude_diagonal[j], **flags)
         return [out]
 
     grads = []
@@ -541,10 +542,10 @@ def _compile_cases() -> List:
     widest resident D for sm_80 and sm_90, the chunked-D loop of each, and bf16 at the narrowest
     tiles (tl.dot's minimum shapes)."""
     variants = [  # dtype, SINGLE_CHUNK, BLOCK_D, BLOCK_DV, INT64, archs
-        ("bf16", True, RESIDENT_D[2], MAX_BLOCK_DV, True, (80, 90)),
-        ("fp32", True, RESIDENT_D[4], MAX_BLOCK_DV, True, (80, 90)),
-        ("bf16", False, CHUNK_D[2], MAX_BLOCK_DV, True, (90,)),
-        ("fp32", False, CHUNK_D[4], MAX_BLOCK_DV, True, (80,)),
+        ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], True, (80, 90)),
+        ("fp32", True, RESIDENT_D[4], RESIDENT_D[4], True, (80, 90)),
+        ("bf16", False, CHUNK_D[2], RESIDENT_D[2], True, (90,)),
+        ("fp32", False, CHUNK_D[4], RESIDENT_D[4], True, (80,)),
         ("bf16", True, MIN_BLOCK, MIN_BLOCK, False, (80,)),
     ]
     scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
