@@ -117,6 +117,19 @@ def test_more_row_sets_and_key_blocks_than_one_launch_serves():
     _check_op(rows, keys, [True, False, True], [5.0, 2.0, 3.0], [True, False, True], [True, True, False])
 
 
+def test_row_gradients_one_row_set_per_launch(monkeypatch):
+    """DROW_ROW_SETS = 1, the alternative dRow grouping (see the module docstring)."""
+    monkeypatch.setattr(triton_infonce, "DROW_ROW_SETS", 1)
+    rows, keys = _op_inputs(2, [KEYS], WIDTH)
+    _check_op(rows, keys, [True, True], [5.0, 3.0], [True, True], [True, False])
+
+
+def test_empty_key_block():
+    """A key block with no keys (e.g. an empty queue) adds nothing and gets an empty gradient."""
+    rows, keys = _op_inputs(1, [0], 37)
+    _check_op(rows, keys, [True, False], [5.0], [True], [False, True])
+
+
 @pytest.mark.parametrize("dim", [WIDTH, 300], ids=["D=70", "D=300"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_op(dtype, dim):

@@ -10,11 +10,12 @@ Three kernels, the scheme of flash attention's forward and recompute backward:
   with a running max and running sum in fp32 (base-2 online log-sum-exp) and stores only the
   (R, M) fp32 LSE. Each key tile is loaded once and multiplied with every row set of the launch
   (SimCLR-PNR: rows [Z, P] x keys [Z, F], so one load of a Z or F tile serves both terms).
-- ``_infonce_drow_kernel``: one program per (row tile, output D chunk) of the row sets that need
+- ``_infonce_drow_kernel``: one program per (row tile, output D slice) of the row sets that need
   a gradient; it recomputes the logits tile by tile from the saved LSE and accumulates
-  ``p @ keys`` in registers. No atomics: each program owns its output tile.
-- ``_infonce_dkey_kernel``: one program per (key tile, output D chunk) of one key block that needs
-  a gradient; it walks the row tiles of every row set and accumulates ``(g p)^T @ rows``.
+  ``p @ keys`` in registers, the key tile again shared by the row sets of the launch. No
+  atomics: each program owns its output tile.
+- ``_infonce_dkey_kernel``: one program per (key tile, output D slice) of one key block that
+  needs a gradient; it walks the row tiles of every row set and accumulates ``(g p)^T @ rows``.
   Key blocks and row sets that need no gradient get no program at all.
 
 Nothing of size rows x keys is written to memory. Logits are accumulated in fp32 (bf16/fp16
@@ -22,22 +23,26 @@ operands on tensor cores; fp32 operands follow ``torch.get_float32_matmul_precis
 "highest" -> IEEE fp32, otherwise TF32). The probabilities are rounded to the input dtype before
 the gradient products, as flash attention does.
 
+Width D (``d_blocking``): up to ``RESIDENT_D`` (256 for bf16/fp16, 64 for fp32) a tile spans all
+of D; the operand a program reuses across its loop (rows in forward and dRow, the key tile in
+dKey) is loaded once, and the tiles loaded for the logits are reused by the gradient products.
+Wider D is walked in ``CHUNK_D`` chunks for the logits and the gradients are written in
+``RESIDENT_D``-wide slices, each slice's program recomputing its logits.
+
 Group sizes: a launch serves at most ``MAX_ROW_SETS`` row sets and ``MAX_KEY_BLOCKS`` key blocks
 (constexpr-specialised; every loss of this library fits in one launch). Larger lists are split
 into groups on the host: forward LSEs of key groups are merged with ``logaddexp`` (O(M)), and
 gradients of several groups are summed in fp32 (O(M x D)); correct for any counts, optimal for
-the counts the losses use.
+the counts the losses use. ``DROW_ROW_SETS`` sets how many row sets one dRow launch shares key
+tiles between (2 rereads nothing, 1 halves the accumulators' registers: to be chosen by
+measurement on a GPU).
 
-D is walked in ``BLOCK_D`` chunks for the logits (any D); the gradient kernels split the output
-width into ``BLOCK_DV`` chunks across programs (each recomputes its logits; at most 128 wide, so
-D = 256 costs the backward one extra recomputation). Offsets switch to int64 when any tensor's
-largest element offset reaches 2**31 (``needs_int64``).
+Offsets switch to int64 when any tensor's largest element offset reaches 2**31 (``needs_int64``).
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
@@ -49,8 +54,8 @@ from . import compile_case, interpreting
 
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+DROW_ROW_SETS = 2  # <= MAX_ROW_SETS
+LOG2E = math.log2(math.e)  # the kernels work in base 2 (exp2/log2) and write natural-log LSEs
 # D blocking, by element size: up to RESIDENT_D the whole width is one chunk, the operand a
 # program reuses across its loop stays on chip, and a gradient program writes the whole width;
 # wider D is walked in CHUNK_D chunks for the logits and written in RESIDENT_D slices (the compile
@@ -433,6 +438,12 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
     )
 
 
+def _check_lists(rows, keys):
+    if not rows or not keys:
+        raise ValueError(f"the InfoNCE op needs at least one row set and one key block, got "
+                         f"{len(rows)} and {len(keys)}")
+
+
 def _pair(items):
     """Two kernel arguments from a group of one or two (the second is never read when absent)."""
     return items[0], items[-1]
@@ -464,6 +475,7 @@ def _summed(parts_of_group, groups, dtypes):
 
 def infonce_forward(rows, keys, exclude_diagonal, scales, *, force_int64=False):
     """The op's forward: lse (R, M) fp32. ``force_int64`` runs the int64-offset path (tests)."""
+    _check_lists(rows, keys)
     flags = _common_flags(rows, keys, force_int64)
     del flags["BLOCK_DV"]
     m, d = rows[0].shape
@@ -489,6 +501,7 @@ def infonce_forward(rows, keys, exclude_diagonal, scales, *, force_int64=False):
 def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad,
                      keys_need_grad, *, force_int64=False):
     """The op's backward: gradients of the rows, then keys, that need one (ops/infonce.py)."""
+    _check_lists(rows, keys)
     flags = _common_flags(rows, keys, force_int64)
     m, d = rows[0].shape
     dv = flags["BLOCK_DV"]
@@ -513,17 +526,20 @@ def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_n
     def key_grad(j, row_group, dtypes):
         r = [rows[i] for i in row_group]
         mk = keys[j].shape[0]
+        scale = [scales[i] * LOG2E for i in row_group]
         out = torch.empty((mk, d), dtype=dtypes[0], device=keys[j].device)
+        if mk == 0:  # an empty key block: nothing to launch
+            return [out]
         _dkey[lambda meta: (triton.cdiv(mk, meta["BLOCK_N"]), triton.cdiv(d, dv))](
-            *_pair(r), keys[j], lse[list(row_group)], grad_lse[list(row_group)], out, *_pair([scales[i] * LOG2E for i in row_group]), m, mk, d,
-            *_strides(*_pair(r), keys[j]),
+            *_pair(r), keys[j], lse[list(row_group)], grad_lse[list(row_group)], out, *_pair(scale),
+            m, mk, d, *_strides(*_pair(r), keys[j]),
             NUM_ROWS=len(r), EXCLUDE=exclude_diagonal[j], **flags)
         return [out]
 
     grads = []
     need_rows = [i for i, need in enumerate(rows_need_grad) if need]
-    for start in range(0, len(need_rows), MAX_ROW_SETS):
-        row_group = need_rows[start:start + MAX_ROW_SETS]
+    for start in range(0, len(need_rows), DROW_ROW_SETS):
+        row_group = need_rows[start:start + DROW_ROW_SETS]
         grads += _summed(lambda key_group, dtypes: row_grads(row_group, key_group, dtypes),
                          _groups(len(keys), MAX_KEY_BLOCKS), [rows[i].dtype for i in row_group])
     for j, need in enumerate(keys_need_grad):
