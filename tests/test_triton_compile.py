@@ -50,7 +50,7 @@ def _compile_one(job):
     module, index, arch = job
     case = importlib.import_module(module).COMPILE_CASES[index]
     try:
-        compiled = triton.compile(ASTSource(case.kernel, case.signature, case.constexprs),
+        compiled = triton.compile(ASTSource(case.kernel, case.signature, case.constexprs, case.attrs),
                                   target=GPUTarget("cuda", arch, 32), options=case.options)
     except Exception as exc:  # the test reports the compiler's message
         return f"{type(exc).__name__}: {exc}"

@@ -117,9 +117,9 @@ def test_more_row_sets_and_key_blocks_than_one_launch_serves():
     _check_op(rows, keys, [True, False, True], [5.0, 2.0, 3.0], [True, False, True], [True, True, False])
 
 
-def test_row_gradients_one_row_set_per_launch(monkeypatch):
-    """DROW_ROW_SETS = 1, the alternative dRow grouping (see the module docstring)."""
-    monkeypatch.setattr(triton_infonce, "DROW_ROW_SETS", 1)
+def test_row_gradients_two_row_sets_per_launch(monkeypatch):
+    """DROW_ROW_SETS = 2, the alternative dRow grouping (see the module docstring)."""
+    monkeypatch.setattr(triton_infonce, "DROW_ROW_SETS", 2)
     rows, keys = _op_inputs(2, [KEYS], WIDTH)
     _check_op(rows, keys, [True, True], [5.0, 3.0], [True, True], [True, False])
 

@@ -34,14 +34,16 @@ Group sizes: a launch serves at most ``MAX_ROW_SETS`` row sets and ``MAX_KEY_BLO
 into groups on the host: forward LSEs of key groups are merged with ``logaddexp`` (O(M)), and
 gradients of several groups are summed in fp32 (O(M x D)); correct for any counts, optimal for
 the counts the losses use. ``DROW_ROW_SETS`` sets how many row sets one dRow launch shares key
-tiles between (2 rereads nothing, 1 halves the accumulators' registers: to be chosen by
-measurement on a GPU).
+tiles between: 1, because two fp32 accumulators of a (64, 256) tile spill registers on sm_90
+(ptxas, measured from the compiled kernels) while one does not; the second row set rereads the
+key tiles, mostly from L2.
 
 Offsets switch to int64 when any tensor's largest element offset reaches 2**31 (``needs_int64``).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Dict, List, Sequence
 
@@ -54,7 +56,7 @@ from . import compile_case, interpreting
 
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
-DROW_ROW_SETS = 2  # <= MAX_ROW_SETS
+DROW_ROW_SETS = 1  # <= MAX_ROW_SETS
 LOG2E = math.log2(math.e)  # the kernels work in base 2 (exp2/log2) and write natural-log LSEs
 # D blocking, by element size: up to RESIDENT_D the whole width is one chunk, the operand a
 # program reuses across its loop stays on chip, and a gradient program writes the whole width;
@@ -382,7 +384,7 @@ def _infonce_dkey_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, per kernel. Every one
 # is compiled for sm_80 and sm_90 by tests/test_triton_compile.py (shared memory, dot shapes).
 _GPU_CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3)],
+    "fwd": [(128, 64, 8, 2), (64, 64, 4, 3)],
     "drow": [(64, 64, 8, 2), (64, 32, 4, 3)],
     "dkey": [(64, 64, 8, 2), (32, 64, 4, 3)],
 }
@@ -554,33 +556,40 @@ KERNELS = InfoNCEKernels(infonce_forward, infonce_backward)
 
 def _compile_cases() -> List:
     """Every kernel x every GPU autotune config at the largest specialisation the host launches
-    (two row sets, two key blocks, widest output tile, int64 offsets): bf16 and fp32 at their
-    widest resident D for sm_80 and sm_90, the chunked-D loop of each, and bf16 at the narrowest
-    tiles (tl.dot's minimum shapes)."""
-    variants = [  # dtype, SINGLE_CHUNK, BLOCK_D, BLOCK_DV, INT64, archs
-        ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], True, (80, 90)),
-        ("fp32", True, RESIDENT_D[4], RESIDENT_D[4], True, (80, 90)),
-        ("bf16", False, CHUNK_D[2], RESIDENT_D[2], True, (90,)),
-        ("fp32", False, CHUNK_D[4], RESIDENT_D[4], True, (80,)),
-        ("bf16", True, MIN_BLOCK, MIN_BLOCK, False, (80,)),
+    (two row sets, DROW_ROW_SETS for dRow, two key blocks): bf16 and fp32 at their widest resident D on contiguous,
+    aligned tensors (what a training step launches; the most shared memory) for sm_80 and sm_90;
+    bf16 resident with general strides and int64 offsets; the chunked-D loop of each dtype; and
+    bf16 at the narrowest tiles (tl.dot's minimum shapes)."""
+    variants = [  # dtype, SINGLE_CHUNK, BLOCK_D, BLOCK_DV, INT64, contiguous, archs
+        ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], False, True, (80, 90)),
+        ("fp32", True, RESIDENT_D[4], RESIDENT_D[4], False, True, (80, 90)),
+        ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], True, False, (90,)),
+        ("bf16", False, CHUNK_D[2], RESIDENT_D[2], True, False, (90,)),
+        ("fp32", False, CHUNK_D[4], RESIDENT_D[4], True, False, (80,)),
+        ("bf16", True, MIN_BLOCK, MIN_BLOCK, False, False, (80,)),
     ]
     scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
     cases = []
-    for dtype, single_chunk, d_block, dv_block, int64, archs in variants:
+    for dtype, single_chunk, d_block, dv_block, int64, contiguous, archs in variants:
         common = dict(INT64=int64, UPCAST=False, PRECISION="tf32", SINGLE_CHUNK=single_chunk, BLOCK_D=d_block)
         pointers = {"lse_ptr": "fp32", "g_ptr": "fp32", **{
             name: dtype for name in ("r0_ptr", "r1_ptr", "k0_ptr", "k1_ptr", "k_ptr", "dr0_ptr", "dr1_ptr", "dk_ptr")}}
         specs = [
             ("fwd", _infonce_fwd_kernel, dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, **common)),
             ("drow", _infonce_drow_kernel,
-             dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_block, **common)),
+             dict(NUM_ROWS=DROW_ROW_SETS, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_block,
+                  **common)),
             ("dkey", _infonce_dkey_kernel, dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_block, **common)),
         ]
-        layout = "resident" if single_chunk else "chunked"
+        layout = ("resident" if single_chunk else "chunked") + ("_contiguous" if contiguous else "_strided")
         for kind, kernel, constexprs in specs:
+            names = list(inspect.signature(kernel.fn).parameters)
+            unit = [n for n in names if n.endswith("_sd")] if contiguous else []
+            divisible = [n for n in names if n.endswith(("_ptr", "_sm")) or n in ("D", "M", "MK", "MK0", "MK1")]
             for (bm, bn, warps, stages), config in zip(_GPU_CONFIGS[kind], launch_configs(kind, interpret=False)):
                 name = f"infonce_{kind}_{dtype}_{layout}_d{d_block}_m{bm}n{bn}w{warps}s{stages}"
-                cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, archs))
+                cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, archs,
+                                          unit, divisible if contiguous else []))
     return cases
 
 
