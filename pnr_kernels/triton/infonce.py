@@ -42,6 +42,7 @@ Offsets switch to int64 when any tensor's largest element offset reaches 2**31 (
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -440,6 +441,11 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
     )
 
 
+def _on_device(tensor: torch.Tensor):
+    """Launch on the tensors' GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_lists(rows, keys):
     if not rows or not keys:
         raise ValueError(f"the InfoNCE op needs at least one row set and one key block, got "
@@ -478,6 +484,11 @@ def _summed(parts_of_group, groups, dtypes):
 def infonce_forward(rows, keys, exclude_diagonal, scales, *, force_int64=False):
     """The op's forward: lse (R, M) fp32. ``force_int64`` runs the int64-offset path (tests)."""
     _check_lists(rows, keys)
+    with _on_device(rows[0]):
+        return _forward(rows, keys, exclude_diagonal, scales, force_int64)
+
+
+def _forward(rows, keys, exclude_diagonal, scales, force_int64):
     flags = _common_flags(rows, keys, force_int64)
     del flags["BLOCK_DV"]
     m, d = rows[0].shape
@@ -504,6 +515,13 @@ def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_n
                      keys_need_grad, *, force_int64=False):
     """The op's backward: gradients of the rows, then keys, that need one (ops/infonce.py)."""
     _check_lists(rows, keys)
+    with _on_device(rows[0]):
+        return _backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad,
+                         keys_need_grad, force_int64)
+
+
+def _backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad,
+              force_int64):
     flags = _common_flags(rows, keys, force_int64)
     m, d = rows[0].shape
     dv = flags["BLOCK_DV"]
