@@ -70,6 +70,21 @@ def test_public_loss_and_gradients_match_fp64_reference(loss, dtype):
         assert_relative(g, w, grad_tol, f"{loss} gradient {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr"])
+def test_public_loss_at_temperature_0_01(loss, dtype):
+    """Logits up to 1 / 0.01 = 100 for unit rows: finite, and within the SPEC tolerances."""
+    args, kwargs = make_inputs(loss, 19, 37, torch.float64, requires_grad=True, queue_size=23, device=DEVICE,
+                               temperature=0.01)
+    args = low_precision_copy(args, dtype)
+    got, got_grads = loss_and_grads(lambda *a, **k: PUBLIC[loss](*a, backend="triton", **k), args, kwargs)
+    want, want_grads = loss_and_grads(reference.LOSSES[loss], low_precision_copy(args, torch.float64), kwargs)
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert_relative(got, want, loss_tol, f"{loss} loss")
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert_relative(g, w, grad_tol, f"{loss} gradient {i}")
+
+
 def _op_inputs(row_count, key_sizes, dim, *, dtype=torch.float32, scale=1.0):
     """Unit rows (M, D) and key blocks; key block 0 is row set 0 (the SimCLR self-block)."""
     rows = [F.normalize(torch.randn(ROWS, dim, dtype=torch.float64, device=DEVICE), dim=1).to(dtype)
