@@ -3,7 +3,9 @@
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with
 TRITON_INTERPRET=0 on a CUDA machine (benchmarks/gpu_check.sh) the same tests run the compiled
 kernels on CUDA tensors. Shapes are small and odd (not multiples of any block size) but span
-several row tiles, key tiles and D chunks where that matters.
+several row tiles, key tiles and D chunks where that matters. In the interpreter the keys are
+split across 2 programs wherever there are 2 key tiles (see ``key_splits``), so both the split
+and the unsplit paths run.
 """
 import pytest
 import torch
@@ -181,12 +183,20 @@ def test_needs_int64_from_the_largest_offset():
     assert not triton_infonce.needs_int64(meta((2**20, 2**20), (0, 0)))  # broadcast: one element
 
 
+def test_key_splits_fill_the_device_only_when_rows_do_not(monkeypatch):
+    monkeypatch.setattr(triton_infonce, "_programs_wanted", lambda device: 264)  # an H100: 2 x 132 SMs
+    device = torch.device(DEVICE)
+    assert triton_infonce.key_splits(256, [65536, 65536], device) == 66  # MoCo-PNR
+    assert triton_infonce.key_splits(8192, [8192, 8192], device) == 2  # SimCLR-PNR
+    assert triton_infonce.key_splits(16384, [16384], device) == 1
+    assert triton_infonce.key_splits(10, [10, 0], device) == 1  # never more splits than key tiles
+
+
 def test_tiny_temperature_stays_finite():
     rows, keys = _op_inputs(2, [KEYS], WIDTH)
     _check_op(rows, keys, [True, True], [100.0, 100.0], [True, True], [True, True])
 
 
-@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's log2(0)
 def test_row_with_every_key_excluded():
     """One row against itself with the diagonal excluded: LSE -inf, as torch.logsumexp gives, and
     zero gradient (p = 0 for every key) rather than NaN."""

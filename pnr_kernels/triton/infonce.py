@@ -6,14 +6,13 @@
 
 Three kernels, the scheme of flash attention's forward and recompute backward:
 
-- ``_infonce_fwd_kernel``: one program per row tile; it walks every key tile of every key block
-  with a running max and running sum in fp32 (base-2 online log-sum-exp) and stores only the
-  (R, M) fp32 LSE. Each key tile is loaded once and multiplied with every row set of the launch
-  (SimCLR-PNR: rows [Z, P] x keys [Z, F], so one load of a Z or F tile serves both terms).
-- ``_infonce_drow_kernel``: one program per (row tile, output D slice) of the row sets that need
-  a gradient; it recomputes the logits tile by tile from the saved LSE and accumulates
-  ``p @ keys`` in registers, the key tile again shared by the row sets of the launch. No
-  atomics: each program owns its output tile.
+- ``_infonce_fwd_kernel``: one program per (row tile, key split); it walks its key tiles of every
+  key block with a running max and running sum in fp32 (base-2 online log-sum-exp) and stores
+  only the (R, M) fp32 LSE. Each key tile is loaded once and multiplied with every row set of the
+  launch (SimCLR-PNR: rows [Z, P] x keys [Z, F], so one load of a Z or F tile serves both terms).
+- ``_infonce_drow_kernel``: one program per (row tile, output D slice, key split) of the row sets
+  that need a gradient; it recomputes the logits tile by tile from the saved LSE and accumulates
+  ``p @ keys`` in registers. No atomics: each program owns its output tile.
 - ``_infonce_dkey_kernel``: one program per (key tile, output D slice) of one key block that
   needs a gradient; it walks the row tiles of every row set and accumulates ``(g p)^T @ rows``.
   Key blocks and row sets that need no gradient get no program at all.
@@ -38,6 +37,12 @@ tiles between: 1, because two fp32 accumulators of a (64, 256) tile spill regist
 (ptxas, measured from the compiled kernels) while one does not; the second row set rereads the
 key tiles, mostly from L2.
 
+Key splits (``key_splits``): when the row tiles alone cannot fill the GPU (MoCo-PNR: 256 rows
+against 2 x 65536 queue entries would be 2-4 programs), the keys of each row tile are split
+across programs, flash-decoding style: each split writes a partial LSE (merged with
+``torch.logsumexp``, O(splits x M)) or fp32 partial row gradients (summed, O(splits x M x D),
+a few MB at that shape). With many rows (SimCLR-PNR at N = 8192) there are 1-2 splits.
+
 Offsets switch to int64 when any tensor's largest element offset reaches 2**31 (``needs_int64``).
 """
 from __future__ import annotations
@@ -58,6 +63,7 @@ from . import compile_case, interpreting
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
 DROW_ROW_SETS = 1  # <= MAX_ROW_SETS
+SPLIT_TILE = 64  # rows / keys per nominal tile when choosing key splits (key_splits)
 LOG2E = math.log2(math.e)  # the kernels work in base 2 (exp2/log2) and write natural-log LSEs
 # D blocking, by element size: up to RESIDENT_D the whole width is one chunk, the operand a
 # program reuses across its loop stays on chip, and a gradient program writes the whole width;
@@ -168,6 +174,15 @@ def _probs(s, scale_log2, lse_log2, excluded):
 
 
 @triton.jit
+def _split_range(split, SPLITS, MK, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of a key block that split ``split`` of SPLITS walks: whole BLOCK_N tiles,
+    as evenly as they go (trailing splits may get none)."""
+    per_split = tl.cdiv(tl.cdiv(MK, BLOCK_N), SPLITS) * BLOCK_N
+    lo = split * per_split
+    return lo, tl.minimum(lo + per_split, MK)
+
+
+@triton.jit
 def _load_lse_log2(lse_ptr, offs_m, mask_m):
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     return tl.where(lse == float("-inf"), 0.0, lse)
@@ -179,11 +194,12 @@ def _load_lse_log2(lse_ptr, offs_m, mask_m):
 
 @triton.jit
 def _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
-                   offs_m, mask_m, k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
+                   offs_m, mask_m, k_ptr, k_sm, k_sd, MK, split, SPLITS, scale0_log2, scale1_log2, D,
                    EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
                    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    for n_start in range(0, MK, BLOCK_N):
+    lo, hi = _split_range(split, SPLITS, MK, BLOCK_N)
+    for n_start in range(lo, hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < MK
         if INT64:
@@ -203,18 +219,21 @@ def _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_
 def _infonce_fwd_kernel(
     r0_ptr, r1_ptr, k0_ptr, k1_ptr, lse_ptr,
     scale0_log2, scale1_log2,
-    M, MK0, MK1, D,
+    M, MK0, MK1, D, SPLITS,
     r0_sm, r0_sd, r1_sm, r1_sd, k0_sm, k0_sd, k1_sm, k1_sd,
     NUM_ROWS: tl.constexpr, NUM_KEYS: tl.constexpr, EXCLUDE0: tl.constexpr, EXCLUDE1: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """lse (NUM_ROWS, M) fp32, contiguous, for one row tile."""
+    """The LSE (NUM_ROWS, M) of one row tile over split program_id(1) of SPLITS of the keys:
+    lse_ptr is (SPLITS, NUM_ROWS, M) fp32, contiguous (the host merges the splits)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    split = tl.program_id(1)
     if INT64:
         offs_m = offs_m.to(tl.int64)
+    lse_ptr += split * NUM_ROWS * M
     # the row tiles stay on chip across the key loop when D fits one chunk
     row0 = _full_width(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
     row1 = row0
@@ -225,18 +244,19 @@ def _infonce_fwd_kernel(
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm,
-                                    r1_sd, offs_m, mask_m, k0_ptr, k0_sm, k0_sd, MK0, scale0_log2,
-                                    scale1_log2, D, EXCLUDE0, NUM_ROWS == 2, SINGLE_CHUNK, INT64,
+                                    r1_sd, offs_m, mask_m, k0_ptr, k0_sm, k0_sd, MK0, split, SPLITS,
+                                    scale0_log2, scale1_log2, D, EXCLUDE0, NUM_ROWS == 2, SINGLE_CHUNK, INT64,
                                     UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if NUM_KEYS == 2:
         m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr,
                                         r1_sm, r1_sd, offs_m, mask_m, k1_ptr, k1_sm, k1_sd, MK1,
-                                        scale0_log2, scale1_log2, D, EXCLUDE1, NUM_ROWS == 2,
+                                        split, SPLITS, scale0_log2, scale1_log2, D, EXCLUDE1, NUM_ROWS == 2,
                                         SINGLE_CHUNK, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-    # log2(0) = -inf: a row with every key excluded gets -inf, as torch.logsumexp gives.
-    tl.store(lse_ptr + offs_m, (m0 + tl.log2(l0)) * 0.6931471805599453, mask=mask_m)
+    # l >= 1 once any logit is finite (the max contributes exp2(0)); l = 0 means m = -inf, and the
+    # LSE is -inf, as torch.logsumexp gives for a row with every key excluded (or an empty split)
+    tl.store(lse_ptr + offs_m, (m0 + tl.log2(tl.maximum(l0, 1.0))) * 0.6931471805599453, mask=mask_m)
     if NUM_ROWS == 2:
-        tl.store(lse_ptr + M + offs_m, (m1 + tl.log2(l1)) * 0.6931471805599453, mask=mask_m)
+        tl.store(lse_ptr + M + offs_m, (m1 + tl.log2(tl.maximum(l1, 1.0))) * 0.6931471805599453, mask=mask_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +265,13 @@ def _infonce_fwd_kernel(
 
 @triton.jit
 def _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
-                    mask_m, lse0_log2, lse1_log2, k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
-                    offs_dv, mask_dv,
+                    mask_m, lse0_log2, lse1_log2, k_ptr, k_sm, k_sd, MK, split, SPLITS, scale0_log2,
+                    scale1_log2, D, offs_dv, mask_dv,
                     EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
                     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    for n_start in range(0, MK, BLOCK_N):
+    lo, hi = _split_range(split, SPLITS, MK, BLOCK_N)
+    for n_start in range(lo, hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < MK
         if INT64:
@@ -274,22 +295,25 @@ def _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm,
 def _infonce_drow_kernel(
     r0_ptr, r1_ptr, k0_ptr, k1_ptr, lse_ptr, g_ptr, dr0_ptr, dr1_ptr,
     scale0_log2, scale1_log2,
-    M, MK0, MK1, D,
+    M, MK0, MK1, D, SPLITS,
     r0_sm, r0_sd, r1_sm, r1_sd, k0_sm, k0_sd, k1_sm, k1_sd,
     NUM_ROWS: tl.constexpr, NUM_KEYS: tl.constexpr, EXCLUDE0: tl.constexpr, EXCLUDE1: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """d rows (M, D) contiguous, for one row tile and one BLOCK_DV slice of D. lse_ptr and g_ptr
+    """d rows of one row tile and one BLOCK_DV slice of D, from split program_id(2) of SPLITS of
+    the keys: dr*_ptr are (SPLITS, M, D) contiguous (the host sums the splits). lse_ptr and g_ptr
     point at (NUM_ROWS, M) contiguous fp32 rows of these row sets."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    split = tl.program_id(2)
     if SINGLE_CHUNK:  # the gradient products reuse the full-width logit tiles
         tl.static_assert(BLOCK_DV == BLOCK_D)
     offs_dv, mask_dv = _d_range(tl.program_id(1) * BLOCK_DV, D, BLOCK_DV, INT64)
     if INT64:
         offs_m = offs_m.to(tl.int64)
+        split = split.to(tl.int64)
     # the row tiles stay on chip across the key loop when D fits one chunk
     row0 = _full_width(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, D, SINGLE_CHUNK, INT64, BLOCK_D)
     row1 = row0
@@ -303,16 +327,16 @@ def _infonce_drow_kernel(
     acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc0, acc1 = _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
                                  offs_m, mask_m, lse0_log2, lse1_log2, k0_ptr, k0_sm, k0_sd, MK0,
-                                 scale0_log2, scale1_log2, D, offs_dv, mask_dv,
+                                 split, SPLITS, scale0_log2, scale1_log2, D, offs_dv, mask_dv,
                                  EXCLUDE0, NUM_ROWS == 2, SINGLE_CHUNK, INT64, UPCAST, PRECISION,
                                  BLOCK_M, BLOCK_N, BLOCK_D)
     if NUM_KEYS == 2:
         acc0, acc1 = _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm,
                                      r1_sd, offs_m, mask_m, lse0_log2, lse1_log2, k1_ptr, k1_sm, k1_sd,
-                                     MK1, scale0_log2, scale1_log2, D, offs_dv, mask_dv,
+                                     MK1, split, SPLITS, scale0_log2, scale1_log2, D, offs_dv, mask_dv,
                                      EXCLUDE1, NUM_ROWS == 2, SINGLE_CHUNK, INT64, UPCAST, PRECISION,
                                      BLOCK_M, BLOCK_N, BLOCK_D)
-    out_offs = offs_m[:, None] * D + offs_dv[None, :]
+    out_offs = split * M * D + offs_m[:, None] * D + offs_dv[None, :]
     out_mask = mask_m[:, None] & mask_dv[None, :]
     # d rows[r][i] = scales[r] g[r, i] (p @ keys)[i]; scale_log2 * ln 2 = scales[r]
     g0 = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * (scale0_log2 * 0.6931471805599453)
@@ -446,6 +470,25 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that fill the device: two per SM on a GPU. The interpreter runs programs one after
+    another, so there 4 only serves to exercise split key ranges in the tests."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def key_splits(rows: int, key_sizes: Sequence[int], device: torch.device) -> int:
+    """Programs that share one row tile's keys (forward and row gradients): 1 when the row tiles
+    alone fill the device (SimCLR-PNR at large N), more when there are few rows against many
+    keys (MoCo-PNR: 256 rows against 2 x 65536 queue entries), never more than the key tiles.
+    Counted in SPLIT_TILE tiles, whatever block sizes the autotuner picks."""
+    row_tiles = triton.cdiv(rows, SPLIT_TILE)
+    key_tiles = sum(triton.cdiv(n, SPLIT_TILE) for n in key_sizes)
+    return max(1, min(key_tiles, _programs_wanted(device) // row_tiles))
+
+
 def _check_lists(rows, keys):
     if not rows or not keys:
         raise ValueError(f"the InfoNCE op needs at least one row set and one key block, got "
@@ -500,13 +543,14 @@ def _forward(rows, keys, exclude_diagonal, scales, force_int64):
             k = [keys[j] for j in key_group]
             exclude = [exclude_diagonal[j] for j in key_group]
             scale = [scales[i] * LOG2E for i in row_group]
-            lse = torch.empty((len(r), m), dtype=torch.float32, device=rows[0].device)
-            _fwd[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-                *_pair(r), *_pair(k), lse, *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d,
+            splits = key_splits(m, [t.shape[0] for t in k], rows[0].device)
+            lse = torch.empty((splits, len(r), m), dtype=torch.float32, device=rows[0].device)
+            _fwd[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](
+                *_pair(r), *_pair(k), lse, *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d, splits,
                 *_strides(*_pair(r), *_pair(k)),
                 NUM_ROWS=len(r), NUM_KEYS=len(k), EXCLUDE0=exclude[0], EXCLUDE1=exclude[-1],
                 **flags)
-            partial.append(lse)
+            partial.append(torch.logsumexp(lse, 0) if splits > 1 else lse[0])
         out.append(functools.reduce(torch.logaddexp, partial))
     return torch.cat(out)
 
@@ -535,13 +579,16 @@ def _backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_gra
         k = [keys[j] for j in key_group]
         exclude = [exclude_diagonal[j] for j in key_group]
         scale = [scales[i] * LOG2E for i in row_group]
-        out = [torch.empty((m, d), dtype=dtype, device=r[0].device) for dtype in dtypes]
-        _drow[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, dv))](
+        splits = key_splits(m, [t.shape[0] for t in k], r[0].device)
+        # one split writes the gradient in its dtype; several write fp32 partial sums
+        out = [torch.empty((splits, m, d), dtype=dtype if splits == 1 else torch.float32, device=r[0].device)
+               for dtype in dtypes]
+        _drow[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, dv), splits)](
             *_pair(r), *_pair(k), lse[list(row_group)], grad_lse[list(row_group)], *_pair(out),
-            *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d, *_strides(*_pair(r), *_pair(k)),
+            *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d, splits, *_strides(*_pair(r), *_pair(k)),
             NUM_ROWS=len(r), NUM_KEYS=len(k), EXCLUDE0=exclude[0], EXCLUDE1=exclude[-1],
-            **flags)
-        return out
+            **{**flags, "INT64": flags["INT64"] or splits * m * d >= 2**31})
+        return [o[0] if splits == 1 else o.sum(0).to(dtype) for o, dtype in zip(out, dtypes)]
 
     def key_grad(j, row_group, dtypes):
         r = [rows[i] for i in row_group]
