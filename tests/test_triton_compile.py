@@ -5,13 +5,17 @@ only the GPU compiler rejects: tl.dot shape limits, shared-memory overflow, layo
 compiles for a GPU target without a GPU, so CI catches those here.
 
 Convention (data-driven): every module of ``pnr_kernels.triton`` that defines ``COMPILE_CASES``, a
-list of :class:`pnr_kernels.triton.CompileCase` (build them with
-:func:`pnr_kernels.triton.compile_case`, one per kernel x autotune config x dtype variant), is
-compiled here for each architecture in its ``archs`` and its shared memory checked against
-that GPU's per-block limit (the driver would only refuse it at launch); a new kernel module only
-has to expose that list. The compilation runs in one
-subprocess with TRITON_INTERPRET=0 (interpreted kernels cannot be compiled), spread over the CPU
-cores; each case and architecture is then reported as its own test.
+list of :class:`pnr_kernels.triton.CompileCase`, is compiled here for each architecture in a
+case's ``archs``, and its shared memory is checked against that GPU's per-block limit (the driver
+would only refuse it at launch). A new kernel module (e.g. pnr_kernels/triton/regularizers.py)
+only has to expose that list; build it with :func:`pnr_kernels.triton.compile_case`, one case per
+kernel x autotune config x specialisation that launches (dtype; for contiguous, aligned inputs
+the ``unit`` and ``divisible_by_16`` specialisations, which use more shared memory), as
+``pnr_kernels.triton.infonce._compile_cases`` does. Case names must be unique.
+
+The compilation runs in one subprocess with TRITON_INTERPRET=0 (interpreted kernels cannot be
+compiled), spread over the CPU cores; each case and architecture is then reported as its own
+test. About a minute on 2 cores with an empty Triton cache; seconds with a warm one.
 """
 import importlib
 import json
