@@ -123,3 +123,42 @@ def test_ops_trace_under_torch_compile_fake_tensors():
         loss, stats, gram = OPS.barlow_gram_loss(p1, f1, 5e-3, 0.1)
     assert terms.shape == (6, 4) and norms.shape == (6, 4)
     assert loss.shape == () and stats.shape == (5, 5) and gram.shape == (6, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the backend test files: one backend's regulariser against the float64 reference.
+# ---------------------------------------------------------------------------------------------
+
+TOLERANCES = {  # SPEC section 6: (loss, gradients), relative
+    torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-2, 5e-2),
+}
+
+
+def _assert_relative(got, want, tol, what):
+    got, want = got.double(), want.double()
+    scale = want.abs().max().clamp_min(1e-30)
+    error = ((got - want).abs().max() / scale).item()
+    assert error <= tol, f"{what}: max error {error:.3g} of the largest magnitude, tolerance {tol:g}"
+
+
+def check_against_reference(losses, loss, batch, dim, dtype, *, transposed=False, **kwargs):
+    """Loss and both trainable gradients of ``losses[loss]`` on ``dtype`` inputs against the
+    reference on the same values in float64. ``transposed``: p1 and f2 are column-major views."""
+    args, _ = make_inputs(loss, batch, dim, torch.float64)
+    args = [a * 1.5 + 0.3 for a in args]  # non-zero column means
+    args[2], args[3] = 0.8 * args[0] + 0.6 * args[2], 0.8 * args[1] + 0.6 * args[3]  # f close to p
+    if transposed:
+        args[0], args[3] = args[0].T.contiguous().T, args[3].T.contiguous().T
+    low = [a.to(dtype).requires_grad_(trainable) for a, trainable in zip(args, (True, True, False, False))]
+    exact = [a.detach().double().requires_grad_(trainable) for a, trainable in zip(low, (True, True, False, False))]
+    got = losses[loss](*low, **kwargs)
+    want = reference.LOSSES[loss](*exact, **kwargs)
+    assert got.dtype == dtype and got.shape == ()
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    _assert_relative(got, want, loss_tol, f"{loss} value")
+    got_grads = torch.autograd.grad(got, low[:2])
+    want_grads = torch.autograd.grad(want, exact[:2])
+    for name, g, w in zip(("p1", "p2"), got_grads, want_grads):
+        assert g.dtype == dtype and g.shape == w.shape
+        _assert_relative(g, w, grad_tol, f"{loss} grad {name}")

@@ -1,0 +1,34 @@
+"""The Triton regulariser kernels (under TRITON_INTERPRET=1 on CPU) against the float64 reference:
+loss and the gradients of p1 and p2, odd shapes (not multiples of the blocks), each dtype."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pnr_kernels.triton import regularizers as triton_regularizers  # noqa: E402
+
+from .test_regularizers_op import check_against_reference  # noqa: E402
+
+LOSSES = triton_regularizers.LOSSES
+WEIGHTS = {
+    "byol_pnr": dict(distill_weight=1.0, negative_weight=0.5),
+    "vicreg_pnr": dict(distill_weight=25.0, negative_weight=23.0),
+    "barlow_pnr": dict(distill_weight=1.0, negative_weight=1.0, off_diagonal_weight=5e-3, scale=0.1),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+@pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530)])
+def test_float32_matches_reference(loss, batch, dim):
+    check_against_reference(LOSSES, loss, batch, dim, torch.float32, **WEIGHTS[loss])
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_reference(loss, dtype):
+    check_against_reference(LOSSES, loss, 9, 70, dtype, **WEIGHTS[loss])
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_strided_inputs(loss):
+    check_against_reference(LOSSES, loss, 6, 33, torch.float32, transposed=True, **WEIGHTS[loss])
