@@ -202,3 +202,13 @@ def regularizer_losses(ops: RegularizerOps) -> dict:
         "vicreg_pnr": functools.partial(vicreg_pnr_regularizer, ops),
         "barlow_pnr": functools.partial(barlow_pnr_regularizer, ops),
     }
+
+
+@functools.lru_cache(maxsize=None)
+def native_ops() -> RegularizerOps:
+    """The ops over the native extension's kernels (csrc/regularizers_*); the extension must be
+    loaded (pnr_kernels.native does it)."""
+    kernels = torch.ops.pnr_kernels
+    return define_regularizer_ops("native", RegularizerKernels(
+        kernels.paired_terms_forward, kernels.paired_terms_backward,
+        kernels.barlow_gram_forward, kernels.barlow_gram_backward))
