@@ -74,6 +74,84 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_lse, const at::Tenso
                               keys_flags);
 }
 
+#ifdef PNR_KERNELS_WITH_CUDA
+InfoNCERowSets row_sets(const Arguments& args) {
+  TORCH_CHECK(args.rows.size() <= kMaxInfoNCEOperands, "the CUDA kernels take at most ", kMaxInfoNCEOperands,
+              " row sets, got ", args.rows.size());
+  InfoNCERowSets sets{};
+  sets.count = static_cast<int>(args.rows.size());
+  for (int r = 0; r < sets.count; ++r) {
+    sets.set[r] = strided_matrix(args.rows[r]);
+    sets.scale[r] = static_cast<float>(args.scales[r]);
+  }
+  return sets;
+}
+
+InfoNCEKeyBlocks key_blocks(const Arguments& args) {
+  TORCH_CHECK(args.keys.size() <= kMaxInfoNCEOperands, "the CUDA kernels take at most ", kMaxInfoNCEOperands,
+              " key blocks, got ", args.keys.size());
+  InfoNCEKeyBlocks blocks{};
+  blocks.count = static_cast<int>(args.keys.size());
+  for (int k = 0; k < blocks.count; ++k) {
+    blocks.block[k] = strided_matrix(args.keys[k]);
+    blocks.exclude_diagonal[k] = args.exclude_diagonal[k];
+  }
+  return blocks;
+}
+
+at::Tensor forward_cuda(at::TensorList rows, at::TensorList keys, const c10::List<bool>& exclude_diagonal,
+                        c10::ArrayRef<double> scales) {
+  const Arguments args(rows, keys, exclude_diagonal, scales);
+  const at::Device device = args.rows[0].device();
+  const c10::DeviceGuard guard(device);
+  at::Tensor lse = at::empty({static_cast<int64_t>(args.rows.size()), args.rows[0].size(0)},
+                             args.rows[0].options().dtype(at::kFloat));
+  check_launch(infonce_forward_cuda(launch_dtype(args.rows[0].scalar_type()), row_sets(args), key_blocks(args),
+                                    lse.data_ptr<float>(), current_stream(device)),
+               "infonce_forward_cuda");
+  return lse;
+}
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_lse, const at::Tensor& lse, at::TensorList rows,
+                                      at::TensorList keys, const c10::List<bool>& exclude_diagonal,
+                                      c10::ArrayRef<double> scales, const c10::List<bool>& rows_need_grad,
+                                      const c10::List<bool>& keys_need_grad) {
+  const Arguments args(rows, keys, exclude_diagonal, scales);
+  const auto rows_flags = to_vector(rows_need_grad), keys_flags = to_vector(keys_need_grad);
+  check_gradient_inputs(grad_lse, lse, args.rows, args.keys, rows_flags, keys_flags);
+  const at::Device device = args.rows[0].device();
+  const c10::DeviceGuard guard(device);
+  const auto accumulator = args.rows[0].options().dtype(at::kFloat);
+  const at::Tensor grad_lse_f = grad_lse.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
+  std::vector<at::Tensor> rows_grad(args.rows.size()), keys_grad(args.keys.size());
+  InfoNCEGrads grads{};
+  for (size_t r = 0; r < args.rows.size(); ++r) {
+    if (rows_flags[r]) {
+      rows_grad[r] = at::zeros(args.rows[r].sizes(), accumulator);
+      grads.rows[r] = rows_grad[r].data_ptr<float>();
+    }
+  }
+  for (size_t k = 0; k < args.keys.size(); ++k) {
+    if (keys_flags[k]) {
+      keys_grad[k] = at::zeros(args.keys[k].sizes(), accumulator);
+      grads.keys[k] = keys_grad[k].data_ptr<float>();
+    }
+  }
+  check_launch(infonce_backward_cuda(launch_dtype(args.rows[0].scalar_type()), row_sets(args), key_blocks(args),
+                                     grad_lse_f.data_ptr<float>(), lse_f.data_ptr<float>(), grads,
+                                     current_stream(device)),
+               "infonce_backward_cuda");
+  std::vector<at::Tensor> out;
+  for (size_t r = 0; r < args.rows.size(); ++r) {
+    if (rows_flags[r]) out.push_back(rows_grad[r].to(args.rows[r].scalar_type()));
+  }
+  for (size_t k = 0; k < args.keys.size(); ++k) {
+    if (keys_flags[k]) out.push_back(keys_grad[k].to(args.keys[k].scalar_type()));
+  }
+  return out;
+}
+#endif  // PNR_KERNELS_WITH_CUDA
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
@@ -89,3 +167,12 @@ TORCH_LIBRARY_IMPL(pnr_kernels, CPU, m) {
 }
 
 }  // namespace pnr_kernels
+
+#ifdef PNR_KERNELS_WITH_CUDA
+namespace pnr_kernels {
+TORCH_LIBRARY_IMPL(pnr_kernels, CUDA, m) {
+  m.impl("infonce_lse_forward", &forward_cuda);
+  m.impl("infonce_lse_backward", &backward_cuda);
+}
+}  // namespace pnr_kernels
+#endif

@@ -99,6 +99,15 @@ def _find_nvcc() -> Tuple[Optional[str], Optional[str]]:
     return None, "nvcc not found (set CUDA_HOME or put nvcc on the PATH)"
 
 
+def _cuda_lib_dir(nvcc: str) -> Path:
+    """The folder holding libcudart of nvcc's toolkit (nvcc may be a wrapper script elsewhere)."""
+    dryrun = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True, check=False)
+    tops = [line.split("TOP=", 1)[1] for line in dryrun.stderr.splitlines() if "TOP=" in line]
+    top = Path(tops[0].strip()).resolve() if tops else Path(nvcc).resolve().parent.parent
+    return top / "lib64"
+
+
 def _version(compiler: str) -> str:
     result = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
     return result.stdout.strip()
@@ -170,7 +179,7 @@ def make_plan() -> Tuple[Optional[BuildPlan], Optional[str]]:
                   f"-Wl,-rpath,{torch_dir / 'lib'}"]
     nvcc_flags: List[str] = []
     if nvcc:
-        cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
+        cuda_lib = _cuda_lib_dir(nvcc)
         cxx_flags.append("-DPNR_KERNELS_WITH_CUDA")
         link_flags += [f"-L{cuda_lib}", "-lcudart", f"-Wl,-rpath,{cuda_lib}"]
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
