@@ -4,10 +4,7 @@
 // Paired terms: one block per row, threads stride over the columns, block reduction of the sums.
 // Barlow: column kernels (a block of 32 columns x kRowThreads row lanes, reduced over the lanes)
 // for the statistics and the gradient's column sums, elementwise kernels for the standardisation.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include "cuda_common.cuh"
 #include "regularizers_cuda.h"
 
 namespace pnr_kernels {
@@ -19,10 +16,6 @@ constexpr int kRowThreads = 256;        // threads of the per-row kernels
 constexpr int kColumns = 32;            // columns per block of the column kernels
 constexpr int kRowLanes = 8;            // row lanes per block of the column kernels
 constexpr int kElementwiseThreads = 256;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -205,38 +198,23 @@ __global__ void barlow_finish_kernel(const float* a_std, const float* stats, con
   }
 }
 
-const char* last_error() {
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
-}
-
 unsigned elementwise_blocks(int64_t n) {
-  const int64_t blocks = (n + kElementwiseThreads - 1) / kElementwiseThreads;
+  const int64_t blocks = ceil_div(n, kElementwiseThreads);
   return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
 }
 
-unsigned column_blocks(int64_t cols) { return static_cast<unsigned>((cols + kColumns - 1) / kColumns); }
-
-// Calls f with a value of the element type of `dtype` (only its type matters).
-template <typename F>
-const char* dispatch(DType dtype, F f) {
-  switch (dtype) {
-    case DType::Float32: f(float{}); break;
-    case DType::Float16: f(__half{}); break;
-    case DType::BFloat16: f(__nv_bfloat16{}); break;
-  }
-  return last_error();
-}
+unsigned column_blocks(int64_t cols) { return static_cast<unsigned>(ceil_div(cols, kColumns)); }
 
 }  // namespace
 
 const char* launch_paired_forward(StridedMatrix p1, StridedMatrix p2, StridedMatrix f1, StridedMatrix f2,
                                   DType dtype, bool cosine, float* terms, float* norms, void* stream) {
   if (p1.rows == 0) return nullptr;
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     paired_forward_kernel<T><<<static_cast<unsigned>(p1.rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         matrix<T>(p1), matrix<T>(p2), matrix<T>(f1), matrix<T>(f2), p1.cols, cosine, terms, norms);
+    return launch_error();
   });
 }
 
@@ -244,50 +222,55 @@ const char* launch_paired_backward(const float* grad_terms, const float* terms, 
                                    StridedMatrix p1, StridedMatrix p2, StridedMatrix f1, StridedMatrix f2,
                                    DType dtype, bool cosine, void* g1, void* g2, void* stream) {
   if (p1.rows == 0) return nullptr;
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     paired_backward_kernel<T><<<static_cast<unsigned>(p1.rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         grad_terms, terms, norms, matrix<T>(p1), matrix<T>(p2), matrix<T>(f1), matrix<T>(f2), p1.cols, cosine,
         static_cast<T*>(g1), static_cast<T*>(g2));
+    return launch_error();
   });
 }
 
 const char* launch_barlow_stats(StridedMatrix a, StridedMatrix b, DType dtype, float* stats, void* stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     barlow_stats_kernel<T><<<column_blocks(a.cols), dim3(kColumns, kRowLanes), 0, static_cast<cudaStream_t>(stream)>>>(
         matrix<T>(a), matrix<T>(b), a.rows, a.cols, stats);
+    return launch_error();
   });
 }
 
 const char* launch_standardise(StridedMatrix x, DType dtype, const float* mean, const float* rstd, float* out,
                                void* stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     standardise_kernel<T><<<elementwise_blocks(x.rows * x.cols), kElementwiseThreads, 0,
                             static_cast<cudaStream_t>(stream)>>>(matrix<T>(x), x.rows, x.cols, mean, rstd, out);
+    return launch_error();
   });
 }
 
 const char* launch_barlow_grad(const float* grad_loss, StridedMatrix b, DType dtype, const float* stats,
                                const float* a_std, float* grad_std, float* col_sums, double off_diagonal_weight,
                                double scale, void* stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     barlow_grad_kernel<T><<<column_blocks(b.cols), dim3(kColumns, kRowLanes), 0, static_cast<cudaStream_t>(stream)>>>(
         grad_loss, matrix<T>(b), b.rows, b.cols, stats, a_std, grad_std, col_sums,
         static_cast<float>(off_diagonal_weight), static_cast<float>(scale));
+    return launch_error();
   });
 }
 
 const char* launch_barlow_finish(const float* a_std, const float* stats, const float* grad_std,
                                  const float* col_sums, int64_t rows, int64_t cols, DType dtype, void* out,
                                  void* stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     barlow_finish_kernel<T><<<elementwise_blocks(rows * cols), kElementwiseThreads, 0,
                               static_cast<cudaStream_t>(stream)>>>(a_std, stats, grad_std, col_sums, rows, cols,
                                                                    static_cast<T*>(out));
+    return launch_error();
   });
 }
 

@@ -310,9 +310,9 @@ def infonce_op():
 
 
 def losses() -> dict:
-    from .ops import infonce
+    from .ops import infonce, regularizers
 
-    return infonce.contrastive_losses(infonce_op())
+    return {**infonce.contrastive_losses(infonce_op()), **regularizers.regularizer_losses(regularizers.native_ops())}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
