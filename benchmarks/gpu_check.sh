@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-shot GPU check (about 8 minutes at most): the test suite on CUDA tensors with the compiled
+# Triton kernels (TRITON_INTERPRET=0), then the benchmark table. Usage, from anywhere:
+#
+#     benchmarks/gpu_check.sh OUT_DIR
+#
+# Writes OUT_DIR/gpu.txt (nvidia-smi -L and versions), tests.log, bench.log, bench.json and
+# status.txt (exit codes). Exits non-zero if either step failed. PYTHON overrides the interpreter.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0
+
+{
+    nvidia-smi -L
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/gpu.txt"
+
+timeout 270 "$PY" -m pytest tests -q --durations=10 2>&1 | tee "$OUT/tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+timeout 190 "$PY" -m pnr_kernels.bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "tests exit code: $tests_rc; bench exit code: $bench_rc (124: timed out)" | tee "$OUT/status.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

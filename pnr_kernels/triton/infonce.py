@@ -1,0 +1,505 @@
+"""Triton kernels of the fused multi-key InfoNCE op (contract: pnr_kernels/ops/infonce.py).
+
+    lse[r, i] = LSE_{k, j (j != i where exclude_diagonal[k])} scales[r] * rows[r][i] . keys[k][j]
+    d rows[r][i] = scales[r] g[r, i] sum_{k, j} p[r, k, i, j] keys[k][j]
+    d keys[k][j] = sum_r scales[r] sum_i g[r, i] p[r, k, i, j] rows[r][i],  p = exp(logit - lse)
+
+Three kernels, the scheme of flash attention's forward and recompute backward:
+
+- ``_infonce_fwd_kernel``: one program per row tile; it walks every key tile of every key block
+  with a running max and running sum in fp32 (base-2 online log-sum-exp) and stores only the
+  (R, M) fp32 LSE. Each key tile is loaded once and multiplied with every row set of the launch
+  (SimCLR-PNR: rows [Z, P] x keys [Z, F], so one load of a Z or F tile serves both terms).
+- ``_infonce_drow_kernel``: one program per (row tile, output D chunk) of the row sets that need
+  a gradient; it recomputes the logits tile by tile from the saved LSE and accumulates
+  ``p @ keys`` in registers. No atomics: each program owns its output tile.
+- ``_infonce_dkey_kernel``: one program per (key tile, output D chunk) of one key block that needs
+  a gradient; it walks the row tiles of every row set and accumulates ``(g p)^T @ rows``.
+  Key blocks and row sets that need no gradient get no program at all.
+
+Nothing of size rows x keys is written to memory. Logits are accumulated in fp32 (bf16/fp16
+operands on tensor cores; fp32 operands follow ``torch.get_float32_matmul_precision()``:
+"highest" -> IEEE fp32, otherwise TF32). The probabilities are rounded to the input dtype before
+the gradient products, as flash attention does.
+
+Group sizes: a launch serves at most ``MAX_ROW_SETS`` row sets and ``MAX_KEY_BLOCKS`` key blocks
+(constexpr-specialised; every loss of this library fits in one launch). Larger lists are split
+into groups on the host: forward LSEs of key groups are merged with ``logaddexp`` (O(M)), and
+gradients of several groups are summed in fp32 (O(M x D)); correct for any counts, optimal for
+the counts the losses use.
+
+D is walked in ``BLOCK_D`` chunks for the logits (any D); the gradient kernels split the output
+width into ``BLOCK_DV`` chunks across programs (each recomputes its logits; at most 128 wide, so
+D = 256 costs the backward one extra recomputation). Offsets switch to int64 when any tensor's
+largest element offset reaches 2**31 (``needs_int64``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.infonce import InfoNCEKernels
+from . import compile_case, interpreting
+
+MAX_ROW_SETS = 2
+MAX_KEY_BLOCKS = 2
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Widest D chunk of the logits loop and of a gradient program's output tile.
+MAX_BLOCK_D = 64
+MAX_BLOCK_DV = 128
+MIN_BLOCK_D = 16  # tl.dot's smallest K / N
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST: bf16 tl.dot is wrong in the interpreter, so upcast there."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+            k_ptr, k_sm, k_sd, offs_n, mask_n, D,
+            TWO_ROWS: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Unscaled dot products (BLOCK_M, BLOCK_N) of one row tile of one or two row sets with one key
+    tile, walking D in BLOCK_D chunks; each key chunk is loaded once for both row sets."""
+    s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        if INT64:
+            offs_d = offs_d.to(tl.int64)
+        key_t = tl.load(k_ptr + offs_n[None, :] * k_sm + offs_d[:, None] * k_sd,
+                        mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        row = tl.load(r0_ptr + offs_m[:, None] * r0_sm + offs_d[None, :] * r0_sd,
+                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        s0 = _mma(row, key_t, s0, UPCAST, PRECISION)
+        if TWO_ROWS:
+            row = tl.load(r1_ptr + offs_m[:, None] * r1_sm + offs_d[None, :] * r1_sd,
+                          mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            s1 = _mma(row, key_t, s1, UPCAST, PRECISION)
+    return s0, s1
+
+
+@triton.jit
+def _excluded(offs_m, offs_n, mask_n, EXCLUDE: tl.constexpr):
+    """Mask (broadcastable to BLOCK_M x BLOCK_N) of the logits outside the LSE: padding keys and,
+    if EXCLUDE, the key whose index equals the row index."""
+    out = ~mask_n[None, :]
+    if EXCLUDE:
+        out = out | (offs_m[:, None] == offs_n[None, :])
+    return out
+
+
+@triton.jit
+def _online_update(m, l, s):
+    """Fold a tile of base-2 logits s into the running max m and running sum l (fp32). A row whose
+    logits are all -inf so far keeps m = -inf and l = 0 (no NaN)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
+    return m_new, l
+
+
+@triton.jit
+def _probs(s, scale_log2, lse_log2, excluded):
+    """exp(logit - lse) from unscaled dots s and a base-2 LSE that is finite (0 for rows whose
+    LSE is -inf: all their logits are excluded, so p = 0 there)."""
+    return tl.exp2(tl.where(excluded, float("-inf"), s * scale_log2 - lse_log2[:, None]))
+
+
+@triton.jit
+def _load_lse_log2(lse_ptr, offs_m, mask_m):
+    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_key_block(m0, l0, m1, l1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                   k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
+                   EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, INT64: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    for n_start in range(0, MK, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < MK
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
+        s0, s1 = _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D,
+                         TWO_ROWS, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
+        m0, l0 = _online_update(m0, l0, tl.where(excluded, float("-inf"), s0 * scale0_log2))
+        if TWO_ROWS:
+            m1, l1 = _online_update(m1, l1, tl.where(excluded, float("-inf"), s1 * scale1_log2))
+    return m0, l0, m1, l1
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    r0_ptr, r1_ptr, k0_ptr, k1_ptr, lse_ptr,
+    scale0_log2, scale1_log2,
+    M, MK0, MK1, D,
+    r0_sm, r0_sd, r1_sm, r1_sd, k0_sm, k0_sd, k1_sm, k1_sd,
+    NUM_ROWS: tl.constexpr, NUM_KEYS: tl.constexpr, EXCLUDE0: tl.constexpr, EXCLUDE1: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """lse (NUM_ROWS, M) fp32, contiguous, for one row tile."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+    m0 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
+                                    offs_m, mask_m, k0_ptr, k0_sm, k0_sd, MK0, scale0_log2, scale1_log2,
+                                    D, EXCLUDE0, NUM_ROWS == 2, INT64, UPCAST, PRECISION,
+                                    BLOCK_M, BLOCK_N, BLOCK_D)
+    if NUM_KEYS == 2:
+        m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
+                                        offs_m, mask_m, k1_ptr, k1_sm, k1_sd, MK1, scale0_log2,
+                                        scale1_log2, D, EXCLUDE1, NUM_ROWS == 2, INT64, UPCAST,
+                                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    # log2(0) = -inf: a row with every key excluded gets -inf, as torch.logsumexp gives.
+    tl.store(lse_ptr + offs_m, (m0 + tl.log2(l0)) * 0.6931471805599453, mask=mask_m)
+    if NUM_ROWS == 2:
+        tl.store(lse_ptr + M + offs_m, (m1 + tl.log2(l1)) * 0.6931471805599453, mask=mask_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: row gradients
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _drow_key_block(acc0, acc1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                    lse0_log2, lse1_log2, k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
+                    offs_dv, mask_dv,
+                    EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, INT64: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    for n_start in range(0, MK, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < MK
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
+        s0, s1 = _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D,
+                         TWO_ROWS, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
+        key = tl.load(k_ptr + offs_n[:, None] * k_sm + offs_dv[None, :] * k_sd,
+                      mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        p0 = _probs(s0, scale0_log2, lse0_log2, excluded)
+        acc0 = _mma(p0.to(key.dtype), key, acc0, UPCAST, PRECISION)
+        if TWO_ROWS:
+            p1 = _probs(s1, scale1_log2, lse1_log2, excluded)
+            acc1 = _mma(p1.to(key.dtype), key, acc1, UPCAST, PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def _infonce_drow_kernel(
+    r0_ptr, r1_ptr, k0_ptr, k1_ptr, lse_ptr, g_ptr, dr0_ptr, dr1_ptr,
+    scale0_log2, scale1_log2,
+    M, MK0, MK1, D,
+    r0_sm, r0_sd, r1_sm, r1_sd, k0_sm, k0_sd, k1_sm, k1_sd,
+    NUM_ROWS: tl.constexpr, NUM_KEYS: tl.constexpr, EXCLUDE0: tl.constexpr, EXCLUDE1: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """d rows (M, D) contiguous, for one row tile and one BLOCK_DV slice of D. lse_ptr and g_ptr
+    point at (NUM_ROWS, M) contiguous fp32 rows of these row sets."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < D
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_dv = offs_dv.to(tl.int64)
+    lse0_log2 = _load_lse_log2(lse_ptr, offs_m, mask_m)
+    lse1_log2 = lse0_log2
+    if NUM_ROWS == 2:
+        lse1_log2 = _load_lse_log2(lse_ptr + M, offs_m, mask_m)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc0, acc1 = _drow_key_block(acc0, acc1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
+                                 mask_m, lse0_log2, lse1_log2, k0_ptr, k0_sm, k0_sd, MK0,
+                                 scale0_log2, scale1_log2, D, offs_dv, mask_dv,
+                                 EXCLUDE0, NUM_ROWS == 2, INT64, UPCAST, PRECISION,
+                                 BLOCK_M, BLOCK_N, BLOCK_D)
+    if NUM_KEYS == 2:
+        acc0, acc1 = _drow_key_block(acc0, acc1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
+                                     mask_m, lse0_log2, lse1_log2, k1_ptr, k1_sm, k1_sd, MK1,
+                                     scale0_log2, scale1_log2, D, offs_dv, mask_dv,
+                                     EXCLUDE1, NUM_ROWS == 2, INT64, UPCAST, PRECISION,
+                                     BLOCK_M, BLOCK_N, BLOCK_D)
+    out_offs = offs_m[:, None] * D + offs_dv[None, :]
+    out_mask = mask_m[:, None] & mask_dv[None, :]
+    # d rows[r][i] = scales[r] g[r, i] (p @ keys)[i]; scale_log2 / log2(e) = scales[r]
+    g0 = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * (scale0_log2 * 0.6931471805599453)
+    tl.store(dr0_ptr + out_offs, (acc0 * g0[:, None]).to(dr0_ptr.dtype.element_ty), mask=out_mask)
+    if NUM_ROWS == 2:
+        g1 = tl.load(g_ptr + M + offs_m, mask=mask_m, other=0.0) * (scale1_log2 * 0.6931471805599453)
+        tl.store(dr1_ptr + out_offs, (acc1 * g1[:, None]).to(dr1_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: key gradients
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _infonce_dkey_kernel(
+    r0_ptr, r1_ptr, k_ptr, lse_ptr, g_ptr, dk_ptr,
+    scale0_log2, scale1_log2,
+    M, MK, D,
+    r0_sm, r0_sd, r1_sm, r1_sd, k_sm, k_sd,
+    NUM_ROWS: tl.constexpr, EXCLUDE: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """d keys (MK, D) contiguous of one key block, for one key tile and one BLOCK_DV slice of D,
+    summed over the NUM_ROWS row sets (lse_ptr, g_ptr: their (NUM_ROWS, M) fp32 rows)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < MK
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < D
+    if INT64:
+        offs_n = offs_n.to(tl.int64)
+        offs_dv = offs_dv.to(tl.int64)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for m_start in range(0, M, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        if INT64:
+            offs_m = offs_m.to(tl.int64)
+        s0, s1 = _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D,
+                         NUM_ROWS == 2, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
+        out_mask = mask_m[:, None] & mask_dv[None, :]
+        # weights g[r, i] scales[r] p[i, j]; padding rows load g = 0
+        g0 = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * (scale0_log2 * 0.6931471805599453)
+        w0 = _probs(s0, scale0_log2, _load_lse_log2(lse_ptr, offs_m, mask_m), excluded) * g0[:, None]
+        row = tl.load(r0_ptr + offs_m[:, None] * r0_sm + offs_dv[None, :] * r0_sd, mask=out_mask, other=0.0)
+        acc = _mma(tl.trans(w0.to(row.dtype)), row, acc, UPCAST, PRECISION)
+        if NUM_ROWS == 2:
+            g1 = tl.load(g_ptr + M + offs_m, mask=mask_m, other=0.0) * (scale1_log2 * 0.6931471805599453)
+            w1 = _probs(s1, scale1_log2, _load_lse_log2(lse_ptr + M, offs_m, mask_m), excluded) * g1[:, None]
+            row = tl.load(r1_ptr + offs_m[:, None] * r1_sm + offs_dv[None, :] * r1_sd, mask=out_mask, other=0.0)
+            acc = _mma(tl.trans(w1.to(row.dtype)), row, acc, UPCAST, PRECISION)
+    tl.store(dk_ptr + offs_n[:, None] * D + offs_dv[None, :], acc.to(dk_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_dv[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, per kernel. Every one
+# is compiled for sm_80 and sm_90 by tests/test_triton_compile.py (shared memory, dot shapes).
+_GPU_CONFIGS = {
+    "fwd": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "drow": [(64, 64, 4, 2), (128, 64, 8, 2)],
+    "dkey": [(64, 64, 4, 2), (64, 128, 8, 2)],
+}
+# The interpreter runs a tile in ~2 ms whatever its size, and refuses several autotune configs.
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+
+def launch_configs(kernel: str, interpret: bool) -> List[triton.Config]:
+    """The autotune configs of ``kernel`` ("fwd", "drow", "dkey"): one when interpreting."""
+    table = [_INTERPRETER_CONFIG] if interpret else _GPU_CONFIGS[kernel]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+# Tuned per width and group shape; the autotuner adds the dtypes of the tensor arguments itself.
+_fwd = triton.autotune(launch_configs("fwd", interpreting()),
+                       key=["D", "NUM_ROWS", "NUM_KEYS", "BLOCK_D"])(_infonce_fwd_kernel)
+_drow = triton.autotune(launch_configs("drow", interpreting()),
+                        key=["D", "NUM_ROWS", "NUM_KEYS", "BLOCK_D", "BLOCK_DV"])(_infonce_drow_kernel)
+_dkey = triton.autotune(launch_configs("dkey", interpreting()),
+                        key=["D", "NUM_ROWS", "BLOCK_D", "BLOCK_DV"])(_infonce_dkey_kernel)
+
+
+def block_d(dim: int) -> int:
+    """D chunk of the logits loop: the power of two covering D, between MIN_BLOCK_D and MAX_BLOCK_D."""
+    return min(MAX_BLOCK_D, max(MIN_BLOCK_D, triton.next_power_of_2(dim)))
+
+
+def block_dv(dim: int) -> int:
+    """Width of a gradient program's output tile: the power of two covering D, at most MAX_BLOCK_DV."""
+    return min(MAX_BLOCK_DV, max(MIN_BLOCK_D, triton.next_power_of_2(dim)))
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when some element of some tensor sits 2**31 or more elements from its base pointer, so
+    int32 offset arithmetic would overflow."""
+    return any(t.numel() > 0 and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31
+               for t in tensors)
+
+
+def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], force_int64: bool) -> Dict:
+    dtype = rows[0].dtype
+    for name, t in [("rows", r) for r in rows] + [("keys", k) for k in keys]:
+        if t.dtype != dtype:
+            raise TypeError(f"the Triton InfoNCE kernels need one dtype for all {name} and rows; got "
+                            f"{dtype} and {t.dtype}")
+    highest = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(
+        INT64=force_int64 or needs_int64(*rows, *keys),
+        UPCAST=interpreting() and dtype == torch.bfloat16,
+        PRECISION="ieee" if highest else "tf32",
+        BLOCK_D=block_d(rows[0].shape[1]),
+    )
+
+
+def _pair(items):
+    """Two kernel arguments from a group of one or two (the second is never read when absent)."""
+    return items[0], items[-1]
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+def _groups(n: int, size: int) -> List[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _summed(parts_of_group, groups, dtypes):
+    """Outputs of one launch per group, summed: written in their final dtypes by a single launch,
+    or in fp32 and summed when the lists needed several groups."""
+    if len(groups) == 1:
+        return parts_of_group(groups[0], dtypes)
+    total = None
+    for group in groups:
+        parts = parts_of_group(group, [torch.float32] * len(dtypes))
+        total = parts if total is None else [a + b for a, b in zip(total, parts)]
+    return [t.to(dtype) for t, dtype in zip(total, dtypes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host entry points (the InfoNCEKernels pair)
+# ---------------------------------------------------------------------------------------------
+
+def infonce_forward(rows, keys, exclude_diagonal, scales, *, force_int64=False):
+    """The op's forward: lse (R, M) fp32. ``force_int64`` runs the int64-offset path (tests)."""
+    flags = _common_flags(rows, keys, force_int64)
+    m, d = rows[0].shape
+    out = []
+    for row_group in _groups(len(rows), MAX_ROW_SETS):
+        r = [rows[i] for i in row_group]
+        partial = []
+        for key_group in _groups(len(keys), MAX_KEY_BLOCKS):
+            k = [keys[j] for j in key_group]
+            exclude = [exclude_diagonal[j] for j in key_group]
+            scale = [scales[i] * LOG2E for i in row_group]
+            lse = torch.empty((len(r), m), dtype=torch.float32, device=rows[0].device)
+            _fwd[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+                *_pair(r), *_pair(k), lse, *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d,
+                *_strides(*_pair(r), *_pair(k)),
+                NUM_ROWS=len(r), NUM_KEYS=len(k), EXCLUDE0=exclude[0], EXCLUDE1=exclude[-1],
+                **flags)
+            partial.append(lse)
+        out.append(functools.reduce(torch.logaddexp, partial))
+    return torch.cat(out)
+
+
+def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad,
+                     keys_need_grad, *, force_int64=False):
+    """The op's backward: gradients of the rows, then keys, that need one (ops/infonce.py)."""
+    flags = _common_flags(rows, keys, force_int64)
+    m, d = rows[0].shape
+    dv = block_dv(d)
+    grad_lse = grad_lse.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    # the gradients are written contiguously: (M or M_k) x D elements
+    flags["INT64"] = flags["INT64"] or max(t.shape[0] for t in list(rows) + list(keys)) * d >= 2**31
+
+    def row_grads(row_group, key_group, dtypes):
+        r = [rows[i] for i in row_group]
+        k = [keys[j] for j in key_group]
+        exclude = [exclude_diagonal[j] for j in key_group]
+        scale = [scales[i] * LOG2E for i in row_group]
+        out = [torch.empty((m, d), dtype=dtype, device=r[0].device) for dtype in dtypes]
+        _drow[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, dv))](
+            *_pair(r), *_pair(k), lse[list(row_group)], grad_lse[list(row_group)], *_pair(out),
+            *_pair(scale), m, k[0].shape[0], k[-1].shape[0], d, *_strides(*_pair(r), *_pair(k)),
+            NUM_ROWS=len(r), NUM_KEYS=len(k), EXCLUDE0=exclude[0], EXCLUDE1=exclude[-1],
+            BLOCK_DV=dv, **flags)
+        return out
+
+    def key_grad(j, row_group, dtypes):
+        r = [rows[i] for i in row_group]
+        mk = keys[j].shape[0]
+        out = torch.empty((mk, d), dtype=dtypes[0], device=keys[j].device)
+        _dkey[lambda meta: (triton.cdiv(mk, meta["BLOCK_N"]), triton.cdiv(d, dv))](
+            *_pair(r), keys[j], lse[list(row_group)], grad_lse[list(row_group)], out, *_pair([scales[i] * LOG2E for i in row_group]), m, mk, d,
+            *_strides(*_pair(r), keys[j]),
+            NUM_ROWS=len(r), EXCLUDE=exclude_diagonal[j], BLOCK_DV=dv, **flags)
+        return [out]
+
+    grads = []
+    need_rows = [i for i, need in enumerate(rows_need_grad) if need]
+    for start in range(0, len(need_rows), MAX_ROW_SETS):
+        row_group = need_rows[start:start + MAX_ROW_SETS]
+        grads += _summed(lambda key_group, dtypes: row_grads(row_group, key_group, dtypes),
+                         _groups(len(keys), MAX_KEY_BLOCKS), [rows[i].dtype for i in row_group])
+    for j, need in enumerate(keys_need_grad):
+        if need:
+            grads += _summed(lambda row_group, dtypes: key_grad(j, row_group, dtypes),
+                             _groups(len(rows), MAX_ROW_SETS), [keys[j].dtype])
+    return grads
+
+
+KERNELS = InfoNCEKernels(infonce_forward, infonce_backward)
+
+
+def _compile_cases() -> List:
+    """Every kernel x every GPU autotune config, for bf16 and fp32, at the largest specialisation
+    the host launches (two row sets, two key blocks, widest D chunks, int64 offsets), plus bf16 at
+    the narrowest D chunks for sm_80 (tl.dot's minimum shapes; sm_90's are no larger)."""
+    variants = [("bf16", MAX_BLOCK_D, MAX_BLOCK_DV, True, (80, 90)), ("fp32", MAX_BLOCK_D, MAX_BLOCK_DV, True, (80, 90)),
+                ("bf16", MIN_BLOCK_D, MIN_BLOCK_D, False, (80,))]
+    scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
+    cases = []
+    for dtype, d_chunk, dv_chunk, int64, archs in variants:
+        common = dict(INT64=int64, UPCAST=False, PRECISION="tf32", BLOCK_D=d_chunk)
+        pointers = {"lse_ptr": "fp32", "g_ptr": "fp32", **{
+            name: dtype for name in ("r0_ptr", "r1_ptr", "k0_ptr", "k1_ptr", "k_ptr", "dr0_ptr", "dr1_ptr", "dk_ptr")}}
+        specs = [
+            ("fwd", _infonce_fwd_kernel, dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, **common)),
+            ("drow", _infonce_drow_kernel,
+             dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_chunk, **common)),
+            ("dkey", _infonce_dkey_kernel, dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_chunk, **common)),
+        ]
+        for kind, kernel, constexprs in specs:
+            for (bm, bn, warps, stages), config in zip(_GPU_CONFIGS[kind], launch_configs(kind, interpret=False)):
+                name = f"infonce_{kind}_{dtype}_d{d_chunk}_m{bm}n{bn}w{warps}s{stages}"
+                cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, archs))
+    return cases
+
+
+# Read by tests/test_triton_compile.py (see its docstring for the convention).
+COMPILE_CASES = _compile_cases()

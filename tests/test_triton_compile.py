@@ -1,0 +1,102 @@
+"""Compile every Triton kernel, under every GPU autotune config, for sm_80 and sm_90.
+
+The interpreter (TRITON_INTERPRET=1, how the other tests run the kernels on CPU) lets through what
+only the GPU compiler rejects: tl.dot shape limits, shared-memory overflow, layout errors. Triton
+compiles for a GPU target without a GPU, so CI catches those here.
+
+Convention (data-driven): every module of ``pnr_kernels.triton`` that defines ``COMPILE_CASES``, a
+list of :class:`pnr_kernels.triton.CompileCase` (build them with
+:func:`pnr_kernels.triton.compile_case`, one per kernel x autotune config x dtype variant), is
+compiled here for each architecture in its ``archs`` and its shared memory checked against
+that GPU's per-block limit (the driver would only refuse it at launch); a new kernel module only
+has to expose that list. The compilation runs in one
+subprocess with TRITON_INTERPRET=0 (interpreted kernels cannot be compiled), spread over the CPU
+cores; each case and architecture is then reported as its own test.
+"""
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import pnr_kernels.triton as triton_backend
+
+# Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _case_modules():
+    """{module name: COMPILE_CASES} of every pnr_kernels.triton module that lists cases."""
+    found = {}
+    for info in pkgutil.iter_modules(triton_backend.__path__):
+        module = importlib.import_module(f"{triton_backend.__name__}.{info.name}")
+        if hasattr(module, "COMPILE_CASES"):
+            found[module.__name__] = module.COMPILE_CASES
+    return found
+
+
+def _compile_one(job):
+    """Compile case ``index`` of ``module`` for ``arch``; None on success, else the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, index, arch = job
+    case = importlib.import_module(module).COMPILE_CASES[index]
+    try:
+        compiled = triton.compile(ASTSource(case.kernel, case.signature, case.constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=case.options)
+    except Exception as exc:  # the test reports the compiler's message
+        return f"{type(exc).__name__}: {exc}"
+    if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
+        return f"needs {compiled.metadata.shared} bytes of shared memory, sm_{arch} has {SHARED_MEMORY_LIMIT[arch]}"
+    return None
+
+
+def compile_all() -> dict:
+    """{"<case name>@sm_<arch>": error or None} for every case; run with TRITON_INTERPRET=0."""
+    jobs, names = [], []
+    for module, cases in _case_modules().items():
+        for index, case in enumerate(cases):
+            for arch in case.archs:
+                jobs.append((module, index, arch))
+                names.append(f"{case.name}@sm_{arch}")
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return dict(zip(names, pool.map(_compile_one, jobs)))
+
+
+CASE_IDS = [f"{case.name}@sm_{arch}" for cases in _case_modules().values() for case in cases for arch in case.archs]
+
+
+@pytest.fixture(scope="module")
+def compile_results():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = "import json; from tests.test_triton_compile import compile_all; print(json.dumps(compile_all()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_module_lists_cases():
+    assert "pnr_kernels.triton.infonce" in _case_modules()
+    assert len(CASE_IDS) == len(set(CASE_IDS)), "compile case names must be unique"
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_compiles_for_gpu(compile_results, case_id):
+    error = compile_results[case_id]
+    assert error is None, error
+
+
+def test_gpu_check_script_parses():
+    """benchmarks/gpu_check.sh only runs on a GPU machine; here at least its syntax is checked."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert os.access(script, os.X_OK), "gpu_check.sh must be executable"

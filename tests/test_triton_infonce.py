@@ -1,0 +1,210 @@
+"""The Triton InfoNCE kernels (pnr_kernels/triton/infonce.py) against the fp64 reference.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with
+TRITON_INTERPRET=0 on a CUDA machine (benchmarks/gpu_check.sh) the same tests run the compiled
+kernels on CUDA tensors. Shapes are small and odd (not multiples of any block size) but span
+several row tiles, key tiles and D chunks where that matters.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pnr_kernels
+from pnr_kernels import reference
+from pnr_kernels.triton import interpreting
+from pnr_kernels.triton import infonce as triton_infonce
+
+from .helpers import make_inputs
+
+DEVICE = "cpu" if interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():  # pragma: no cover - misconfigured run
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+
+PUBLIC = {
+    "simclr_pnr": pnr_kernels.simclr_pnr_loss,
+    "nt_xent": pnr_kernels.nt_xent_loss,
+    "moco_pnr": pnr_kernels.moco_pnr_loss,
+    "cassle_simclr": pnr_kernels.cassle_simclr_regularizer,
+}
+# SPEC.md section 6: (loss, gradients) relative tolerances
+TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 5e-2), torch.bfloat16: (2e-2, 5e-2)}
+# a row tile is 32 rows in the interpreter, a D chunk 64 wide: these span 2 of each
+ROWS, KEYS, WIDTH = 37, 45, 70
+
+
+def assert_relative(got, want, tol, what):
+    """||got - want|| <= tol ||want|| (want in fp64), and got finite."""
+    got = got.detach().to(torch.float64)
+    want = want.detach().to(torch.float64)
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    error = (got - want).norm() / want.norm().clamp_min(1e-30)
+    assert error <= tol, f"{what}: relative error {error:.3g} > {tol}"
+
+
+def loss_and_grads(fn, args, kwargs):
+    loss = fn(*args, **kwargs)
+    trainable = [a for a in args if a.requires_grad]
+    return loss, torch.autograd.grad(loss, trainable)
+
+
+def low_precision_copy(args, dtype):
+    """args cast to dtype (strides kept: the queues stay transposed views), trainable ones leaves."""
+    return [a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss", sorted(PUBLIC))
+def test_public_loss_and_gradients_match_fp64_reference(loss, dtype):
+    args, kwargs = make_inputs(loss, 19, 37, torch.float64, requires_grad=True, queue_size=23, device=DEVICE)
+    args = low_precision_copy(args, dtype)
+    got, got_grads = loss_and_grads(lambda *a, **k: PUBLIC[loss](*a, backend="triton", **k), args, kwargs)
+    assert got.dtype == dtype
+    # the reference sees the same (rounded) values, in fp64
+    want, want_grads = loss_and_grads(reference.LOSSES[loss], low_precision_copy(args, torch.float64), kwargs)
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert_relative(got, want, loss_tol, f"{loss} loss")
+    assert len(got_grads) == len(want_grads) > 0
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_relative(g, w, grad_tol, f"{loss} gradient {i}")
+
+
+def _op_inputs(row_count, key_sizes, dim, *, dtype=torch.float32, scale=1.0):
+    """Unit rows (M, D) and key blocks; key block 0 is row set 0 (the SimCLR self-block)."""
+    rows = [F.normalize(torch.randn(ROWS, dim, dtype=torch.float64, device=DEVICE), dim=1).to(dtype)
+            for _ in range(row_count)]
+    keys = [rows[0]] + [F.normalize(torch.randn(n, dim, dtype=torch.float64, device=DEVICE), dim=1).to(dtype)
+                        for n in key_sizes]
+    return rows, keys
+
+
+def _reference_op(rows, keys, exclude, scales, grad_lse, rows_need_grad, keys_need_grad):
+    """fp64 lse and the gradients of the rows/keys that need one (ops/infonce.py contract). Key
+    blocks that alias a row set are differentiated as separate inputs, as the op sees them."""
+    rows64 = [r.detach().double().requires_grad_() for r in rows]
+    keys64 = [k.detach().double().requires_grad_() for k in keys]
+    lse = reference.infonce_lse(rows64, keys64, exclude, scales)
+    wanted = [t for t, need in zip(rows64 + keys64, list(rows_need_grad) + list(keys_need_grad)) if need]
+    return lse, torch.autograd.grad(lse, wanted, grad_lse.double()) if wanted else []
+
+
+def _check_op(rows, keys, exclude, scales, rows_need_grad, keys_need_grad, *, tol=(1e-5, 1e-4), **flags):
+    lse = triton_infonce.infonce_forward(rows, keys, exclude, scales, **flags)
+    grad_lse = torch.rand_like(lse)
+    want_lse, want_grads = _reference_op(rows, keys, exclude, scales, grad_lse, rows_need_grad, keys_need_grad)
+    assert lse.shape == (len(rows), rows[0].shape[0]) and lse.dtype == torch.float32
+    assert_relative(lse, want_lse, tol[0], "lse")
+    grads = triton_infonce.infonce_backward(grad_lse, lse, rows, keys, exclude, scales,
+                                            rows_need_grad, keys_need_grad, **flags)
+    assert len(grads) == len(want_grads)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        assert g.dtype == rows[0].dtype
+        assert_relative(g, w, tol[1], f"gradient {i}")
+
+
+@pytest.mark.parametrize("dim", [WIDTH, 150], ids=["D=70", "D=150"])
+def test_two_row_sets_two_key_blocks_span_tiles_and_d_chunks(dim):
+    """SimCLR-PNR's shape (rows [Z, P], keys [Z, F]); D=150 spans 3 logit chunks and 2 gradient
+    output chunks; different scales per row set."""
+    rows, keys = _op_inputs(2, [KEYS], dim)
+    _check_op(rows, keys, [True, True], [5.0, 3.0], [True, True], [True, False])
+
+
+def test_more_row_sets_and_key_blocks_than_one_launch_serves():
+    rows, keys = _op_inputs(3, [KEYS, 20], WIDTH)
+    _check_op(rows, keys, [True, False, True], [5.0, 2.0, 3.0], [True, False, True], [True, True, False])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_op(dtype):
+    rows, keys = _op_inputs(2, [KEYS], WIDTH, dtype=dtype)
+    _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=(2e-2, 5e-2))
+
+
+def test_strided_queue_keys_and_strided_rows():
+    """Keys as a (K, D) view of a transposed (D, K) buffer (column stride K), rows as a column
+    slice: no copies, same values."""
+    buffer = F.normalize(torch.randn(2, WIDTH, KEYS, device=DEVICE), dim=1)
+    queue = buffer.transpose(1, 2)[1]
+    assert queue.stride() == (1, KEYS)
+    wide = torch.randn(ROWS, 2 * WIDTH, device=DEVICE)
+    rows = [wide[:, ::2], torch.randn(ROWS, WIDTH, device=DEVICE)]
+    _check_op(rows, [queue, rows[1]], [False, True], [5.0, 4.0], [True, True], [True, True])
+
+
+def test_int64_offsets_give_the_same_results():
+    """The int64 offset path (taken for tensors past 2**31 elements) forced on small inputs."""
+    rows, keys = _op_inputs(2, [KEYS], WIDTH)
+    _check_op(rows, keys, [True, False], [5.0, 2.0], [True, True], [True, True], force_int64=True)
+
+
+def test_needs_int64_from_the_largest_offset():
+    def meta(shape, stride):
+        return torch.empty_strided(shape, stride, device="meta")
+
+    assert not triton_infonce.needs_int64(meta((2**16, 2**15), (2**15, 1)))  # last offset 2**31 - 1
+    assert triton_infonce.needs_int64(meta((2**16 + 1, 2**15), (2**15, 1)))
+    assert triton_infonce.needs_int64(meta((2, 3), (1, 2**30)))  # a transposed queue's column stride
+    assert not triton_infonce.needs_int64(meta((2**20, 2**20), (0, 0)))  # broadcast: one element
+
+
+def test_tiny_temperature_stays_finite():
+    rows, keys = _op_inputs(2, [KEYS], WIDTH)
+    _check_op(rows, keys, [True, True], [100.0, 100.0], [True, True], [True, True])
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's log2(0)
+def test_row_with_every_key_excluded():
+    """One row against itself with the diagonal excluded: LSE -inf, as torch.logsumexp gives, and
+    zero gradient (p = 0 for every key) rather than NaN."""
+    x = torch.randn(1, 5, device=DEVICE)
+    lse = triton_infonce.infonce_forward([x], [x], [True], [5.0])
+    assert lse.tolist() == [[float("-inf")]]
+    (dx_row, dx_key) = triton_infonce.infonce_backward(torch.ones_like(lse), lse, [x], [x], [True], [5.0],
+                                                       [True], [True])
+    assert torch.equal(dx_row, torch.zeros_like(x)) and torch.equal(dx_key, torch.zeros_like(x))
+
+
+class _LaunchRecorder:
+    """Stands in for an autotuned kernel and records its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_frozen_inputs_get_no_gradient_launches(monkeypatch):
+    drow = _LaunchRecorder(triton_infonce._drow)
+    dkey = _LaunchRecorder(triton_infonce._dkey)
+    monkeypatch.setattr(triton_infonce, "_drow", drow)
+    monkeypatch.setattr(triton_infonce, "_dkey", dkey)
+    rows, keys = _op_inputs(2, [KEYS], WIDTH)
+    _check_op(rows, keys, [True, True], [5.0, 5.0], [False, False], [False, False])
+    assert (drow.launches, dkey.launches) == (0, 0)
+    _check_op(rows, keys, [True, True], [5.0, 5.0], [False, True], [True, False])
+    assert (drow.launches, dkey.launches) == (1, 1)  # only row set 1 and key block 0
+
+
+def test_launch_flags_follow_dtype_and_matmul_precision():
+    rows, keys = _op_inputs(1, [], WIDTH)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    bf16 = [r.to(torch.bfloat16) for r in rows]
+    assert triton_infonce._common_flags(bf16, bf16, False)["UPCAST"] == interpreting()
+    with pytest.raises(TypeError, match="one dtype"):
+        triton_infonce._common_flags(rows, bf16, False)
+
+
+def test_backend_refuses_float64():
+    z = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(pnr_kernels.BackendUnavailableError, match="float64"):
+        pnr_kernels.nt_xent_loss(z, z, backend="triton")
