@@ -1,6 +1,7 @@
 """The native regulariser kernels (csrc/regularizers_*) against the float64 reference: loss and the
-gradients of p1 and p2 on CPU for every dtype (float64 included), odd shapes and strided inputs;
-the CUDA sources are compiled by the extension build whenever nvcc is present."""
+gradients of p1 and p2 for every dtype (float64 on CPU), odd shapes and strided inputs, on CPU and,
+where a GPU and the extension's CUDA part are present (benchmarks/gpu_check.sh), on CUDA. Here the
+CUDA sources are at least compiled: the extension build runs nvcc whenever it finds one."""
 import pytest
 import torch
 
@@ -18,6 +19,8 @@ WEIGHTS = {
     "barlow_pnr": dict(distill_weight=1.0, negative_weight=1.0, off_diagonal_weight=5e-3, scale=0.1),
 }
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+CUDA = torch.cuda.is_available() and native.unavailable_reason(torch.device("cuda"), torch.float32) is None
+CASES = [("cpu", dtype) for dtype in DTYPES] + [("cuda", dtype) for dtype in DTYPES[1:] if CUDA]
 
 
 def _losses():
@@ -25,16 +28,17 @@ def _losses():
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530)])
-def test_cpu_matches_reference(loss, dtype, batch, dim):
-    check_against_reference(_losses(), loss, batch, dim, dtype, **WEIGHTS[loss])
+def test_matches_reference(loss, device, dtype, batch, dim):
+    check_against_reference(_losses(), loss, batch, dim, dtype, device=device, **WEIGHTS[loss])
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_strided_inputs(loss, dtype):
-    check_against_reference(_losses(), loss, 6, 33, dtype, transposed=True, **WEIGHTS[loss])
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), ("cpu", torch.bfloat16)]
+                         + [("cuda", torch.float32)] * CUDA, ids=str)
+def test_strided_inputs(loss, device, dtype):
+    check_against_reference(_losses(), loss, 6, 33, dtype, device=device, transposed=True, **WEIGHTS[loss])
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))

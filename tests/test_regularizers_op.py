@@ -136,22 +136,26 @@ TOLERANCES = {  # SPEC section 6: (loss, gradients), relative
 
 
 def _assert_relative(got, want, tol, what):
-    got, want = got.double(), want.double()
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
     scale = want.abs().max().clamp_min(1e-30)
     error = ((got - want).abs().max() / scale).item()
     assert error <= tol, f"{what}: max error {error:.3g} of the largest magnitude, tolerance {tol:g}"
 
 
-def check_against_reference(losses, loss, batch, dim, dtype, *, transposed=False, **kwargs):
-    """Loss and both trainable gradients of ``losses[loss]`` on ``dtype`` inputs against the
-    reference on the same values in float64. ``transposed``: p1 and f2 are column-major views."""
+def check_against_reference(losses, loss, batch, dim, dtype, *, device="cpu", transposed=False, **kwargs):
+    """Loss and both trainable gradients of ``losses[loss]`` on ``dtype`` inputs on ``device``
+    against the reference on the same values in float64 (on the CPU). ``transposed``: p1 and f2
+    are column-major views."""
     args, _ = make_inputs(loss, batch, dim, torch.float64)
     args = [a * 1.5 + 0.3 for a in args]  # non-zero column means
     args[2], args[3] = 0.8 * args[0] + 0.6 * args[2], 0.8 * args[1] + 0.6 * args[3]  # f close to p
     if transposed:
         args[0], args[3] = args[0].T.contiguous().T, args[3].T.contiguous().T
-    low = [a.to(dtype).requires_grad_(trainable) for a, trainable in zip(args, (True, True, False, False))]
-    exact = [a.detach().double().requires_grad_(trainable) for a, trainable in zip(low, (True, True, False, False))]
+    low = [a.to(dtype=dtype, device=device).requires_grad_(trainable)
+           for a, trainable in zip(args, (True, True, False, False))]
+    exact = [a.detach().cpu().double().requires_grad_(trainable)
+             for a, trainable in zip(low, (True, True, False, False))]
     got = losses[loss](*low, **kwargs)
     want = reference.LOSSES[loss](*exact, **kwargs)
     assert got.dtype == dtype and got.shape == ()
