@@ -6,8 +6,8 @@ Two ops carry all the work; a backend supplies their kernels as :class:`Regulari
 ``paired_terms(p1, p2, f1, f2, kind)`` reads each row of the four (B, D) inputs once and returns
 ``terms`` (B, 4), one column per pair ``(p1, f1), (p2, f2), (p1, f2), (p2, f1)``:
 
-    kind "cosine":            terms[i, k] = cos(p_i, f_i) = (p_i . f_i) / (max(|p_i|, 1e-8) max(|f_i|, 1e-8))
-    kind "squared_distance":  terms[i, k] = sum_d (p_id - f_id)^2
+    kind "cosine":            terms[i, k] = cos(p_i, f_i) = p_i . f_i / (max(|p_i|, 1e-8) max(|f_i|, 1e-8))
+    kind "squared_distance":  terms[i, k] = sum_d (p_id - f_id)^2          (p, f: the k-th pair)
 
 and ``norms`` (B, 4): the row norms ``|p1_i|, |p2_i|, |f1_i|, |f2_i|`` for "cosine" (saved for the
 backward; not differentiable), (B, 0) for "squared_distance". Its backward turns ``g = grad_terms``
@@ -35,9 +35,10 @@ forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d;
     g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
     d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
 
-Under torch.distributed the spec averages C over ranks before the loss, which needs C itself;
-that path (``world_size() > 1``) uses the reference Barlow loss (``reference.barlow_loss``, with
-``distributed.all_reduce_mean``), only the cosine terms stay fused.
+Two cases take the D x D cross-correlation instead, through the reference Barlow loss
+(``reference.barlow_loss``; only the cosine terms stay fused): under torch.distributed, where the
+spec averages C over ranks before the loss (``distributed.all_reduce_mean``), and when B > D,
+where C is the smaller matrix.
 """
 from __future__ import annotations
 
@@ -181,8 +182,8 @@ def vicreg_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
 
 def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight,
                            off_diagonal_weight, scale):
-    if distributed.world_size() > 1:
-        # C is averaged over ranks before the loss (SPEC section 4): it must exist as a D x D matrix.
+    if distributed.world_size() > 1 or p1.shape[0] > p1.shape[1]:
+        # Under DDP, C is averaged over ranks before the loss (SPEC section 4): it must exist.
         def barlow(p, f):
             up = compute_dtype(p.dtype)
             return reference.barlow_loss(p.to(up), f.to(up), off_diagonal_weight=off_diagonal_weight,
