@@ -54,6 +54,25 @@ void check_barlow_backward(const at::Tensor& grad_loss, const at::Tensor& a, con
   check_saved(gram_b, "gram_b", a, {a.size(0), a.size(0)});
 }
 
+// c must be a square float32 matrix (float64 also on CPU): a cross-correlation matrix.
+void check_correlation(const at::Tensor& c) {
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == c.size(1), "c must be a square matrix, got shape ", c.sizes());
+  TORCH_CHECK(c.scalar_type() == at::kFloat || (c.scalar_type() == at::kDouble && c.device().is_cpu()),
+              "c must be float32 (or float64 on CPU), got ", c.scalar_type());
+}
+
+at::Tensor correlation_loss_forward_cpu(const at::Tensor& c, double off_diagonal_weight, double scale) {
+  check_correlation(c);
+  return barlow_correlation_loss_forward_cpu(c, off_diagonal_weight, scale);
+}
+
+at::Tensor correlation_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& c, double off_diagonal_weight,
+                                         double scale) {
+  check_correlation(c);
+  check_saved(grad_loss, "grad_loss", c, {});
+  return barlow_correlation_loss_backward_cpu(grad_loss, c, off_diagonal_weight, scale);
+}
+
 std::tuple<at::Tensor, at::Tensor> paired_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
                                                       const at::Tensor& f1, const at::Tensor& f2,
                                                       const std::string& kind) {
@@ -173,6 +192,30 @@ at::Tensor barlow_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& a
                "launch_barlow_finish");
   return out;
 }
+
+at::Tensor correlation_loss_forward_cuda(const at::Tensor& c_in, double off_diagonal_weight, double scale) {
+  check_correlation(c_in);
+  const c10::DeviceGuard guard(c_in.device());
+  const at::Tensor c = c_in.contiguous();
+  at::Tensor partial = at::empty({correlation_loss_blocks(c.size(0))}, c.options());
+  check_launch(launch_correlation_loss(c.data_ptr<float>(), c.size(0), off_diagonal_weight, partial.data_ptr<float>(),
+                                       current_stream(c.device())),
+               "launch_correlation_loss");
+  return partial.sum().mul(scale);
+}
+
+at::Tensor correlation_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& c_in,
+                                          double off_diagonal_weight, double scale) {
+  check_correlation(c_in);
+  check_saved(grad_loss, "grad_loss", c_in, {});
+  const c10::DeviceGuard guard(c_in.device());
+  const at::Tensor c = c_in.contiguous(), grad = grad_loss.contiguous();
+  at::Tensor out = at::empty(c.sizes(), c.options());
+  check_launch(launch_correlation_grad(grad.data_ptr<float>(), c.data_ptr<float>(), c.size(0), off_diagonal_weight,
+                                       scale, out.data_ptr<float>(), current_stream(c.device())),
+               "launch_correlation_grad");
+  return out;
+}
 #endif
 
 }  // namespace
@@ -184,6 +227,9 @@ TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
   m.def("barlow_gram_forward(Tensor a, Tensor b, float off_diagonal_weight, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("barlow_gram_backward(Tensor grad_loss, Tensor a, Tensor b, Tensor stats, Tensor gram_b, "
         "float off_diagonal_weight, float scale) -> Tensor");
+  m.def("barlow_correlation_loss_forward(Tensor c, float off_diagonal_weight, float scale) -> Tensor");
+  m.def("barlow_correlation_loss_backward(Tensor grad_loss, Tensor c, float off_diagonal_weight, float scale) -> "
+        "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pnr_kernels, CPU, m) {
@@ -191,6 +237,8 @@ TORCH_LIBRARY_IMPL(pnr_kernels, CPU, m) {
   m.impl("paired_terms_backward", &paired_backward_cpu);
   m.impl("barlow_gram_forward", &barlow_forward_cpu);
   m.impl("barlow_gram_backward", &barlow_backward_cpu);
+  m.impl("barlow_correlation_loss_forward", &correlation_loss_forward_cpu);
+  m.impl("barlow_correlation_loss_backward", &correlation_loss_backward_cpu);
 }
 
 #ifdef PNR_KERNELS_WITH_CUDA
@@ -199,6 +247,8 @@ TORCH_LIBRARY_IMPL(pnr_kernels, CUDA, m) {
   m.impl("paired_terms_backward", &paired_backward_cuda);
   m.impl("barlow_gram_forward", &barlow_forward_cuda);
   m.impl("barlow_gram_backward", &barlow_backward_cuda);
+  m.impl("barlow_correlation_loss_forward", &correlation_loss_forward_cuda);
+  m.impl("barlow_correlation_loss_backward", &correlation_loss_backward_cuda);
 }
 #endif
 

@@ -5,6 +5,7 @@
 // Barlow (Gram form): column statistics in one parallel loop over column stripes, the two B x B
 // Gram matrices and the backward's G_b a^ product through at::mm (the CPU BLAS), everything else
 // (standardisation, diagonal, loss, standardisation backward) in fused loops, O(B D).
+// Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
 #include "regularizers_cpu.h"
 
@@ -290,6 +291,42 @@ at::Tensor barlow_backward_kernel(double grad_loss, const at::Tensor& a_in, cons
   return out;
 }
 
+template <typename acc_t>
+at::Tensor correlation_loss_forward_kernel(const at::Tensor& c, double l, double s) {
+  const int64_t D = c.size(0);
+  const acc_t* pc = c.const_data_ptr<acc_t>();
+  const double total = at::parallel_reduce(0, D, grain(D), 0.0, [&](int64_t begin, int64_t end, double partial) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* row = pc + i * D;
+      const double squares = row_sums<double, 1>(D, [&](int64_t j) {
+        return std::array<double, 1>{static_cast<double>(row[j]) * static_cast<double>(row[j])};
+      })[0];
+      const double diagonal = row[i];
+      partial += (diagonal - 1) * (diagonal - 1) + l * (squares - diagonal * diagonal);
+    }
+    return partial;
+  }, std::plus<double>());
+  at::Tensor loss = at::empty({}, c.options());
+  loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(s * total);
+  return loss;
+}
+
+template <typename acc_t>
+at::Tensor correlation_loss_backward_kernel(double grad_loss, const at::Tensor& c, double l, double s) {
+  const int64_t D = c.size(0);
+  at::Tensor out = at::empty({D, D}, c.options());
+  const acc_t* pc = c.const_data_ptr<acc_t>();
+  acc_t* po = out.data_ptr<acc_t>();
+  const acc_t on = static_cast<acc_t>(2 * grad_loss * s), off = static_cast<acc_t>(2 * grad_loss * s * l);
+  at::parallel_for(0, D, grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < D; ++j) po[i * D + j] = off * pc[i * D + j];
+      po[i * D + i] = on * (pc[i * D + i] - 1);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> paired_terms_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
@@ -344,6 +381,24 @@ at::Tensor barlow_gram_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "barlow_gram_backward_cpu", [&] {
     out = barlow_backward_kernel<scalar_t>(g, a, b, stats.contiguous(), gram_b.contiguous(), off_diagonal_weight,
                                            scale);
+  });
+  return out;
+}
+
+at::Tensor barlow_correlation_loss_forward_cpu(const at::Tensor& c, double off_diagonal_weight, double scale) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "barlow_correlation_loss_forward_cpu", [&] {
+    out = correlation_loss_forward_kernel<scalar_t>(c.contiguous(), off_diagonal_weight, scale);
+  });
+  return out;
+}
+
+at::Tensor barlow_correlation_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& c,
+                                                double off_diagonal_weight, double scale) {
+  at::Tensor out;
+  const double g = grad_loss.item().toDouble();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "barlow_correlation_loss_backward_cpu", [&] {
+    out = correlation_loss_backward_kernel<scalar_t>(g, c.contiguous(), off_diagonal_weight, scale);
   });
   return out;
 }

@@ -33,4 +33,11 @@ at::Tensor barlow_gram_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& stats, const at::Tensor& gram_b,
                                     double off_diagonal_weight, double scale);
 
+// s * (sum_i (C_ii - 1)^2 + l * sum_{i != j} C_ij^2) of a square float32/float64 C, 0-d, C's dtype.
+at::Tensor barlow_correlation_loss_forward_cpu(const at::Tensor& c, double off_diagonal_weight, double scale);
+
+// d loss / d C, C's dtype and shape.
+at::Tensor barlow_correlation_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& c,
+                                                double off_diagonal_weight, double scale);
+
 }  // namespace pnr_kernels

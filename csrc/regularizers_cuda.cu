@@ -2,8 +2,9 @@
 // launchers declared in regularizers_cuda.h). Accumulation is float32 for every input dtype.
 //
 // Paired terms: one block per row, threads stride over the columns, block reduction of the sums.
-// Barlow: column kernels (a block of 32 columns x kRowThreads row lanes, reduced over the lanes)
+// Barlow: column kernels (a block of kColumns columns x kRowLanes row lanes, reduced over the lanes)
 // for the statistics and the gradient's column sums, elementwise kernels for the standardisation.
+// Barlow over a given C: grid-stride loss partial sums per block, elementwise d C.
 #include "cuda_common.cuh"
 #include "regularizers_cuda.h"
 
@@ -16,6 +17,7 @@ constexpr int kRowThreads = 256;        // threads of the per-row kernels
 constexpr int kColumns = 32;            // columns per block of the column kernels
 constexpr int kRowLanes = 8;            // row lanes per block of the column kernels
 constexpr int kElementwiseThreads = 256;
+static_assert(kElementwiseThreads == kRowThreads, "the loss over C reduces elementwise blocks with block_sum");
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -198,6 +200,26 @@ __global__ void barlow_finish_kernel(const float* a_std, const float* stats, con
   }
 }
 
+__global__ void correlation_loss_kernel(const float* c, int64_t dim, float off_diagonal_weight, float* partial) {
+  float value[1] = {0.f};
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < dim * dim;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = c[i];
+    value[0] += i / dim == i % dim ? (x - 1.f) * (x - 1.f) : off_diagonal_weight * x * x;
+  }
+  block_sum(value);
+  if (threadIdx.x == 0) partial[blockIdx.x] = value[0];
+}
+
+__global__ void correlation_grad_kernel(const float* grad_loss, const float* c, int64_t dim,
+                                        float off_diagonal_weight, float scale, float* out) {
+  const float g = 2.f * *grad_loss * scale;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < dim * dim;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = i / dim == i % dim ? g * (c[i] - 1.f) : g * off_diagonal_weight * c[i];
+  }
+}
+
 unsigned elementwise_blocks(int64_t n) {
   const int64_t blocks = ceil_div(n, kElementwiseThreads);
   return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
@@ -272,6 +294,24 @@ const char* launch_barlow_finish(const float* a_std, const float* stats, const f
                                                                    static_cast<T*>(out));
     return launch_error();
   });
+}
+
+int64_t correlation_loss_blocks(int64_t dim) { return elementwise_blocks(dim * dim); }
+
+const char* launch_correlation_loss(const float* c, int64_t dim, double off_diagonal_weight, float* partial,
+                                    void* stream) {
+  correlation_loss_kernel<<<elementwise_blocks(dim * dim), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      c, dim, static_cast<float>(off_diagonal_weight), partial);
+  return launch_error();
+}
+
+const char* launch_correlation_grad(const float* grad_loss, const float* c, int64_t dim, double off_diagonal_weight,
+                                    double scale, float* out, void* stream) {
+  correlation_grad_kernel<<<elementwise_blocks(dim * dim), kElementwiseThreads, 0,
+                            static_cast<cudaStream_t>(stream)>>>(grad_loss, c, dim,
+                                                                 static_cast<float>(off_diagonal_weight),
+                                                                 static_cast<float>(scale), out);
+  return launch_error();
 }
 
 }  // namespace pnr_kernels

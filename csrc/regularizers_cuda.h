@@ -35,4 +35,14 @@ const char* launch_barlow_finish(const float* a_std, const float* stats, const f
                                  const float* col_sums, int64_t rows, int64_t cols, DType dtype, void* out,
                                  void* stream);
 
+// partial (blocks) = per-block sums of (C_ii - 1)^2 and l * C_ij^2 (i != j) over the contiguous float32
+// (D, D) matrix c; `blocks` is correlation_loss_blocks(D).
+int64_t correlation_loss_blocks(int64_t dim);
+const char* launch_correlation_loss(const float* c, int64_t dim, double off_diagonal_weight, float* partial,
+                                    void* stream);
+
+// out (D, D) = grad_loss * scale * (2 (C_ii - 1) on the diagonal, 2 l C_ij off it).
+const char* launch_correlation_grad(const float* grad_loss, const float* c, int64_t dim, double off_diagonal_weight,
+                                    double scale, float* out, void* stream);
+
 }  // namespace pnr_kernels

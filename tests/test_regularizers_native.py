@@ -29,7 +29,7 @@ def _losses():
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
 @pytest.mark.parametrize("device,dtype", CASES, ids=str)
-@pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530)])
+@pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530), (70, 66)])
 def test_matches_reference(loss, device, dtype, batch, dim):
     check_against_reference(_losses(), loss, batch, dim, dtype, device=device, **WEIGHTS[loss])
 

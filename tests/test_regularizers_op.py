@@ -63,8 +63,20 @@ def _barlow_backward(grad_loss, a, b, stats, gram_b, l, s):
     return rstd_a * (g - g.mean(0) - sa * (g * sa).mean(0))
 
 
+def _correlation_loss_forward(c, l, s):
+    weights = torch.full_like(c, l).fill_diagonal_(1.0)
+    target = torch.eye(*c.shape, dtype=c.dtype)
+    return s * (weights * (c - target) ** 2).sum()
+
+
+def _correlation_loss_backward(grad_loss, c, l, s):
+    weights = torch.full_like(c, l).fill_diagonal_(1.0)
+    return grad_loss * s * 2 * weights * (c - torch.eye(*c.shape, dtype=c.dtype))
+
+
 OPS = regularizers.define_regularizer_ops("test_torch", regularizers.RegularizerKernels(
-    _paired_forward, _paired_backward, _barlow_forward, _barlow_backward))
+    _paired_forward, _paired_backward, _barlow_forward, _barlow_backward,
+    _correlation_loss_forward, _correlation_loss_backward))
 LOSSES = regularizers.regularizer_losses(OPS)
 
 
@@ -121,8 +133,10 @@ def test_ops_trace_under_torch_compile_fake_tensors():
         p1, p2, f1, f2 = (torch.empty(6, 5) for _ in range(4))
         terms, norms = OPS.paired_terms(p1, p2, f1, f2, "cosine")
         loss, stats, gram = OPS.barlow_gram_loss(p1, f1, 5e-3, 0.1)
+        correlation_loss = OPS.barlow_correlation_loss(torch.empty(5, 5), 5e-3, 0.1)
     assert terms.shape == (6, 4) and norms.shape == (6, 4)
     assert loss.shape == () and stats.shape == (5, 5) and gram.shape == (6, 6)
+    assert correlation_loss.shape == ()
 
 
 # ---------------------------------------------------------------------------------------------

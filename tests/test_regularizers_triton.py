@@ -26,7 +26,7 @@ WEIGHTS = {
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
-@pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530)])
+@pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530), (70, 66)])
 def test_float32_matches_reference(loss, batch, dim):
     check_against_reference(LOSSES, loss, batch, dim, torch.float32, device=DEVICE, **WEIGHTS[loss])
 

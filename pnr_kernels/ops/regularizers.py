@@ -1,7 +1,7 @@
 """The fused non-contrastive PNR regularisers (BYOL-PNR, VICReg-PNR, BarlowTwins-PNR) and their
 custom-op glue, shared by the Triton and native backends (../shared/SPEC.md section 4).
 
-Two ops carry all the work; a backend supplies their kernels as :class:`RegularizerKernels`.
+Three ops carry all the work; a backend supplies their kernels as :class:`RegularizerKernels`.
 
 ``paired_terms(p1, p2, f1, f2, kind)`` reads each row of the four (B, D) inputs once and returns
 ``terms`` (B, 4), one column per pair ``(p1, f1), (p2, f2), (p1, f2), (p2, f1)``:
@@ -35,10 +35,14 @@ forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d;
     g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
     d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
 
-Two cases take the D x D cross-correlation instead, through the reference Barlow loss
-(``reference.barlow_loss``; only the cosine terms stay fused): under torch.distributed, where the
-spec averages C over ranks before the loss (``distributed.all_reduce_mean``), and when B > D,
-where C is the smaller matrix.
+Two cases need the D x D cross-correlation itself: torch.distributed, where the spec averages
+C over ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
+``reference.barlow_correlation`` (standardise, one matmul, ``distributed.all_reduce_mean``; its
+backward through the standardisation is autograd's) and ``barlow_correlation_loss(c, l, s)``
+reduces it in one read, without the ``C**2`` and diagonal temporaries of the reference:
+
+    loss = s * ( sum_i (C_ii - 1)^2 + l * sum_{i != j} C_ij^2 ),
+    d C  = grad * s * ( 2 (C_ii - 1) on the diagonal,  2 l C_ij off it )     (one write)
 """
 from __future__ import annotations
 
@@ -65,6 +69,10 @@ BarlowForward = Callable[[torch.Tensor, torch.Tensor, float, float],
                          Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # barlow_backward(grad_loss (0-d), a, b, stats, gram_b, off_diagonal_weight, scale) -> grad a
 BarlowBackward = Callable[..., torch.Tensor]
+# correlation_loss_forward(c (D, D), off_diagonal_weight, scale) -> loss (0-d, c's dtype)
+CorrelationLossForward = Callable[[torch.Tensor, float, float], torch.Tensor]
+# correlation_loss_backward(grad_loss (0-d), c, off_diagonal_weight, scale) -> grad c
+CorrelationLossBackward = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -73,18 +81,22 @@ class RegularizerKernels:
     paired_backward: PairedBackward
     barlow_forward: BarlowForward
     barlow_backward: BarlowBackward
+    correlation_loss_forward: CorrelationLossForward
+    correlation_loss_backward: CorrelationLossBackward
 
 
 @dataclass(frozen=True)
 class RegularizerOps:
-    """The two registered custom ops of one backend (see the module docstring)."""
+    """The three registered custom ops of one backend (see the module docstring)."""
     paired_terms: Callable
     barlow_gram_loss: Callable
+    barlow_correlation_loss: Callable
 
 
 def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
-    """Register ``pnr_kernels::paired_terms_<backend>`` and ``pnr_kernels::barlow_gram_loss_<backend>``
-    (each with its backward op, autograd and fake kernels) over ``kernels``."""
+    """Register ``pnr_kernels::paired_terms_<backend>``, ``pnr_kernels::barlow_gram_loss_<backend>``
+    and ``pnr_kernels::barlow_correlation_loss_<backend>`` (each with its backward op, autograd and
+    fake kernels) over ``kernels``."""
     prefix = "pnr_kernels::"
 
     @torch.library.custom_op(f"{prefix}paired_terms_{backend}", mutates_args=())
@@ -156,7 +168,35 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         return grad_a, None, None, None
 
     barlow_gram_loss.register_autograd(barlow_autograd, setup_context=barlow_setup)
-    return RegularizerOps(paired_terms, barlow_gram_loss)
+
+    @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}", mutates_args=())
+    def correlation_loss(c: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
+        return kernels.correlation_loss_forward(c, off_diagonal_weight, scale)
+
+    @correlation_loss.register_fake
+    def _(c, off_diagonal_weight, scale):
+        return c.new_empty(())
+
+    @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}_backward", mutates_args=())
+    def correlation_loss_backward(grad_loss: torch.Tensor, c: torch.Tensor, off_diagonal_weight: float,
+                                  scale: float) -> torch.Tensor:
+        return kernels.correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale)
+
+    @correlation_loss_backward.register_fake
+    def _(grad_loss, c, off_diagonal_weight, scale):
+        return torch.empty_like(c)
+
+    def correlation_setup(ctx, inputs, output):
+        c, off_diagonal_weight, scale = inputs
+        ctx.save_for_backward(c)
+        ctx.weights = (off_diagonal_weight, scale)
+
+    def correlation_autograd(ctx, grad_loss):
+        (c,) = ctx.saved_tensors
+        return correlation_loss_backward(grad_loss, c, *ctx.weights), None, None
+
+    correlation_loss.register_autograd(correlation_autograd, setup_context=correlation_setup)
+    return RegularizerOps(paired_terms, barlow_gram_loss, correlation_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +226,8 @@ def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
         # Under DDP, C is averaged over ranks before the loss (SPEC section 4): it must exist.
         def barlow(p, f):
             up = compute_dtype(p.dtype)
-            return reference.barlow_loss(p.to(up), f.to(up), off_diagonal_weight=off_diagonal_weight,
-                                         scale=scale)
+            c = reference.barlow_correlation(p.to(up), f.to(up))
+            return ops.barlow_correlation_loss(c, off_diagonal_weight, scale)
     else:
         def barlow(p, f):
             return ops.barlow_gram_loss(p, f, off_diagonal_weight, scale)[0]
@@ -212,4 +252,5 @@ def native_ops() -> RegularizerOps:
     kernels = torch.ops.pnr_kernels
     return define_regularizer_ops("native", RegularizerKernels(
         kernels.paired_terms_forward, kernels.paired_terms_backward,
-        kernels.barlow_gram_forward, kernels.barlow_gram_backward))
+        kernels.barlow_gram_forward, kernels.barlow_gram_backward,
+        kernels.barlow_correlation_loss_forward, kernels.barlow_correlation_loss_backward))

@@ -10,6 +10,8 @@ pnr_kernels/ops/regularizers.py (its module docstring).
   ``G_a * G_b`` and the tile of G_b are written), ``_barlow_grad_kernel`` (``g^ = ... + G_b a^``
   per column block, with the column sums the standardisation backward needs) and
   ``_barlow_finish_kernel`` (elementwise standardisation backward).
+- Barlow over a given C (DDP, B > D): ``_correlation_loss_kernel`` (per-tile partial sums of the
+  loss) and ``_correlation_grad_kernel`` (d C), one read of C each.
 
 Inputs may have any strides. Accumulation is float32 for every input dtype; half-precision
 operands of ``tl.dot`` are the standardised values rounded to the input dtype, float32 inputs use
@@ -36,6 +38,7 @@ CONFIGS = {
     "gram": triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     "grad": triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
     "finish": triton.Config({"BLOCK_B": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+    "correlation": triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1),
 }
 
 
@@ -269,6 +272,36 @@ def _barlow_finish_kernel(a_ptr, stats_ptr, grad_std_ptr, col_sums_ptr, out_ptr,
     tl.store(out_ptr + rows[:, None] * s_ob + cols[None, :] * s_od, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _correlation_tile(c_ptr, s_ci, s_cj, D, BLOCK: tl.constexpr):
+    """This program's tile of C, the weight of each entry's square (1 on the diagonal, else 0) and
+    its target (1 on the diagonal, else 0), zero outside the matrix."""
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = (rows < D)[:, None] & (cols < D)[None, :]
+    c = tl.load(c_ptr + rows[:, None] * s_ci + cols[None, :] * s_cj, mask=mask, other=0.0).to(tl.float32)
+    on_diagonal = (rows[:, None] == cols[None, :]) & mask
+    return rows, cols, mask, c, on_diagonal
+
+
+@triton.jit
+def _correlation_loss_kernel(c_ptr, partial_ptr, D, s_ci, s_cj, off_diagonal_weight, BLOCK: tl.constexpr):
+    # partial[tile] = sum over the tile of (C_ii - 1)^2 on the diagonal and l * C_ij^2 off it
+    _, _, mask, c, on_diagonal = _correlation_tile(c_ptr, s_ci, s_cj, D, BLOCK)
+    value = tl.where(on_diagonal, (c - 1.0) * (c - 1.0), off_diagonal_weight * c * c)
+    tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.where(mask, value, 0.0)))
+
+
+@triton.jit
+def _correlation_grad_kernel(grad_loss_ptr, c_ptr, out_ptr, D, s_ci, s_cj, off_diagonal_weight, scale,
+                             BLOCK: tl.constexpr):
+    rows, cols, mask, c, on_diagonal = _correlation_tile(c_ptr, s_ci, s_cj, D, BLOCK)
+    g = tl.load(grad_loss_ptr).to(tl.float32) * scale * 2.0
+    grad = tl.where(on_diagonal, g * (c - 1.0), g * off_diagonal_weight * c)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], grad, mask=mask)
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -349,7 +382,25 @@ def barlow_backward(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale):
     return out
 
 
-KERNELS = regularizers.RegularizerKernels(paired_forward, paired_backward, barlow_forward, barlow_backward)
+def correlation_loss_forward(c, off_diagonal_weight, scale):
+    dim = c.shape[0]
+    tiles = triton.cdiv(dim, CONFIGS["correlation"].kwargs["BLOCK"])
+    partial = torch.empty((tiles * tiles,), dtype=torch.float32, device=c.device)
+    _launch(_correlation_loss_kernel, "correlation", (tiles, tiles), c, partial, dim, *c.stride(), off_diagonal_weight)
+    return scale * partial.sum()
+
+
+def correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale):
+    dim = c.shape[0]
+    tiles = triton.cdiv(dim, CONFIGS["correlation"].kwargs["BLOCK"])
+    out = torch.empty((dim, dim), dtype=torch.float32, device=c.device)
+    _launch(_correlation_grad_kernel, "correlation", (tiles, tiles), grad_loss.to(torch.float32), c, out, dim,
+            *c.stride(), off_diagonal_weight, scale)
+    return out
+
+
+KERNELS = regularizers.RegularizerKernels(paired_forward, paired_backward, barlow_forward, barlow_backward,
+                                          correlation_loss_forward, correlation_loss_backward)
 OPS = regularizers.define_regularizer_ops("triton", KERNELS)
 LOSSES = regularizers.regularizer_losses(OPS)
 
@@ -363,7 +414,8 @@ def _compile_cases() -> List:
         inputs = {name: dtype for name in ("p1_ptr", "p2_ptr", "f1_ptr", "f2_ptr", "g1_ptr", "g2_ptr", "a_ptr",
                                            "b_ptr", "out_ptr")}
         floats = {name: "fp32" for name in ("terms_ptr", "norms_ptr", "grad_terms_ptr", "stats_ptr", "gram_b_ptr",
-                                            "partial_ptr", "grad_loss_ptr", "grad_std_ptr", "col_sums_ptr")}
+                                            "partial_ptr", "grad_loss_ptr", "grad_std_ptr", "col_sums_ptr",
+                                            "c_ptr")}
         pointers = {**inputs, **floats}
         scalars = {"off_diagonal_weight": "fp32", "scale": "fp32"}
         specs = [("gram", _barlow_gram_kernel, "", dict(DOT_DTYPE=operand, PRECISION=forward_precision)),
@@ -375,6 +427,9 @@ def _compile_cases() -> List:
                           ("paired", _paired_backward_kernel, kind, dict(NEED_P1=True, NEED_P2=True, **flags))]
             specs += [("stats", _barlow_stats_kernel, "", dict(EPS=BARLOW_VARIANCE_EPS)),
                       ("finish", _barlow_finish_kernel, "", {})]
+        if dtype == "fp32":  # C is float32 whatever the inputs
+            specs += [("correlation", _correlation_loss_kernel, "", {}),
+                      ("correlation", _correlation_grad_kernel, "", {})]
         for config_name, kernel, variant, constexprs in specs:
             name = "_".join(part for part in ("regularizers", kernel.fn.__name__.strip("_"), variant, dtype) if part)
             cases.append(compile_case(name, kernel, CONFIGS[config_name], constexprs, pointers, scalars))
