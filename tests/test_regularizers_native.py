@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pnr_kernels
-from pnr_kernels import native
+from pnr_kernels import native, reference
 
 from .test_regularizers_op import check_against_reference
 
@@ -72,3 +72,16 @@ def test_cuda_sources_compiled_when_nvcc_is_present():
         pytest.skip(f"CUDA part not built: {result.cuda_skipped}")
     compiled = " ".join(" ".join(command) for command in result.manifest["commands"])
     assert "regularizers_cuda.cu" in compiled and "regularizers_binding.cpp" in compiled
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_traces_under_torch_compile(loss):
+    """The custom ops' fake and autograd registrations let torch.compile capture one graph."""
+    fn = torch.compile(_losses()[loss], backend="aot_eager", fullgraph=True)
+    p1, p2 = (torch.randn(8, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    f1, f2 = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    got = fn(p1, p2, f1, f2, **WEIGHTS[loss])
+    want = reference.LOSSES[loss](p1, p2, f1, f2, **WEIGHTS[loss])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, [p1, p2]), torch.autograd.grad(want, [p1, p2])):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
