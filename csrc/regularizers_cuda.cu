@@ -32,7 +32,9 @@ template <typename T>
 struct Matrix {
   const T* data;
   int64_t row_stride, col_stride;
-  __device__ __forceinline__ float at(int64_t r, int64_t c) const { return to_float(data[r * row_stride + c * col_stride]); }
+  __device__ __forceinline__ float at(int64_t r, int64_t c) const {
+    return to_float(data[r * row_stride + c * col_stride]);
+  }
 };
 
 template <typename T>

@@ -44,7 +44,7 @@ def _expected(rank):
     p2.requires_grad_(True)
     mean_c = [sum(_standardise(p[r]).T @ _standardise(f[r]) / BATCH for r in range(WORLD)) / WORLD
               for p, f in ((p1, f1), (p2, f2))]
-    positive = WEIGHTS["distill_weight"] * (_barlow_from_correlation(mean_c[0]) + _barlow_from_correlation(mean_c[1])) / 2
+    positive = WEIGHTS["distill_weight"] * sum(_barlow_from_correlation(c) for c in mean_c) / 2
     negative = WEIGHTS["negative_weight"] * (reference.mean_cosine(p1[rank], f2[rank])
                                              + reference.mean_cosine(p2[rank], f1[rank])) / 2
     loss = positive + negative  # neg(p, f) = -mean cos, subtracted

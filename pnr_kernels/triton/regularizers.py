@@ -156,8 +156,10 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, s_ab, s_ad, s_bb, s_bd, 
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         mask = (rows < B)[:, None] & col_mask[None, :]
-        sum_a += tl.sum(tl.load(a_ptr + rows[:, None] * s_ab + cols[None, :] * s_ad, mask=mask, other=0.0).to(tl.float32), axis=0)
-        sum_b += tl.sum(tl.load(b_ptr + rows[:, None] * s_bb + cols[None, :] * s_bd, mask=mask, other=0.0).to(tl.float32), axis=0)
+        xa = tl.load(a_ptr + rows[:, None] * s_ab + cols[None, :] * s_ad, mask=mask, other=0.0)
+        xb = tl.load(b_ptr + rows[:, None] * s_bb + cols[None, :] * s_bd, mask=mask, other=0.0)
+        sum_a += tl.sum(xa.to(tl.float32), axis=0)
+        sum_b += tl.sum(xb.to(tl.float32), axis=0)
     mean_a = sum_a / B
     mean_b = sum_b / B
     sq_a = tl.zeros((BLOCK_D,), tl.float32)
