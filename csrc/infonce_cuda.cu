@@ -144,12 +144,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InfoNCERowSets rows, 
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       const float new_max = fmaxf(running_max, tile_max);
-      if (new_max != -INFINITY) {  // else every logit so far is -inf (masked): nothing to add
-        float sum = 0.f;
+      // new_max == -inf: every logit so far is masked, nothing to add (and -inf - -inf is NaN).
+      // The shuffle stays outside the branch: every lane of the warp must reach it.
+      float sum = 0.f;
+      if (new_max != -INFINITY) {
         for (int c = first_col; c < first_col + kTileKeys / 2; ++c) {
           if (counts(c, tn, exclude, i0, row, j0)) sum += expf(scale * storage.logits[row][c] - new_max);
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      if (new_max != -INFINITY) {
         running_sum = running_sum * expf(running_max - new_max) + sum;
         running_max = new_max;
       }

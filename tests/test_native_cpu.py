@@ -78,19 +78,17 @@ def test_low_temperature_stays_finite_and_exact(loss):
     check_against_reference(loss, args, kwargs, torch.float32)
 
 
-def _op_inputs(dtype):
+def op_inputs(dtype, device="cpu"):
     """Three row sets, three key blocks of different sizes (one strided like a queue slice)."""
     m, d = 300, 19
-    rows = [torch.randn(m, d, dtype=dtype) for _ in range(3)]
-    queue = torch.randn(d, 700, dtype=dtype).t()  # (700, d) with strides (1, 700)
-    keys = [rows[0], torch.randn(m + 5, d, dtype=dtype), queue]
+    rows = [torch.randn(m, d, dtype=dtype, device=device) for _ in range(3)]
+    queue = torch.randn(d, 700, dtype=dtype, device=device).t()  # (700, d) with strides (1, 700)
+    keys = [rows[0], torch.randn(m + 5, d, dtype=dtype, device=device), queue]
     return rows, keys, [True, True, False], [2.0, 0.5, 1.3]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=lambda d: str(d).split(".")[1])
-def test_op_matches_reference_infonce_lse(dtype):
-    rows, keys, exclude, scales = _op_inputs(dtype)
+def check_op_against_reference(dtype, device="cpu"):
+    rows, keys, exclude, scales = op_inputs(dtype, device)
     rows[0].requires_grad_()
     rows[2].requires_grad_()
     keys[2].requires_grad_()  # rows[1] and keys[1] stay frozen; keys[0] is rows[0]
@@ -101,7 +99,7 @@ def test_op_matches_reference_infonce_lse(dtype):
     loss_tol, grad_tol = TOLERANCES[dtype]
     assert got.dtype == reference.compute_dtype(dtype) and got.shape == (3, 300)
     assert relative_error(got, want) <= loss_tol
-    weights = torch.rand(3, 300, dtype=torch.float64)
+    weights = torch.rand(3, 300, dtype=torch.float64, device=device)
     grads = torch.autograd.grad((got * weights.to(got.dtype)).sum(), [rows[0], rows[2], keys[2]])
     want_grads = torch.autograd.grad((want * weights).sum(), [exact_rows[0], exact_rows[2], exact_keys[2]])
     for g, w in zip(grads, want_grads):
@@ -109,9 +107,15 @@ def test_op_matches_reference_infonce_lse(dtype):
         assert relative_error(g, w) <= grad_tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[1])
+def test_op_matches_reference_infonce_lse(dtype):
+    check_op_against_reference(dtype)
+
+
 def test_backward_returns_only_the_needed_gradients():
     """The kernel is told which inputs need a gradient and computes only those."""
-    rows, keys, exclude, scales = _op_inputs(torch.float32)
+    rows, keys, exclude, scales = op_inputs(torch.float32)
     lse = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
     grad = torch.ones_like(lse)
     backward = torch.ops.pnr_kernels.infonce_lse_backward
@@ -130,7 +134,7 @@ def test_frozen_inputs_get_no_gradient():
 
 
 def test_bad_op_arguments_are_refused():
-    rows, keys, exclude, scales = _op_inputs(torch.float32)
+    rows, keys, exclude, scales = op_inputs(torch.float32)
     with pytest.raises(RuntimeError, match="scales has 2 entries for 3 row sets"):
         torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales[:2])
     with pytest.raises(RuntimeError, match=r"keys\[1\] has 5 columns"):
