@@ -22,13 +22,13 @@ template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
-__device__ __forceinline__ T zero_of();
+__device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float zero_of<float>() { return 0.f; }
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.f); }
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.f); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 // Element (i, j) of a strided matrix, with 64-bit offsets.
 template <typename T>

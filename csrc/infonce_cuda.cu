@@ -8,6 +8,9 @@
 //   backward: the tile is recomputed and turned into W = g * exp(scale * logit - lse) (masked
 //             entries 0), then  d rows tile += scale * W @ keys tile  (the block owns its rows)
 //             and  d keys tile += scale * W^T @ rows tile  (atomicAdd: blocks share key tiles).
+//             W is held as (g / g_max) * p with g_max the largest |g| of the row tile, so that its
+//             entries lie in [-1, 1] and keep their precision when rounded to bfloat16/float16 for
+//             the tensor-core products; the products are multiplied back by scale * g_max.
 // Nothing of size rows x keys exists outside shared memory.
 #include <mma.h>
 
@@ -55,7 +58,7 @@ __device__ void load_slice(T (*dst)[kChunk + kPad], const StridedMatrix& m, int6
     const int r = rows_contiguous ? idx % kTileRows : idx / kChunk;
     const int c = rows_contiguous ? idx / kTileRows : idx % kChunk;
     const int64_t col = k0 + c;
-    dst[r][c] = (r < count && col < m.cols) ? load_element<T>(m, first + r, col) : zero_of<T>();
+    dst[r][c] = (r < count && col < m.cols) ? load_element<T>(m, first + r, col) : from_float<T>(0.f);
   }
 }
 
@@ -144,12 +147,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InfoNCERowSets rows, 
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       const float new_max = fmaxf(running_max, tile_max);
-      if (new_max != -INFINITY) {  // else every logit so far is -inf (masked): nothing to add
-        float sum = 0.f;
+      // new_max == -inf: every logit so far is masked, nothing to add (and -inf - -inf is NaN).
+      // The shuffle stays outside the branch: every lane of the warp must reach it.
+      float sum = 0.f;
+      if (new_max != -INFINITY) {
         for (int c = first_col; c < first_col + kTileKeys / 2; ++c) {
           if (counts(c, tn, exclude, i0, row, j0)) sum += expf(scale * storage.logits[row][c] - new_max);
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      if (new_max != -INFINITY) {
         running_sum = running_sum * expf(running_max - new_max) + sum;
         running_max = new_max;
       }
@@ -159,24 +166,126 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InfoNCERowSets rows, 
   if (first_col == 0 && row < tm) lse[r * a.rows + i0 + row] = running_max + logf(running_sum);
 }
 
+// W in the element type, the tensor-core operand of the backward products.
+template <typename T>
+struct TensorCoreWeights {
+  alignas(32) T w[kTileRows][kTileKeys + kPad];
+};
+struct NoWeights {};
+template <typename T>
+using WeightStorage = std::conditional_t<uses_tensor_cores<T>(), TensorCoreWeights<T>, NoWeights>;
+
+// Thread t's share of a (kTileRows, kChunk) product: output row/key t / 2, 16 of the columns.
+__device__ __forceinline__ int product_output() { return threadIdx.x / 2; }
+__device__ __forceinline__ int product_first_dim() { return (threadIdx.x % 2) * (kChunk / 2); }
+
+// d rows slice += factor * W @ keys slice and d keys slice += factor * W^T @ rows slice for the
+// embedding columns k0 .. k0 + kChunk, with WMMA fragments; storage.logits is the scratch the
+// fragments are stored to (each warp stores and reads back its own 16 outputs).
+template <typename T>
+__device__ void tensor_core_gradients(TileStorage<T>& storage, const TensorCoreWeights<T>& weights,
+                                      float* row_grad, float* key_grad, int64_t i0, int tm, int64_t j0, int tn,
+                                      int64_t k0, int64_t dim, float factor) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, out = product_output(), first_dim = product_first_dim();
+  auto* scratch = reinterpret_cast<float(*)[kChunk + kLogitsPad]>(&storage.logits[0][0]);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kChunk / 16];
+  if (row_grad != nullptr) {  // warp: rows 16 * warp .. + 16
+    for (auto& f : acc) wmma::fill_fragment(f, 0.f);
+    for (int jj = 0; jj < kTileKeys; jj += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> w;
+      wmma::load_matrix_sync(w, &weights.w[16 * warp][jj], kTileKeys + kPad);
+      for (int n = 0; n < kChunk / 16; ++n) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, &storage.keys[jj][16 * n], kChunk + kPad);
+        wmma::mma_sync(acc[n], w, b, acc[n]);
+      }
+    }
+    for (int n = 0; n < kChunk / 16; ++n) {
+      wmma::store_matrix_sync(&scratch[16 * warp][16 * n], acc[n], kChunk + kLogitsPad, wmma::mem_row_major);
+    }
+    __syncwarp();
+    for (int d = 0; d < kChunk / 2 && out < tm; ++d) {
+      const int64_t col = k0 + first_dim + d;
+      if (col < dim) row_grad[(i0 + out) * dim + col] += factor * scratch[out][first_dim + d];
+    }
+    __syncwarp();
+  }
+  if (key_grad != nullptr) {  // warp: keys 16 * warp .. + 16
+    for (auto& f : acc) wmma::fill_fragment(f, 0.f);
+    for (int ii = 0; ii < kTileRows; ii += 16) {
+      // W^T as a column-major (key, row) operand: element (j, i) is weights.w[i][j]
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> wt;
+      wmma::load_matrix_sync(wt, &weights.w[ii][16 * warp], kTileKeys + kPad);
+      for (int n = 0; n < kChunk / 16; ++n) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, &storage.rows[ii][16 * n], kChunk + kPad);
+        wmma::mma_sync(acc[n], wt, b, acc[n]);
+      }
+    }
+    for (int n = 0; n < kChunk / 16; ++n) {
+      wmma::store_matrix_sync(&scratch[16 * warp][16 * n], acc[n], kChunk + kLogitsPad, wmma::mem_row_major);
+    }
+    __syncwarp();
+    for (int d = 0; d < kChunk / 2 && out < tn; ++d) {
+      const int64_t col = k0 + first_dim + d;
+      if (col < dim) atomicAdd(&key_grad[(j0 + out) * dim + col], factor * scratch[out][first_dim + d]);
+    }
+    __syncwarp();
+  }
+}
+
+// The same products with float32 FMAs, reading W (float32) from storage.logits.
+template <typename T>
+__device__ void fma_gradients(TileStorage<T>& storage, float* row_grad, float* key_grad, int64_t i0, int tm,
+                              int64_t j0, int tn, int64_t k0, int64_t dim, float factor) {
+  const int out = product_output(), first_dim = product_first_dim();
+  float acc[kChunk / 2];
+  if (row_grad != nullptr && out < tm) {
+    for (float& v : acc) v = 0.f;
+    for (int j = 0; j < kTileKeys; ++j) {
+      const float w = storage.logits[out][j];
+      for (int d = 0; d < kChunk / 2; ++d) acc[d] = fmaf(w, to_float(storage.keys[j][first_dim + d]), acc[d]);
+    }
+    for (int d = 0; d < kChunk / 2; ++d) {
+      const int64_t col = k0 + first_dim + d;
+      if (col < dim) row_grad[(i0 + out) * dim + col] += factor * acc[d];
+    }
+  }
+  if (key_grad != nullptr && out < tn) {
+    for (float& v : acc) v = 0.f;
+    for (int i = 0; i < kTileRows; ++i) {
+      const float w = storage.logits[i][out];
+      for (int d = 0; d < kChunk / 2; ++d) acc[d] = fmaf(w, to_float(storage.rows[i][first_dim + d]), acc[d]);
+    }
+    for (int d = 0; d < kChunk / 2; ++d) {
+      const int64_t col = k0 + first_dim + d;
+      if (col < dim) atomicAdd(&key_grad[(j0 + out) * dim + col], factor * acc[d]);
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(InfoNCERowSets rows, InfoNCEKeyBlocks keys,
                                                             const float* grad_lse, const float* lse,
                                                             InfoNCEGrads grads) {
   __shared__ TileStorage<T> storage;
+  __shared__ WeightStorage<T> weights;
   const int r = blockIdx.y;
   const StridedMatrix a = rows.set[r];
   const float scale = rows.scale[r];
   const int64_t dim = a.cols;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int tm = tile_extent(a.rows, i0, kTileRows);
+  const float* tile_g = grad_lse + r * a.rows + i0;
+  float g_max = 0.f;
+  for (int i = 0; i < tm; ++i) g_max = fmaxf(g_max, fabsf(tile_g[i]));
+  if (g_max == 0.f) return;  // no gradient flows through this row tile (the same for every thread)
+  const float factor = scale * g_max;
   float* row_grad = grads.rows[r];
-  // Weights: two threads per tile row. Products: thread t owns output row/key t / 2 and 16 of
-  // the kChunk columns of each slice.
-  const int row = threadIdx.x / 2, first_col = (threadIdx.x % 2) * (kTileKeys / 2);
-  const int out = threadIdx.x / 2, first_dim = (threadIdx.x % 2) * (kChunk / 2);
+  const int row = threadIdx.x / 2, first_col = (threadIdx.x % 2) * (kTileKeys / 2);  // two threads per row
   const float row_lse = row < tm ? lse[r * a.rows + i0 + row] : -INFINITY;
-  const float row_g = row < tm ? grad_lse[r * a.rows + i0 + row] : 0.f;
+  const float row_g = row < tm ? tile_g[row] / g_max : 0.f;
   for (int k = 0; k < keys.count; ++k) {
     float* key_grad = grads.keys[k];
     if (row_grad == nullptr && key_grad == nullptr) continue;
@@ -187,35 +296,22 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(InfoNCERowSets rows,
       tile_logits(storage, a, i0, tm, b, j0, tn);
       for (int c = first_col; c < first_col + kTileKeys / 2; ++c) {
         const bool live = row_lse != -INFINITY && counts(c, tn, exclude, i0, row, j0);
-        storage.logits[row][c] = live ? row_g * expf(scale * storage.logits[row][c] - row_lse) : 0.f;
+        const float w = live ? row_g * expf(scale * storage.logits[row][c] - row_lse) : 0.f;
+        if constexpr (uses_tensor_cores<T>()) {
+          weights.w[row][c] = from_float<T>(w);
+        } else {
+          storage.logits[row][c] = w;
+        }
       }
       __syncthreads();
       for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
         if (row_grad != nullptr) load_slice(storage.keys, b, j0, tn, k0);
         if (key_grad != nullptr) load_slice(storage.rows, a, i0, tm, k0);
         __syncthreads();
-        float acc[kChunk / 2];
-        if (row_grad != nullptr && out < tm) {
-          for (float& v : acc) v = 0.f;
-          for (int j = 0; j < kTileKeys; ++j) {
-            const float w = storage.logits[out][j];
-            for (int d = 0; d < kChunk / 2; ++d) acc[d] = fmaf(w, to_float(storage.keys[j][first_dim + d]), acc[d]);
-          }
-          for (int d = 0; d < kChunk / 2; ++d) {
-            const int64_t col = k0 + first_dim + d;
-            if (col < dim) row_grad[(i0 + out) * dim + col] += scale * acc[d];
-          }
-        }
-        if (key_grad != nullptr && out < tn) {
-          for (float& v : acc) v = 0.f;
-          for (int i = 0; i < kTileRows; ++i) {
-            const float w = storage.logits[i][out];
-            for (int d = 0; d < kChunk / 2; ++d) acc[d] = fmaf(w, to_float(storage.rows[i][first_dim + d]), acc[d]);
-          }
-          for (int d = 0; d < kChunk / 2; ++d) {
-            const int64_t col = k0 + first_dim + d;
-            if (col < dim) atomicAdd(&key_grad[(j0 + out) * dim + col], scale * acc[d]);
-          }
+        if constexpr (uses_tensor_cores<T>()) {
+          tensor_core_gradients(storage, weights, row_grad, key_grad, i0, tm, j0, tn, k0, dim, factor);
+        } else {
+          fma_gradients(storage, row_grad, key_grad, i0, tm, j0, tn, k0, dim, factor);
         }
         __syncthreads();
       }

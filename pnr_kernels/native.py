@@ -303,8 +303,12 @@ def _infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_
 
 @functools.lru_cache(maxsize=None)
 def infonce_op():
-    """The fused InfoNCE op of this backend, ``pnr_kernels::infonce_lse_native``."""
+    """The fused InfoNCE op of this backend, ``pnr_kernels::infonce_lse_native`` (builds and
+    loads the extension if that has not happened yet)."""
     from .ops import infonce
+
+    if load()[0] is None:
+        raise RuntimeError(load()[1])
 
     return infonce.define_infonce_op("native", infonce.InfoNCEKernels(_infonce_forward, _infonce_backward))
 
