@@ -28,7 +28,8 @@ PUBLIC = {
 }
 # SPEC.md section 6: (loss, gradients) relative tolerances
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 5e-2), torch.bfloat16: (2e-2, 5e-2)}
-# a row tile is 32 rows in the interpreter, a D chunk 64 wide: these span 2 of each
+# a tile is 32 rows or keys in the interpreter: these span 2 row tiles and 2 key tiles, and in
+# fp32 (resident up to D=64, then chunks of 32) 3 D chunks
 ROWS, KEYS, WIDTH = 37, 45, 70
 
 
@@ -104,8 +105,8 @@ def _check_op(rows, keys, exclude, scales, rows_need_grad, keys_need_grad, *, to
 
 @pytest.mark.parametrize("dim", [WIDTH, 150], ids=["D=70", "D=150"])
 def test_two_row_sets_two_key_blocks_span_tiles_and_d_chunks(dim):
-    """SimCLR-PNR's shape (rows [Z, P], keys [Z, F]); D=150 spans 3 logit chunks and 2 gradient
-    output chunks; different scales per row set."""
+    """SimCLR-PNR's shape (rows [Z, P], keys [Z, F]), different scales per row set. fp32 rows stay
+    resident up to D=64; D=70 walks 3 logit chunks of 32, D=150 5 and 2 gradient output chunks."""
     rows, keys = _op_inputs(2, [KEYS], dim)
     _check_op(rows, keys, [True, True], [5.0, 3.0], [True, True], [True, False])
 
@@ -115,9 +116,11 @@ def test_more_row_sets_and_key_blocks_than_one_launch_serves():
     _check_op(rows, keys, [True, False, True], [5.0, 2.0, 3.0], [True, False, True], [True, True, False])
 
 
+@pytest.mark.parametrize("dim", [WIDTH, 300], ids=["D=70", "D=300"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_op(dtype):
-    rows, keys = _op_inputs(2, [KEYS], WIDTH, dtype=dtype)
+def test_low_precision_op(dtype, dim):
+    """16-bit rows stay resident up to D=256; D=300 walks 5 chunks of 64."""
+    rows, keys = _op_inputs(2, [KEYS], dim, dtype=dtype)
     _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=(2e-2, 5e-2))
 
 
@@ -132,9 +135,10 @@ def test_strided_queue_keys_and_strided_rows():
     _check_op(rows, [queue, rows[1]], [False, True], [5.0, 4.0], [True, True], [True, True])
 
 
-def test_int64_offsets_give_the_same_results():
+@pytest.mark.parametrize("dim", [37, WIDTH], ids=["resident", "chunked"])
+def test_int64_offsets_give_the_same_results(dim):
     """The int64 offset path (taken for tensors past 2**31 elements) forced on small inputs."""
-    rows, keys = _op_inputs(2, [KEYS], WIDTH)
+    rows, keys = _op_inputs(2, [KEYS], dim)
     _check_op(rows, keys, [True, False], [5.0, 2.0], [True, True], [True, True], force_int64=True)
 
 

@@ -51,10 +51,14 @@ MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# Widest D chunk of the logits loop and of a gradient program's output tile.
-MAX_BLOCK_D = 64
+# D blocking, by element size: up to RESIDENT_D the whole width is one chunk and the operand a
+# program reuses across its loop stays on chip; wider D is walked in CHUNK_D chunks (the compile
+# test's shared-memory check bounds both). A gradient program's output tile is at most
+# MAX_BLOCK_DV wide; MIN_BLOCK is tl.dot's smallest K / N.
+RESIDENT_D = {2: 256, 4: 64}
+CHUNK_D = {2: 64, 4: 32}
 MAX_BLOCK_DV = 128
-MIN_BLOCK_D = 16  # tl.dot's smallest K / N
+MIN_BLOCK = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,29 +75,74 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+def _load_tile(ptr, stride_0, stride_1, offs_0, mask_0, offs_1, mask_1):
+    """The (len(offs_0), len(offs_1)) tile ``ptr[offs_0, offs_1]``, zero outside the masks."""
+    return tl.load(ptr + offs_0[:, None] * stride_0 + offs_1[None, :] * stride_1,
+                   mask=mask_0[:, None] & mask_1[None, :], other=0.0)
+
+
+@triton.jit
+def _d_range(start, D, BLOCK_D: tl.constexpr, INT64: tl.constexpr):
+    offs_d = start + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    if INT64:
+        offs_d = offs_d.to(tl.int64)
+    return offs_d, mask_d
+
+
+@triton.jit
+def _logits(row0, row1, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
             k_ptr, k_sm, k_sd, offs_n, mask_n, D,
-            TWO_ROWS: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+            TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, ROWS_RESIDENT: tl.constexpr,
+            INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Unscaled dot products (BLOCK_M, BLOCK_N) of one row tile of one or two row sets with one key
-    tile, walking D in BLOCK_D chunks; each key chunk is loaded once for both row sets."""
+    tile; each key chunk is loaded once for both row sets.
+
+    SINGLE_CHUNK (D <= BLOCK_D): the caller holds one operand in registers across its loop and
+    passes it: the row tiles ``row0, row1`` if ROWS_RESIDENT, else the key tile ``key``; the other
+    is loaded here. Otherwise D is walked in BLOCK_D chunks, loading both (the passed tiles are
+    unused)."""
     s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d_start in range(0, D, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        if INT64:
-            offs_d = offs_d.to(tl.int64)
-        key_t = tl.load(k_ptr + offs_n[None, :] * k_sm + offs_d[:, None] * k_sd,
-                        mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        row = tl.load(r0_ptr + offs_m[:, None] * r0_sm + offs_d[None, :] * r0_sd,
-                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        s0 = _mma(row, key_t, s0, UPCAST, PRECISION)
+    if SINGLE_CHUNK:
+        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
+        if ROWS_RESIDENT:
+            key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_d, mask_d)
+        else:
+            row0 = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_d, mask_d)
+            if TWO_ROWS:
+                row1 = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_d, mask_d)
+        s0 = _mma(row0, tl.trans(key), s0, UPCAST, PRECISION)
         if TWO_ROWS:
-            row = tl.load(r1_ptr + offs_m[:, None] * r1_sm + offs_d[None, :] * r1_sd,
-                          mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            s1 = _mma(row, key_t, s1, UPCAST, PRECISION)
+            s1 = _mma(row1, tl.trans(key), s1, UPCAST, PRECISION)
+    else:
+        for d_start in range(0, D, BLOCK_D):
+            offs_d, mask_d = _d_range(d_start, D, BLOCK_D, INT64)
+            key_t = tl.trans(_load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_d, mask_d))
+            s0 = _mma(_load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_d, mask_d), key_t, s0,
+                      UPCAST, PRECISION)
+            if TWO_ROWS:
+                s1 = _mma(_load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_d, mask_d), key_t, s1,
+                          UPCAST, PRECISION)
     return s0, s1
+
+
+@triton.jit
+def _resident_rows(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D,
+                   TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, INT64: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """The row tiles a program keeps in registers across its key loop when D fits one chunk
+    (placeholders otherwise, never read)."""
+    row0 = tl.zeros([1, 1], dtype=tl.float32)
+    row1 = row0
+    if SINGLE_CHUNK:
+        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
+        row0 = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_d, mask_d)
+        row1 = row0
+        if TWO_ROWS:
+            row1 = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_d, mask_d)
+    return row0, row1
 
 
 @triton.jit
@@ -134,19 +183,19 @@ def _load_lse_log2(lse_ptr, offs_m, mask_m):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_key_block(m0, l0, m1, l1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                   k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
-                   EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, INT64: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
+                   offs_m, mask_m, k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
+                   EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+                   INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for n_start in range(0, MK, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < MK
         if INT64:
             offs_n = offs_n.to(tl.int64)
-        s0, s1 = _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                         k_ptr, k_sm, k_sd, offs_n, mask_n, D,
-                         TWO_ROWS, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s0, s1 = _logits(row0, row1, row0, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK, True,
+                         INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
         m0, l0 = _online_update(m0, l0, tl.where(excluded, float("-inf"), s0 * scale0_log2))
         if TWO_ROWS:
@@ -161,7 +210,8 @@ def _infonce_fwd_kernel(
     M, MK0, MK1, D,
     r0_sm, r0_sd, r1_sm, r1_sd, k0_sm, k0_sd, k1_sm, k1_sd,
     NUM_ROWS: tl.constexpr, NUM_KEYS: tl.constexpr, EXCLUDE0: tl.constexpr, EXCLUDE1: tl.constexpr,
-    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """lse (NUM_ROWS, M) fp32, contiguous, for one row tile."""
@@ -169,19 +219,21 @@ def _infonce_fwd_kernel(
     mask_m = offs_m < M
     if INT64:
         offs_m = offs_m.to(tl.int64)
+    row0, row1 = _resident_rows(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D,
+                                NUM_ROWS == 2, SINGLE_CHUNK, INT64, BLOCK_D)
     m0 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
-                                    offs_m, mask_m, k0_ptr, k0_sm, k0_sd, MK0, scale0_log2, scale1_log2,
-                                    D, EXCLUDE0, NUM_ROWS == 2, INT64, UPCAST, PRECISION,
-                                    BLOCK_M, BLOCK_N, BLOCK_D)
+    m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm,
+                                    r1_sd, offs_m, mask_m, k0_ptr, k0_sm, k0_sd, MK0, scale0_log2,
+                                    scale1_log2, D, EXCLUDE0, NUM_ROWS == 2, SINGLE_CHUNK, INT64,
+                                    UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if NUM_KEYS == 2:
-        m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
-                                        offs_m, mask_m, k1_ptr, k1_sm, k1_sd, MK1, scale0_log2,
-                                        scale1_log2, D, EXCLUDE1, NUM_ROWS == 2, INT64, UPCAST,
-                                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        m0, l0, m1, l1 = _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr,
+                                        r1_sm, r1_sd, offs_m, mask_m, k1_ptr, k1_sm, k1_sd, MK1,
+                                        scale0_log2, scale1_log2, D, EXCLUDE1, NUM_ROWS == 2,
+                                        SINGLE_CHUNK, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     # log2(0) = -inf: a row with every key excluded gets -inf, as torch.logsumexp gives.
     tl.store(lse_ptr + offs_m, (m0 + tl.log2(l0)) * 0.6931471805599453, mask=mask_m)
     if NUM_ROWS == 2:
@@ -193,23 +245,22 @@ def _infonce_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _drow_key_block(acc0, acc1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                    lse0_log2, lse1_log2, k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
+def _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
+                    mask_m, lse0_log2, lse1_log2, k_ptr, k_sm, k_sd, MK, scale0_log2, scale1_log2, D,
                     offs_dv, mask_dv,
-                    EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, INT64: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    EXCLUDE: tl.constexpr, TWO_ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+                    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for n_start in range(0, MK, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < MK
         if INT64:
             offs_n = offs_n.to(tl.int64)
-        s0, s1 = _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                         k_ptr, k_sm, k_sd, offs_n, mask_n, D,
-                         TWO_ROWS, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s0, s1 = _logits(row0, row1, row0, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK, True,
+                         INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
-        key = tl.load(k_ptr + offs_n[:, None] * k_sm + offs_dv[None, :] * k_sd,
-                      mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_dv, mask_dv)
         p0 = _probs(s0, scale0_log2, lse0_log2, excluded)
         acc0 = _mma(p0.to(key.dtype), key, acc0, UPCAST, PRECISION)
         if TWO_ROWS:
@@ -225,38 +276,39 @@ def _infonce_drow_kernel(
     M, MK0, MK1, D,
     r0_sm, r0_sd, r1_sm, r1_sd, k0_sm, k0_sd, k1_sm, k1_sd,
     NUM_ROWS: tl.constexpr, NUM_KEYS: tl.constexpr, EXCLUDE0: tl.constexpr, EXCLUDE1: tl.constexpr,
-    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d rows (M, D) contiguous, for one row tile and one BLOCK_DV slice of D. lse_ptr and g_ptr
     point at (NUM_ROWS, M) contiguous fp32 rows of these row sets."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mask_dv = offs_dv < D
+    offs_dv, mask_dv = _d_range(tl.program_id(1) * BLOCK_DV, D, BLOCK_DV, INT64)
     if INT64:
         offs_m = offs_m.to(tl.int64)
-        offs_dv = offs_dv.to(tl.int64)
+    row0, row1 = _resident_rows(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m, D,
+                                NUM_ROWS == 2, SINGLE_CHUNK, INT64, BLOCK_D)
     lse0_log2 = _load_lse_log2(lse_ptr, offs_m, mask_m)
     lse1_log2 = lse0_log2
     if NUM_ROWS == 2:
         lse1_log2 = _load_lse_log2(lse_ptr + M, offs_m, mask_m)
     acc0 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc0, acc1 = _drow_key_block(acc0, acc1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
-                                 mask_m, lse0_log2, lse1_log2, k0_ptr, k0_sm, k0_sd, MK0,
+    acc0, acc1 = _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd,
+                                 offs_m, mask_m, lse0_log2, lse1_log2, k0_ptr, k0_sm, k0_sd, MK0,
                                  scale0_log2, scale1_log2, D, offs_dv, mask_dv,
-                                 EXCLUDE0, NUM_ROWS == 2, INT64, UPCAST, PRECISION,
+                                 EXCLUDE0, NUM_ROWS == 2, SINGLE_CHUNK, INT64, UPCAST, PRECISION,
                                  BLOCK_M, BLOCK_N, BLOCK_D)
     if NUM_KEYS == 2:
-        acc0, acc1 = _drow_key_block(acc0, acc1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m,
-                                     mask_m, lse0_log2, lse1_log2, k1_ptr, k1_sm, k1_sd, MK1,
-                                     scale0_log2, scale1_log2, D, offs_dv, mask_dv,
-                                     EXCLUDE1, NUM_ROWS == 2, INT64, UPCAST, PRECISION,
+        acc0, acc1 = _drow_key_block(acc0, acc1, row0, row1, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm,
+                                     r1_sd, offs_m, mask_m, lse0_log2, lse1_log2, k1_ptr, k1_sm, k1_sd,
+                                     MK1, scale0_log2, scale1_log2, D, offs_dv, mask_dv,
+                                     EXCLUDE1, NUM_ROWS == 2, SINGLE_CHUNK, INT64, UPCAST, PRECISION,
                                      BLOCK_M, BLOCK_N, BLOCK_D)
     out_offs = offs_m[:, None] * D + offs_dv[None, :]
     out_mask = mask_m[:, None] & mask_dv[None, :]
-    # d rows[r][i] = scales[r] g[r, i] (p @ keys)[i]; scale_log2 / log2(e) = scales[r]
+    # d rows[r][i] = scales[r] g[r, i] (p @ keys)[i]; scale_log2 * ln 2 = scales[r]
     g0 = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * (scale0_log2 * 0.6931471805599453)
     tl.store(dr0_ptr + out_offs, (acc0 * g0[:, None]).to(dr0_ptr.dtype.element_ty), mask=out_mask)
     if NUM_ROWS == 2:
@@ -275,38 +327,41 @@ def _infonce_dkey_kernel(
     M, MK, D,
     r0_sm, r0_sd, r1_sm, r1_sd, k_sm, k_sd,
     NUM_ROWS: tl.constexpr, EXCLUDE: tl.constexpr,
-    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d keys (MK, D) contiguous of one key block, for one key tile and one BLOCK_DV slice of D,
     summed over the NUM_ROWS row sets (lse_ptr, g_ptr: their (NUM_ROWS, M) fp32 rows)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < MK
-    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mask_dv = offs_dv < D
+    offs_dv, mask_dv = _d_range(tl.program_id(1) * BLOCK_DV, D, BLOCK_DV, INT64)
     if INT64:
         offs_n = offs_n.to(tl.int64)
-        offs_dv = offs_dv.to(tl.int64)
+    # the key tile stays in registers across the row loop when D fits one chunk
+    key = tl.zeros([1, 1], dtype=tl.float32)
+    if SINGLE_CHUNK:
+        offs_d, mask_d = _d_range(0, D, BLOCK_D, INT64)
+        key = _load_tile(k_ptr, k_sm, k_sd, offs_n, mask_n, offs_d, mask_d)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for m_start in range(0, M, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         if INT64:
             offs_m = offs_m.to(tl.int64)
-        s0, s1 = _logits(r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
-                         k_ptr, k_sm, k_sd, offs_n, mask_n, D,
-                         NUM_ROWS == 2, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s0, s1 = _logits(key, key, key, r0_ptr, r0_sm, r0_sd, r1_ptr, r1_sm, r1_sd, offs_m, mask_m,
+                         k_ptr, k_sm, k_sd, offs_n, mask_n, D, NUM_ROWS == 2, SINGLE_CHUNK, False,
+                         INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
-        out_mask = mask_m[:, None] & mask_dv[None, :]
         # weights g[r, i] scales[r] p[i, j]; padding rows load g = 0
         g0 = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0) * (scale0_log2 * 0.6931471805599453)
         w0 = _probs(s0, scale0_log2, _load_lse_log2(lse_ptr, offs_m, mask_m), excluded) * g0[:, None]
-        row = tl.load(r0_ptr + offs_m[:, None] * r0_sm + offs_dv[None, :] * r0_sd, mask=out_mask, other=0.0)
+        row = _load_tile(r0_ptr, r0_sm, r0_sd, offs_m, mask_m, offs_dv, mask_dv)
         acc = _mma(tl.trans(w0.to(row.dtype)), row, acc, UPCAST, PRECISION)
         if NUM_ROWS == 2:
             g1 = tl.load(g_ptr + M + offs_m, mask=mask_m, other=0.0) * (scale1_log2 * 0.6931471805599453)
             w1 = _probs(s1, scale1_log2, _load_lse_log2(lse_ptr + M, offs_m, mask_m), excluded) * g1[:, None]
-            row = tl.load(r1_ptr + offs_m[:, None] * r1_sm + offs_dv[None, :] * r1_sd, mask=out_mask, other=0.0)
+            row = _load_tile(r1_ptr, r1_sm, r1_sd, offs_m, mask_m, offs_dv, mask_dv)
             acc = _mma(tl.trans(w1.to(row.dtype)), row, acc, UPCAST, PRECISION)
     tl.store(dk_ptr + offs_n[:, None] * D + offs_dv[None, :], acc.to(dk_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_dv[None, :])
@@ -319,9 +374,9 @@ def _infonce_dkey_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, per kernel. Every one
 # is compiled for sm_80 and sm_90 by tests/test_triton_compile.py (shared memory, dot shapes).
 _GPU_CONFIGS = {
-    "fwd": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)],
-    "drow": [(64, 64, 4, 2), (128, 64, 8, 2)],
-    "dkey": [(64, 64, 4, 2), (64, 128, 8, 2)],
+    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3)],
+    "drow": [(64, 64, 8, 2), (64, 32, 4, 3)],
+    "dkey": [(64, 64, 8, 2), (32, 64, 4, 3)],
 }
 # The interpreter runs a tile in ~2 ms whatever its size, and refuses several autotune configs.
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
@@ -342,14 +397,18 @@ _dkey = triton.autotune(launch_configs("dkey", interpreting()),
                         key=["D", "NUM_ROWS", "BLOCK_D", "BLOCK_DV"])(_infonce_dkey_kernel)
 
 
-def block_d(dim: int) -> int:
-    """D chunk of the logits loop: the power of two covering D, between MIN_BLOCK_D and MAX_BLOCK_D."""
-    return min(MAX_BLOCK_D, max(MIN_BLOCK_D, triton.next_power_of_2(dim)))
+def d_blocking(dim: int, element_size: int):
+    """(SINGLE_CHUNK, BLOCK_D) of the logits for width ``dim``: one resident chunk covering D up to
+    RESIDENT_D, else chunks of CHUNK_D."""
+    covering = max(MIN_BLOCK, triton.next_power_of_2(dim))
+    if covering <= RESIDENT_D[element_size]:
+        return True, covering
+    return False, CHUNK_D[element_size]
 
 
 def block_dv(dim: int) -> int:
     """Width of a gradient program's output tile: the power of two covering D, at most MAX_BLOCK_DV."""
-    return min(MAX_BLOCK_DV, max(MIN_BLOCK_D, triton.next_power_of_2(dim)))
+    return min(MAX_BLOCK_DV, max(MIN_BLOCK, triton.next_power_of_2(dim)))
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
@@ -370,7 +429,7 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
         INT64=force_int64 or needs_int64(*rows, *keys),
         UPCAST=interpreting() and dtype == torch.bfloat16,
         PRECISION="ieee" if highest else "tf32",
-        BLOCK_D=block_d(rows[0].shape[1]),
+        **dict(zip(("SINGLE_CHUNK", "BLOCK_D"), d_blocking(rows[0].shape[1], rows[0].element_size()))),
     )
 
 
@@ -477,26 +536,33 @@ KERNELS = InfoNCEKernels(infonce_forward, infonce_backward)
 
 
 def _compile_cases() -> List:
-    """Every kernel x every GPU autotune config, for bf16 and fp32, at the largest specialisation
-    the host launches (two row sets, two key blocks, widest D chunks, int64 offsets), plus bf16 at
-    the narrowest D chunks for sm_80 (tl.dot's minimum shapes; sm_90's are no larger)."""
-    variants = [("bf16", MAX_BLOCK_D, MAX_BLOCK_DV, True, (80, 90)), ("fp32", MAX_BLOCK_D, MAX_BLOCK_DV, True, (80, 90)),
-                ("bf16", MIN_BLOCK_D, MIN_BLOCK_D, False, (80,))]
+    """Every kernel x every GPU autotune config at the largest specialisation the host launches
+    (two row sets, two key blocks, widest output tile, int64 offsets): bf16 and fp32 at their
+    widest resident D for sm_80 and sm_90, the chunked-D loop of each, and bf16 at the narrowest
+    tiles (tl.dot's minimum shapes)."""
+    variants = [  # dtype, SINGLE_CHUNK, BLOCK_D, BLOCK_DV, INT64, archs
+        ("bf16", True, RESIDENT_D[2], MAX_BLOCK_DV, True, (80, 90)),
+        ("fp32", True, RESIDENT_D[4], MAX_BLOCK_DV, True, (80, 90)),
+        ("bf16", False, CHUNK_D[2], MAX_BLOCK_DV, True, (90,)),
+        ("fp32", False, CHUNK_D[4], MAX_BLOCK_DV, True, (80,)),
+        ("bf16", True, MIN_BLOCK, MIN_BLOCK, False, (80,)),
+    ]
     scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
     cases = []
-    for dtype, d_chunk, dv_chunk, int64, archs in variants:
-        common = dict(INT64=int64, UPCAST=False, PRECISION="tf32", BLOCK_D=d_chunk)
+    for dtype, single_chunk, d_block, dv_block, int64, archs in variants:
+        common = dict(INT64=int64, UPCAST=False, PRECISION="tf32", SINGLE_CHUNK=single_chunk, BLOCK_D=d_block)
         pointers = {"lse_ptr": "fp32", "g_ptr": "fp32", **{
             name: dtype for name in ("r0_ptr", "r1_ptr", "k0_ptr", "k1_ptr", "k_ptr", "dr0_ptr", "dr1_ptr", "dk_ptr")}}
         specs = [
             ("fwd", _infonce_fwd_kernel, dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, **common)),
             ("drow", _infonce_drow_kernel,
-             dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_chunk, **common)),
-            ("dkey", _infonce_dkey_kernel, dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_chunk, **common)),
+             dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_block, **common)),
+            ("dkey", _infonce_dkey_kernel, dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_block, **common)),
         ]
+        layout = "resident" if single_chunk else "chunked"
         for kind, kernel, constexprs in specs:
             for (bm, bn, warps, stages), config in zip(_GPU_CONFIGS[kind], launch_configs(kind, interpret=False)):
-                name = f"infonce_{kind}_{dtype}_d{d_chunk}_m{bm}n{bn}w{warps}s{stages}"
+                name = f"infonce_{kind}_{dtype}_{layout}_d{d_block}_m{bm}n{bn}w{warps}s{stages}"
                 cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, archs))
     return cases
 
