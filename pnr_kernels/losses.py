@@ -125,3 +125,16 @@ def barlow_twins_loss(z1, z2, *, off_diagonal_weight=5e-3, scale=0.1):
         z1, z2, off_diagonal_weight=check_weight("off_diagonal_weight", off_diagonal_weight),
         scale=check_weight("scale", scale),
     )
+
+
+# The seven PNR-family losses by key (the keys of ``pnr_kernels.reference.LOSSES`` and of every
+# backend's ``losses()``); used by the benchmark runner and the tests.
+LOSS_FUNCTIONS = {
+    "simclr_pnr": simclr_pnr_loss,
+    "nt_xent": nt_xent_loss,
+    "moco_pnr": moco_pnr_loss,
+    "cassle_simclr": cassle_simclr_regularizer,
+    "byol_pnr": byol_pnr_regularizer,
+    "vicreg_pnr": vicreg_pnr_regularizer,
+    "barlow_pnr": barlow_pnr_regularizer,
+}
