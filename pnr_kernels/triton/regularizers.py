@@ -117,8 +117,8 @@ def _paired_backward_kernel(grad_terms_ptr, terms_ptr, norms_ptr, p1_ptr, p2_ptr
         inv_f2 = 1.0 / tl.maximum(tl.load(norms_ptr + rows * 4 + 3, mask=row_mask, other=1.0), EPS)
         inv_p1 = 1.0 / tl.maximum(n_p1, EPS)
         inv_p2 = 1.0 / tl.maximum(n_p2, EPS)
-        unit_p1 = tl.where(n_p1 > 0, 1.0 / n_p1, 0.0)
-        unit_p2 = tl.where(n_p2 > 0, 1.0 / n_p2, 0.0)
+        unit_p1 = tl.where(n_p1 > 0, 1.0 / tl.where(n_p1 > 0, n_p1, 1.0), 0.0)  # no 1/0 even unselected
+        unit_p2 = tl.where(n_p2 > 0, 1.0 / tl.where(n_p2 > 0, n_p2, 1.0), 0.0)
         c11 = tl.load(terms_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
         c22 = tl.load(terms_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
         c12 = tl.load(terms_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
