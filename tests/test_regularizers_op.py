@@ -143,7 +143,7 @@ def test_ops_trace_under_torch_compile_fake_tensors():
 # Shared by the backend test files: one backend's regulariser against the float64 reference.
 # ---------------------------------------------------------------------------------------------
 
-TOLERANCES = {  # SPEC section 6: (loss, gradients), relative
+TOLERANCES = {  # docs/losses.md, "Precision": (loss, gradients), relative
     torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-4),
     torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-2, 5e-2),
 }

@@ -1,5 +1,5 @@
 """The fused non-contrastive PNR regularisers (BYOL-PNR, VICReg-PNR, BarlowTwins-PNR) and their
-custom-op glue, shared by the Triton and native backends (../shared/SPEC.md section 4).
+custom-op glue, shared by the Triton and native backends (docs/losses.md, section 4).
 
 Three ops carry all the work; a backend supplies their kernels as :class:`RegularizerKernels`.
 
@@ -35,7 +35,7 @@ forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d;
     g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
     d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
 
-Two cases need the D x D cross-correlation itself: torch.distributed, where the spec averages
+Two cases need the D x D cross-correlation itself: torch.distributed, where the loss averages
 C over ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
 ``reference.barlow_correlation`` (standardise, one matmul, ``distributed.all_reduce_mean``; its
 backward through the standardisation is autograd's) and ``barlow_correlation_loss(c, l, s)``
@@ -223,7 +223,7 @@ def vicreg_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
 def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight,
                            off_diagonal_weight, scale):
     if distributed.world_size() > 1 or p1.shape[0] > p1.shape[1]:
-        # Under DDP, C is averaged over ranks before the loss (SPEC section 4): it must exist.
+        # Under DDP, C is averaged over ranks before the loss (docs/losses.md section 4).
         def barlow(p, f):
             up = compute_dtype(p.dtype)
             c = reference.barlow_correlation(p.to(up), f.to(up))
