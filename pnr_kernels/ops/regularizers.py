@@ -35,8 +35,8 @@ forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d;
     g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
     d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
 
-Two cases need the D x D cross-correlation itself: torch.distributed, where the loss averages
-C over ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
+Two cases need the D x D cross-correlation itself: torch.distributed, where C is averaged over
+the ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
 ``reference.barlow_correlation`` (standardise, one matmul, ``distributed.all_reduce_mean``; its
 backward through the standardisation is autograd's) and ``barlow_correlation_loss(c, l, s)``
 reduces it in one read, without the ``C**2`` and diagonal temporaries of the reference:
