@@ -147,17 +147,28 @@ def _vicreg_term(p, f):
     return ((p - f) ** 2).mean()
 
 
-def barlow_loss(a, b, *, off_diagonal_weight: float = 5e-3, scale: float = 0.1) -> torch.Tensor:
-    """Barlow Twins loss of two (B, D) batches (section 4); C is averaged over ranks under DDP."""
+def barlow_correlation(a, b) -> torch.Tensor:
+    """``C = a^T b^ / B`` (D x D) of the column-standardised batches (section 4), averaged over
+    ranks under DDP."""
     def standardise(x):
         return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + BARLOW_VARIANCE_EPS)
 
     c = standardise(a).T @ standardise(b) / a.shape[0]
-    c = distributed.all_reduce_mean(c)
+    return distributed.all_reduce_mean(c)
+
+
+def barlow_loss_of_correlation(c, *, off_diagonal_weight: float, scale: float) -> torch.Tensor:
+    """``s * (sum_i (C_ii - 1)^2 + l * sum_{i != j} C_ij^2)``."""
     diagonal = torch.diagonal(c)
     on = ((diagonal - 1) ** 2).sum()
     off = (c ** 2).sum() - (diagonal ** 2).sum()
     return scale * (on + off_diagonal_weight * off)
+
+
+def barlow_loss(a, b, *, off_diagonal_weight: float = 5e-3, scale: float = 0.1) -> torch.Tensor:
+    """Barlow Twins loss of two (B, D) batches (section 4); C is averaged over ranks under DDP."""
+    return barlow_loss_of_correlation(barlow_correlation(a, b), off_diagonal_weight=off_diagonal_weight,
+                                      scale=scale)
 
 
 def _pnr_regularizer(pos, neg, p1, p2, f1, f2, distill_weight, negative_weight):

@@ -41,8 +41,9 @@ def losses():
     """The losses this backend implements (imports the kernels on first use)."""
     from ..ops.infonce import contrastive_losses, define_infonce_op
     from .infonce import KERNELS
+    from .regularizers import LOSSES as REGULARIZER_LOSSES
 
-    return {**contrastive_losses(define_infonce_op("triton", KERNELS))}
+    return {**contrastive_losses(define_infonce_op("triton", KERNELS)), **REGULARIZER_LOSSES}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,28 @@
+// The fused multi-key InfoNCE op (pnr_kernels/ops/infonce.py has the exact contract):
+//   lse[r, i] = LSE over key blocks k and keys j (j != i where exclude_diagonal[k]) of
+//               scales[r] * rows[r][i] . keys[k][j]
+// and its gradient with respect to the rows and keys that need one. Inputs are validated by the
+// binding (infonce_binding.cpp); the CPU kernels live in infonce_cpu.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace pnr_kernels {
+
+// lse (R, M) in the compute dtype (float64 for float64 inputs, float32 otherwise).
+at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
+                               const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales);
+
+// The gradients of the rows that need one, then of the keys that need one, in input order, each
+// in its input's dtype and shape. grad_lse and lse are (R, M) in the compute dtype.
+std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& lse,
+                                             const std::vector<at::Tensor>& rows,
+                                             const std::vector<at::Tensor>& keys,
+                                             const std::vector<bool>& exclude_diagonal,
+                                             const std::vector<double>& scales,
+                                             const std::vector<bool>& rows_need_grad,
+                                             const std::vector<bool>& keys_need_grad);
+
+}  // namespace pnr_kernels

@@ -1,0 +1,406 @@
+// CPU kernels of the non-contrastive PNR regularisers (contract: pnr_kernels/ops/regularizers.py).
+//
+// Paired terms: one parallel loop over rows; each row of p1, p2, f1, f2 is read once, its sums are
+// kept in kLanes independent partial sums per quantity so that the compiler vectorises them.
+// Barlow (Gram form): column statistics in one parallel loop over column stripes, the two B x B
+// Gram matrices and the backward's G_b a^ product through at::mm (the CPU BLAS), everything else
+// (standardisation, diagonal, loss, standardisation backward) in fused loops, O(B D).
+// Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
+// Half-precision inputs accumulate in float32, float64 inputs in float64.
+#include "regularizers_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+namespace pnr_kernels {
+namespace {
+
+constexpr double kCosineEps = 1e-8;          // torch.nn.functional.cosine_similarity's eps
+constexpr double kBarlowVarianceEps = 1e-5;  // pnr_kernels.reference.BARLOW_VARIANCE_EPS
+constexpr int64_t kLanes = 16;
+constexpr int64_t kParallelElements = 1 << 15;  // elements per parallel task, at least
+
+int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, per_item)); }
+
+// `t` with unit stride along its columns (its rows may have any stride).
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+template <typename scalar_t>
+at::ScalarType compute_scalar_type() {
+  return c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
+}
+
+// {sum over d < D of f(d)[q]} for the Q quantities f returns, in kLanes partial sums each.
+template <typename acc_t, size_t Q, typename F>
+std::array<acc_t, Q> row_sums(int64_t D, const F& f) {
+  acc_t lanes[Q][kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const std::array<acc_t, Q> v = f(d + k);
+      for (size_t q = 0; q < Q; ++q) lanes[q][k] += v[q];
+    }
+  }
+  for (; d < D; ++d) {
+    const std::array<acc_t, Q> v = f(d);
+    for (size_t q = 0; q < Q; ++q) lanes[q][0] += v[q];
+  }
+  std::array<acc_t, Q> out{};
+  for (size_t q = 0; q < Q; ++q) {
+    for (int64_t k = 0; k < kLanes; ++k) out[q] += lanes[q][k];
+  }
+  return out;
+}
+
+// The four inputs with unit column stride, as raw row pointers.
+template <typename scalar_t>
+struct Rows {
+  at::Tensor keep[4];
+  const scalar_t* data[4];
+  int64_t stride[4];
+
+  Rows(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& f1, const at::Tensor& f2) {
+    const at::Tensor* in[4] = {&p1, &p2, &f1, &f2};
+    for (int k = 0; k < 4; ++k) {
+      keep[k] = unit_column_stride(*in[k]);
+      data[k] = keep[k].template const_data_ptr<scalar_t>();
+      stride[k] = keep[k].stride(0);
+    }
+  }
+  const scalar_t* row(int k, int64_t i) const { return data[k] + i * stride[k]; }
+};
+
+template <typename scalar_t>
+void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, at::Tensor& terms,
+                           at::Tensor& norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* t = terms.data_ptr<acc_t>();
+  acc_t* n = cosine ? norms.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t *p1 = x.row(0, i), *p2 = x.row(1, i), *f1 = x.row(2, i), *f2 = x.row(3, i);
+      if (cosine) {
+        const auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
+          const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
+          return std::array<acc_t, 8>{u1 * v1, u2 * v2, u1 * v2, u2 * v1, u1 * u1, u2 * u2, v1 * v1, v2 * v2};
+        });
+        acc_t norm[4], clamped[4];
+        for (int k = 0; k < 4; ++k) {
+          norm[k] = std::sqrt(s[4 + k]);
+          clamped[k] = std::max(norm[k], static_cast<acc_t>(kCosineEps));
+          n[i * 4 + k] = norm[k];
+        }
+        t[i * 4 + 0] = s[0] / (clamped[0] * clamped[2]);
+        t[i * 4 + 1] = s[1] / (clamped[1] * clamped[3]);
+        t[i * 4 + 2] = s[2] / (clamped[0] * clamped[3]);
+        t[i * 4 + 3] = s[3] / (clamped[1] * clamped[2]);
+      } else {
+        const auto s = row_sums<acc_t, 4>(D, [&](int64_t d) {
+          const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
+          return std::array<acc_t, 4>{(u1 - v1) * (u1 - v1), (u2 - v2) * (u2 - v2), (u1 - v2) * (u1 - v2),
+                                      (u2 - v1) * (u2 - v1)};
+        });
+        for (int k = 0; k < 4; ++k) t[i * 4 + k] = s[k];
+      }
+    }
+  });
+}
+
+// d p = c_f1 * f1 + c_f2 * f2 + c_p * p for one row of p1 or p2.
+template <typename scalar_t, typename acc_t>
+void write_row_gradient(scalar_t* out, const scalar_t* p, const scalar_t* f1, const scalar_t* f2, int64_t D,
+                        acc_t c_f1, acc_t c_f2, acc_t c_p) {
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] = static_cast<scalar_t>(c_f1 * static_cast<acc_t>(f1[d]) + c_f2 * static_cast<acc_t>(f2[d]) +
+                                   c_p * static_cast<acc_t>(p[d]));
+  }
+}
+
+template <typename scalar_t>
+void paired_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& terms, const at::Tensor& norms,
+                            const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, scalar_t* g1,
+                            scalar_t* g2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* g = grad_terms.const_data_ptr<acc_t>();
+  const acc_t* t = terms.const_data_ptr<acc_t>();
+  const acc_t* n = cosine ? norms.const_data_ptr<acc_t>() : nullptr;
+  const acc_t eps = static_cast<acc_t>(kCosineEps);
+  at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t g11 = g[i * 4], g22 = g[i * 4 + 1], g12 = g[i * 4 + 2], g21 = g[i * 4 + 3];
+      acc_t a11, a12, b1, a21, a22, b2;  // d p1 = a11 f1 + a12 f2 + b1 p1;  d p2 = a21 f1 + a22 f2 + b2 p2
+      if (cosine) {
+        const acc_t* row_norms = n + i * 4;
+        const acc_t inv_p1 = 1 / std::max(row_norms[0], eps), inv_p2 = 1 / std::max(row_norms[1], eps);
+        const acc_t inv_f1 = 1 / std::max(row_norms[2], eps), inv_f2 = 1 / std::max(row_norms[3], eps);
+        const acc_t unit_p1 = row_norms[0] > 0 ? 1 / row_norms[0] : 0;
+        const acc_t unit_p2 = row_norms[1] > 0 ? 1 / row_norms[1] : 0;
+        const acc_t* c = t + i * 4;
+        a11 = inv_p1 * g11 * inv_f1, a12 = inv_p1 * g12 * inv_f2;
+        a21 = inv_p2 * g21 * inv_f1, a22 = inv_p2 * g22 * inv_f2;
+        b1 = -inv_p1 * unit_p1 * (g11 * c[0] + g12 * c[2]);
+        b2 = -inv_p2 * unit_p2 * (g22 * c[1] + g21 * c[3]);
+      } else {
+        a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
+        a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
+      }
+      if (g1 != nullptr) write_row_gradient(g1 + i * D, x.row(0, i), x.row(2, i), x.row(3, i), D, a11, a12, b1);
+      if (g2 != nullptr) write_row_gradient(g2 + i * D, x.row(1, i), x.row(2, i), x.row(3, i), D, a21, a22, b2);
+    }
+  });
+}
+
+// Column mean, 1/std (biased variance + eps) of a and b and diag(C), written to stats (5, D).
+template <typename scalar_t>
+void barlow_stats_kernel(const scalar_t* a, int64_t sa, const scalar_t* b, int64_t sb, int64_t B, int64_t D,
+                         at::opmath_type<scalar_t>* stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, D, grain(2 * B), [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<acc_t> mean_a(w, 0), mean_b(w, 0), sq_a(w, 0), sq_b(w, 0), cross(w, 0);
+    for (int64_t r = 0; r < B; ++r) {
+      const scalar_t *ra = a + r * sa + c0, *rb = b + r * sb + c0;
+      for (int64_t c = 0; c < w; ++c) mean_a[c] += static_cast<acc_t>(ra[c]), mean_b[c] += static_cast<acc_t>(rb[c]);
+    }
+    for (int64_t c = 0; c < w; ++c) mean_a[c] /= B, mean_b[c] /= B;
+    for (int64_t r = 0; r < B; ++r) {
+      const scalar_t *ra = a + r * sa + c0, *rb = b + r * sb + c0;
+      for (int64_t c = 0; c < w; ++c) {
+        const acc_t xa = static_cast<acc_t>(ra[c]) - mean_a[c], xb = static_cast<acc_t>(rb[c]) - mean_b[c];
+        sq_a[c] += xa * xa, sq_b[c] += xb * xb, cross[c] += xa * xb;
+      }
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      const acc_t rstd_a = 1 / std::sqrt(sq_a[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
+      const acc_t rstd_b = 1 / std::sqrt(sq_b[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
+      stats[c0 + c] = mean_a[c];
+      stats[D + c0 + c] = rstd_a;
+      stats[2 * D + c0 + c] = mean_b[c];
+      stats[3 * D + c0 + c] = rstd_b;
+      stats[4 * D + c0 + c] = cross[c] * rstd_a * rstd_b / B;
+    }
+  });
+}
+
+// (x - mean) * rstd in the compute dtype, contiguous (B, D).
+template <typename scalar_t>
+at::Tensor standardised(const at::Tensor& x, const at::opmath_type<scalar_t>* mean,
+                        const at::opmath_type<scalar_t>* rstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), D = x.size(1), sx = x.stride(0);
+  at::Tensor out = at::empty({B, D}, x.options().dtype(compute_scalar_type<scalar_t>()));
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  acc_t* o = out.data_ptr<acc_t>();
+  at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t c = 0; c < D; ++c) o[r * D + c] = (static_cast<acc_t>(in[r * sx + c]) - mean[c]) * rstd[c];
+    }
+  });
+  return out;
+}
+
+template <typename acc_t>
+double frobenius_inner(const at::Tensor& x, const at::Tensor& y) {
+  const acc_t *px = x.const_data_ptr<acc_t>(), *py = y.const_data_ptr<acc_t>();
+  const int64_t n = x.numel();
+  return at::parallel_reduce(0, n, grain(1), 0.0, [&](int64_t begin, int64_t end, double partial) {
+    const auto s = row_sums<double, 1>(end - begin, [&](int64_t k) {
+      return std::array<double, 1>{static_cast<double>(px[begin + k]) * static_cast<double>(py[begin + k])};
+    });
+    return partial + s[0];
+  }, std::plus<double>());
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_kernel(const at::Tensor& a_in, const at::Tensor& b_in,
+                                                                     double l, double s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor a = unit_column_stride(a_in), b = unit_column_stride(b_in);
+  const int64_t B = a.size(0), D = a.size(1);
+  const auto options = a.options().dtype(compute_scalar_type<scalar_t>());
+  at::Tensor stats = at::empty({5, D}, options);
+  acc_t* st = stats.data_ptr<acc_t>();
+  barlow_stats_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), b.const_data_ptr<scalar_t>(),
+                                b.stride(0), B, D, st);
+  const at::Tensor a_std = standardised<scalar_t>(a, st, st + D);
+  const at::Tensor b_std = standardised<scalar_t>(b, st + 2 * D, st + 3 * D);
+  const at::Tensor gram_a = at::mm(a_std, a_std.t());
+  at::Tensor gram_b = at::mm(b_std, b_std.t());
+  double on_diagonal = 0, diagonal_squares = 0;
+  for (int64_t c = 0; c < D; ++c) {
+    const double d = st[4 * D + c];
+    on_diagonal += (d - 1) * (d - 1);
+    diagonal_squares += d * d;
+  }
+  const double all_squares = frobenius_inner<acc_t>(gram_a, gram_b) / (static_cast<double>(B) * B);
+  at::Tensor loss = at::empty({}, options);
+  loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(s * (on_diagonal + l * (all_squares - diagonal_squares)));
+  return {loss, stats, gram_b};
+}
+
+template <typename scalar_t>
+at::Tensor barlow_backward_kernel(double grad_loss, const at::Tensor& a_in, const at::Tensor& b_in,
+                                  const at::Tensor& stats, const at::Tensor& gram_b, double l, double s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor a = unit_column_stride(a_in), b = unit_column_stride(b_in);
+  const int64_t B = a.size(0), D = a.size(1), sb = b.stride(0);
+  const acc_t* st = stats.const_data_ptr<acc_t>();
+  const acc_t *rstd_a = st + D, *mean_b = st + 2 * D, *rstd_b = st + 3 * D, *diag = st + 4 * D;
+  const at::Tensor a_std = standardised<scalar_t>(a, st, rstd_a);
+  at::Tensor grad_std = at::mm(gram_b, a_std);  // G_b a^, overwritten with d loss / d a^ below
+  at::Tensor out = at::empty({B, D}, a.options());
+  const acc_t* as = a_std.const_data_ptr<acc_t>();
+  acc_t* gs = grad_std.data_ptr<acc_t>();
+  const scalar_t* pb = b.const_data_ptr<scalar_t>();
+  scalar_t* po = out.data_ptr<scalar_t>();
+  const acc_t beta = static_cast<acc_t>(grad_loss * s * 2 * l / (static_cast<double>(B) * B));
+  at::parallel_for(0, D, grain(3 * B), [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<acc_t> alpha(w), sum_g(w, 0), sum_ga(w, 0);
+    for (int64_t c = 0; c < w; ++c) {
+      const double d = diag[c0 + c];
+      alpha[c] = static_cast<acc_t>(grad_loss * s * (2 * (d - 1) - 2 * l * d) / B);
+    }
+    for (int64_t r = 0; r < B; ++r) {
+      acc_t* g = gs + r * D + c0;
+      const acc_t* x = as + r * D + c0;
+      const scalar_t* y = pb + r * sb + c0;
+      for (int64_t c = 0; c < w; ++c) {
+        const acc_t y_std = (static_cast<acc_t>(y[c]) - mean_b[c0 + c]) * rstd_b[c0 + c];
+        g[c] = alpha[c] * y_std + beta * g[c];
+        sum_g[c] += g[c];
+        sum_ga[c] += g[c] * x[c];
+      }
+    }
+    for (int64_t c = 0; c < w; ++c) sum_g[c] /= B, sum_ga[c] /= B;
+    for (int64_t r = 0; r < B; ++r) {
+      const acc_t *g = gs + r * D + c0, *x = as + r * D + c0;
+      scalar_t* o = po + r * D + c0;
+      for (int64_t c = 0; c < w; ++c) {
+        o[c] = static_cast<scalar_t>(rstd_a[c0 + c] * (g[c] - sum_g[c] - x[c] * sum_ga[c]));
+      }
+    }
+  });
+  return out;
+}
+
+template <typename acc_t>
+at::Tensor correlation_loss_forward_kernel(const at::Tensor& c, double l, double s) {
+  const int64_t D = c.size(0);
+  const acc_t* pc = c.const_data_ptr<acc_t>();
+  const double total = at::parallel_reduce(0, D, grain(D), 0.0, [&](int64_t begin, int64_t end, double partial) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* row = pc + i * D;
+      const double squares = row_sums<double, 1>(D, [&](int64_t j) {
+        return std::array<double, 1>{static_cast<double>(row[j]) * static_cast<double>(row[j])};
+      })[0];
+      const double diagonal = row[i];
+      partial += (diagonal - 1) * (diagonal - 1) + l * (squares - diagonal * diagonal);
+    }
+    return partial;
+  }, std::plus<double>());
+  at::Tensor loss = at::empty({}, c.options());
+  loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(s * total);
+  return loss;
+}
+
+template <typename acc_t>
+at::Tensor correlation_loss_backward_kernel(double grad_loss, const at::Tensor& c, double l, double s) {
+  const int64_t D = c.size(0);
+  at::Tensor out = at::empty({D, D}, c.options());
+  const acc_t* pc = c.const_data_ptr<acc_t>();
+  acc_t* po = out.data_ptr<acc_t>();
+  const acc_t on = static_cast<acc_t>(2 * grad_loss * s), off = static_cast<acc_t>(2 * grad_loss * s * l);
+  at::parallel_for(0, D, grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < D; ++j) po[i * D + j] = off * pc[i * D + j];
+      po[i * D + i] = on * (pc[i * D + i] - 1);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> paired_terms_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
+                                                            const at::Tensor& f1, const at::Tensor& f2,
+                                                            bool cosine) {
+  const int64_t B = p1.size(0), D = p1.size(1);
+  at::Tensor terms, norms;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "paired_terms_forward_cpu", [&] {
+    const auto options = p1.options().dtype(compute_scalar_type<scalar_t>());
+    terms = at::empty({B, 4}, options);
+    norms = at::empty({B, cosine ? 4 : 0}, options);
+    paired_forward_kernel<scalar_t>(Rows<scalar_t>(p1, p2, f1, f2), B, D, cosine, terms, norms);
+  });
+  return {terms, norms};
+}
+
+std::vector<at::Tensor> paired_terms_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& terms,
+                                                  const at::Tensor& norms, const at::Tensor& p1,
+                                                  const at::Tensor& p2, const at::Tensor& f1,
+                                                  const at::Tensor& f2, bool cosine, bool p1_needs_grad,
+                                                  bool p2_needs_grad) {
+  const int64_t B = p1.size(0), D = p1.size(1);
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "paired_terms_backward_cpu", [&] {
+    at::Tensor g1, g2;
+    if (p1_needs_grad) g1 = at::empty({B, D}, p1.options());
+    if (p2_needs_grad) g2 = at::empty({B, D}, p2.options());
+    paired_backward_kernel<scalar_t>(grad_terms.contiguous(), terms.contiguous(), norms.contiguous(),
+                                     Rows<scalar_t>(p1, p2, f1, f2), B, D, cosine,
+                                     p1_needs_grad ? g1.data_ptr<scalar_t>() : nullptr,
+                                     p2_needs_grad ? g2.data_ptr<scalar_t>() : nullptr);
+    if (p1_needs_grad) grads.push_back(g1);
+    if (p2_needs_grad) grads.push_back(g2);
+  });
+  return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_gram_forward_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                                       double off_diagonal_weight, double scale) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "barlow_gram_forward_cpu", [&] {
+    out = barlow_forward_kernel<scalar_t>(a, b, off_diagonal_weight, scale);
+  });
+  return out;
+}
+
+at::Tensor barlow_gram_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& stats, const at::Tensor& gram_b,
+                                    double off_diagonal_weight, double scale) {
+  at::Tensor out;
+  const double g = grad_loss.item().toDouble();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "barlow_gram_backward_cpu", [&] {
+    out = barlow_backward_kernel<scalar_t>(g, a, b, stats.contiguous(), gram_b.contiguous(), off_diagonal_weight,
+                                           scale);
+  });
+  return out;
+}
+
+at::Tensor barlow_correlation_loss_forward_cpu(const at::Tensor& c, double off_diagonal_weight, double scale) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "barlow_correlation_loss_forward_cpu", [&] {
+    out = correlation_loss_forward_kernel<scalar_t>(c.contiguous(), off_diagonal_weight, scale);
+  });
+  return out;
+}
+
+at::Tensor barlow_correlation_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& c,
+                                                double off_diagonal_weight, double scale) {
+  at::Tensor out;
+  const double g = grad_loss.item().toDouble();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "barlow_correlation_loss_backward_cpu", [&] {
+    out = correlation_loss_backward_kernel<scalar_t>(g, c.contiguous(), off_diagonal_weight, scale);
+  });
+  return out;
+}
+
+}  // namespace pnr_kernels

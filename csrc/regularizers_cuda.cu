@@ -1,0 +1,319 @@
+// CUDA kernels of the non-contrastive PNR regularisers (contract: pnr_kernels/ops/regularizers.py;
+// launchers declared in regularizers_cuda.h). Accumulation is float32 for every input dtype.
+//
+// Paired terms: one block per row, threads stride over the columns, block reduction of the sums.
+// Barlow: column kernels (a block of kColumns columns x kRowLanes row lanes, reduced over the lanes)
+// for the statistics and the gradient's column sums, elementwise kernels for the standardisation.
+// Barlow over a given C: grid-stride loss partial sums per block, elementwise d C.
+#include "cuda_common.cuh"
+#include "regularizers_cuda.h"
+
+namespace pnr_kernels {
+namespace {
+
+constexpr float kCosineEps = 1e-8f;
+constexpr float kBarlowVarianceEps = 1e-5f;
+constexpr int kRowThreads = 256;        // threads of the per-row kernels
+constexpr int kColumns = 32;            // columns per block of the column kernels
+constexpr int kRowLanes = 8;            // row lanes per block of the column kernels
+constexpr int kElementwiseThreads = 256;
+static_assert(kElementwiseThreads == kRowThreads, "the loss over C reduces elementwise blocks with block_sum");
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+struct Matrix {
+  const T* data;
+  int64_t row_stride, col_stride;
+  __device__ __forceinline__ float at(int64_t r, int64_t c) const {
+    return to_float(data[r * row_stride + c * col_stride]);
+  }
+};
+
+template <typename T>
+Matrix<T> matrix(const StridedMatrix& m) {
+  return {static_cast<const T*>(m.data), m.row_stride, m.col_stride};
+}
+
+// Sums `values[Q]` over the block (blockDim.x threads, a multiple of 32); the result is valid in
+// every thread.
+template <int Q>
+__device__ void block_sum(float (&values)[Q]) {
+  __shared__ float partial[Q][kRowThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int q = 0; q < Q; ++q) {
+    for (int offset = 16; offset > 0; offset /= 2) values[q] += __shfl_xor_sync(0xffffffffu, values[q], offset);
+    if (lane == 0) partial[q][warp] = values[q];
+  }
+  __syncthreads();
+  for (int q = 0; q < Q; ++q) {
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += partial[q][w];
+    values[q] = total;
+  }
+}
+
+template <typename T>
+__global__ void paired_forward_kernel(Matrix<T> p1, Matrix<T> p2, Matrix<T> f1, Matrix<T> f2, int64_t cols,
+                                      bool cosine, float* terms, float* norms) {
+  const int64_t row = blockIdx.x;
+  float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float u1 = p1.at(row, c), u2 = p2.at(row, c), v1 = f1.at(row, c), v2 = f2.at(row, c);
+    if (cosine) {
+      s[0] += u1 * v1, s[1] += u2 * v2, s[2] += u1 * v2, s[3] += u2 * v1;
+      s[4] += u1 * u1, s[5] += u2 * u2, s[6] += v1 * v1, s[7] += v2 * v2;
+    } else {
+      s[0] += (u1 - v1) * (u1 - v1), s[1] += (u2 - v2) * (u2 - v2);
+      s[2] += (u1 - v2) * (u1 - v2), s[3] += (u2 - v1) * (u2 - v1);
+    }
+  }
+  block_sum(s);
+  if (threadIdx.x != 0) return;
+  if (cosine) {
+    float clamped[4];
+    for (int k = 0; k < 4; ++k) {
+      const float norm = sqrtf(s[4 + k]);
+      norms[row * 4 + k] = norm;
+      clamped[k] = fmaxf(norm, kCosineEps);
+    }
+    s[0] /= clamped[0] * clamped[2], s[1] /= clamped[1] * clamped[3];
+    s[2] /= clamped[0] * clamped[3], s[3] /= clamped[1] * clamped[2];
+  }
+  for (int k = 0; k < 4; ++k) terms[row * 4 + k] = s[k];
+}
+
+template <typename T>
+__global__ void paired_backward_kernel(const float* grad_terms, const float* terms, const float* norms,
+                                       Matrix<T> p1, Matrix<T> p2, Matrix<T> f1, Matrix<T> f2, int64_t cols,
+                                       bool cosine, T* g1, T* g2) {
+  const int64_t row = blockIdx.x;
+  const float* g = grad_terms + row * 4;
+  float a11, a12, b1, a21, a22, b2;  // d p1 = a11 f1 + a12 f2 + b1 p1;  d p2 = a21 f1 + a22 f2 + b2 p2
+  if (cosine) {
+    const float* n = norms + row * 4;
+    const float* t = terms + row * 4;
+    const float inv_p1 = 1.f / fmaxf(n[0], kCosineEps), inv_p2 = 1.f / fmaxf(n[1], kCosineEps);
+    const float inv_f1 = 1.f / fmaxf(n[2], kCosineEps), inv_f2 = 1.f / fmaxf(n[3], kCosineEps);
+    const float unit_p1 = n[0] > 0.f ? 1.f / n[0] : 0.f, unit_p2 = n[1] > 0.f ? 1.f / n[1] : 0.f;
+    a11 = inv_p1 * g[0] * inv_f1, a12 = inv_p1 * g[2] * inv_f2;
+    a21 = inv_p2 * g[3] * inv_f1, a22 = inv_p2 * g[1] * inv_f2;
+    b1 = -inv_p1 * unit_p1 * (g[0] * t[0] + g[2] * t[2]);
+    b2 = -inv_p2 * unit_p2 * (g[1] * t[1] + g[3] * t[3]);
+  } else {
+    a11 = -2.f * g[0], a12 = -2.f * g[2], b1 = 2.f * (g[0] + g[2]);
+    a21 = -2.f * g[3], a22 = -2.f * g[1], b2 = 2.f * (g[1] + g[3]);
+  }
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v1 = f1.at(row, c), v2 = f2.at(row, c);
+    if (g1 != nullptr) g1[row * cols + c] = from_float<T>(a11 * v1 + a12 * v2 + b1 * p1.at(row, c));
+    if (g2 != nullptr) g2[row * cols + c] = from_float<T>(a21 * v1 + a22 * v2 + b2 * p2.at(row, c));
+  }
+}
+
+// Sums `values[Q]` over the kRowLanes row lanes (threadIdx.y) of each column (threadIdx.x).
+template <int Q>
+__device__ void lane_sum(float (&values)[Q]) {
+  __shared__ float partial[Q][kRowLanes][kColumns];
+  for (int q = 0; q < Q; ++q) partial[q][threadIdx.y][threadIdx.x] = values[q];
+  __syncthreads();
+  for (int q = 0; q < Q; ++q) {
+    float total = 0.f;
+    for (int y = 0; y < kRowLanes; ++y) total += partial[q][y][threadIdx.x];
+    values[q] = total;
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void barlow_stats_kernel(Matrix<T> a, Matrix<T> b, int64_t rows, int64_t cols, float* stats) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  const bool valid = c < cols;
+  float sums[2] = {0.f, 0.f};
+  for (int64_t r = threadIdx.y; valid && r < rows; r += kRowLanes) sums[0] += a.at(r, c), sums[1] += b.at(r, c);
+  lane_sum(sums);
+  const float mean_a = sums[0] / rows, mean_b = sums[1] / rows;
+  float centred[3] = {0.f, 0.f, 0.f};  // sum (a - mean)^2, sum (b - mean)^2, sum (a - mean)(b - mean)
+  for (int64_t r = threadIdx.y; valid && r < rows; r += kRowLanes) {
+    const float xa = a.at(r, c) - mean_a, xb = b.at(r, c) - mean_b;
+    centred[0] += xa * xa, centred[1] += xb * xb, centred[2] += xa * xb;
+  }
+  lane_sum(centred);
+  if (!valid || threadIdx.y != 0) return;
+  const float rstd_a = 1.f / sqrtf(centred[0] / rows + kBarlowVarianceEps);
+  const float rstd_b = 1.f / sqrtf(centred[1] / rows + kBarlowVarianceEps);
+  stats[c] = mean_a;
+  stats[cols + c] = rstd_a;
+  stats[2 * cols + c] = mean_b;
+  stats[3 * cols + c] = rstd_b;
+  stats[4 * cols + c] = centred[2] * rstd_a * rstd_b / rows;
+}
+
+template <typename T>
+__global__ void standardise_kernel(Matrix<T> x, int64_t rows, int64_t cols, const float* mean, const float* rstd,
+                                   float* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    out[i] = (x.at(r, c) - mean[c]) * rstd[c];
+  }
+}
+
+template <typename T>
+__global__ void barlow_grad_kernel(const float* grad_loss, Matrix<T> b, int64_t rows, int64_t cols,
+                                   const float* stats, const float* a_std, float* grad_std, float* col_sums,
+                                   float off_diagonal_weight, float scale) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  const bool valid = c < cols;
+  const float g = *grad_loss * scale;
+  const float beta = g * 2.f * off_diagonal_weight / (static_cast<float>(rows) * rows);
+  float sums[2] = {0.f, 0.f};
+  if (valid) {
+    const float diag = stats[4 * cols + c], mean_b = stats[2 * cols + c], rstd_b = stats[3 * cols + c];
+    const float alpha = g * (2.f * (diag - 1.f) - 2.f * off_diagonal_weight * diag) / rows;
+    for (int64_t r = threadIdx.y; r < rows; r += kRowLanes) {
+      const int64_t i = r * cols + c;
+      const float value = alpha * (b.at(r, c) - mean_b) * rstd_b + beta * grad_std[i];
+      grad_std[i] = value;
+      sums[0] += value, sums[1] += value * a_std[i];
+    }
+  }
+  lane_sum(sums);
+  if (!valid || threadIdx.y != 0) return;
+  col_sums[c] = sums[0];
+  col_sums[cols + c] = sums[1];
+}
+
+template <typename T>
+__global__ void barlow_finish_kernel(const float* a_std, const float* stats, const float* grad_std,
+                                     const float* col_sums, int64_t rows, int64_t cols, T* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = i % cols;
+    const float mean_g = col_sums[c] / rows, mean_ga = col_sums[cols + c] / rows;
+    out[i] = from_float<T>(stats[cols + c] * (grad_std[i] - mean_g - a_std[i] * mean_ga));
+  }
+}
+
+__global__ void correlation_loss_kernel(const float* c, int64_t dim, float off_diagonal_weight, float* partial) {
+  float value[1] = {0.f};
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < dim * dim;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = c[i];
+    value[0] += i / dim == i % dim ? (x - 1.f) * (x - 1.f) : off_diagonal_weight * x * x;
+  }
+  block_sum(value);
+  if (threadIdx.x == 0) partial[blockIdx.x] = value[0];
+}
+
+__global__ void correlation_grad_kernel(const float* grad_loss, const float* c, int64_t dim,
+                                        float off_diagonal_weight, float scale, float* out) {
+  const float g = 2.f * *grad_loss * scale;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < dim * dim;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = i / dim == i % dim ? g * (c[i] - 1.f) : g * off_diagonal_weight * c[i];
+  }
+}
+
+unsigned elementwise_blocks(int64_t n) {
+  const int64_t blocks = ceil_div(n, kElementwiseThreads);
+  return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+unsigned column_blocks(int64_t cols) { return static_cast<unsigned>(ceil_div(cols, kColumns)); }
+
+}  // namespace
+
+const char* launch_paired_forward(StridedMatrix p1, StridedMatrix p2, StridedMatrix f1, StridedMatrix f2,
+                                  DType dtype, bool cosine, float* terms, float* norms, void* stream) {
+  if (p1.rows == 0) return nullptr;
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    paired_forward_kernel<T><<<static_cast<unsigned>(p1.rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        matrix<T>(p1), matrix<T>(p2), matrix<T>(f1), matrix<T>(f2), p1.cols, cosine, terms, norms);
+    return launch_error();
+  });
+}
+
+const char* launch_paired_backward(const float* grad_terms, const float* terms, const float* norms,
+                                   StridedMatrix p1, StridedMatrix p2, StridedMatrix f1, StridedMatrix f2,
+                                   DType dtype, bool cosine, void* g1, void* g2, void* stream) {
+  if (p1.rows == 0) return nullptr;
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    paired_backward_kernel<T><<<static_cast<unsigned>(p1.rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        grad_terms, terms, norms, matrix<T>(p1), matrix<T>(p2), matrix<T>(f1), matrix<T>(f2), p1.cols, cosine,
+        static_cast<T*>(g1), static_cast<T*>(g2));
+    return launch_error();
+  });
+}
+
+const char* launch_barlow_stats(StridedMatrix a, StridedMatrix b, DType dtype, float* stats, void* stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    barlow_stats_kernel<T><<<column_blocks(a.cols), dim3(kColumns, kRowLanes), 0, static_cast<cudaStream_t>(stream)>>>(
+        matrix<T>(a), matrix<T>(b), a.rows, a.cols, stats);
+    return launch_error();
+  });
+}
+
+const char* launch_standardise(StridedMatrix x, DType dtype, const float* mean, const float* rstd, float* out,
+                               void* stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    standardise_kernel<T><<<elementwise_blocks(x.rows * x.cols), kElementwiseThreads, 0,
+                            static_cast<cudaStream_t>(stream)>>>(matrix<T>(x), x.rows, x.cols, mean, rstd, out);
+    return launch_error();
+  });
+}
+
+const char* launch_barlow_grad(const float* grad_loss, StridedMatrix b, DType dtype, const float* stats,
+                               const float* a_std, float* grad_std, float* col_sums, double off_diagonal_weight,
+                               double scale, void* stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    barlow_grad_kernel<T><<<column_blocks(b.cols), dim3(kColumns, kRowLanes), 0, static_cast<cudaStream_t>(stream)>>>(
+        grad_loss, matrix<T>(b), b.rows, b.cols, stats, a_std, grad_std, col_sums,
+        static_cast<float>(off_diagonal_weight), static_cast<float>(scale));
+    return launch_error();
+  });
+}
+
+const char* launch_barlow_finish(const float* a_std, const float* stats, const float* grad_std,
+                                 const float* col_sums, int64_t rows, int64_t cols, DType dtype, void* out,
+                                 void* stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    barlow_finish_kernel<T><<<elementwise_blocks(rows * cols), kElementwiseThreads, 0,
+                              static_cast<cudaStream_t>(stream)>>>(a_std, stats, grad_std, col_sums, rows, cols,
+                                                                   static_cast<T*>(out));
+    return launch_error();
+  });
+}
+
+int64_t correlation_loss_blocks(int64_t dim) { return elementwise_blocks(dim * dim); }
+
+const char* launch_correlation_loss(const float* c, int64_t dim, double off_diagonal_weight, float* partial,
+                                    void* stream) {
+  correlation_loss_kernel<<<elementwise_blocks(dim * dim), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      c, dim, static_cast<float>(off_diagonal_weight), partial);
+  return launch_error();
+}
+
+const char* launch_correlation_grad(const float* grad_loss, const float* c, int64_t dim, double off_diagonal_weight,
+                                    double scale, float* out, void* stream) {
+  correlation_grad_kernel<<<elementwise_blocks(dim * dim), kElementwiseThreads, 0,
+                            static_cast<cudaStream_t>(stream)>>>(grad_loss, c, dim,
+                                                                 static_cast<float>(off_diagonal_weight),
+                                                                 static_cast<float>(scale), out);
+  return launch_error();
+}
+
+}  // namespace pnr_kernels

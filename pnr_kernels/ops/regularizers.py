@@ -1,0 +1,256 @@
+"""The fused non-contrastive PNR regularisers (BYOL-PNR, VICReg-PNR, BarlowTwins-PNR) and their
+custom-op glue, shared by the Triton and native backends (docs/losses.md, section 4).
+
+Three ops carry all the work; a backend supplies their kernels as :class:`RegularizerKernels`.
+
+``paired_terms(p1, p2, f1, f2, kind)`` reads each row of the four (B, D) inputs once and returns
+``terms`` (B, 4), one column per pair ``(p1, f1), (p2, f2), (p1, f2), (p2, f1)``:
+
+    kind "cosine":            terms[i, k] = cos(p_i, f_i) = p_i . f_i / (max(|p_i|, 1e-8) max(|f_i|, 1e-8))
+    kind "squared_distance":  terms[i, k] = sum_d (p_id - f_id)^2          (p, f: the k-th pair)
+
+and ``norms`` (B, 4): the row norms ``|p1_i|, |p2_i|, |f1_i|, |f2_i|`` for "cosine" (saved for the
+backward; not differentiable), (B, 0) for "squared_distance". Its backward turns ``g = grad_terms``
+into the gradients of p1 and p2 in one pass over the rows (f1, f2 are frozen: no gradient):
+
+    squared_distance:  d p1 = 2 (g0 (p1 - f1) + g2 (p1 - f2)),    d p2 likewise with (g1, f2), (g3, f1)
+    cosine:            d p  = sum over p's pairs (f) of  g / max(|p|, eps) * (f / max(|f|, eps) - cos * p / |p|)
+
+(``p / |p|`` is taken as 0 for an all-zero row; this is torch.nn.functional.cosine_similarity's
+gradient, including when a norm is clamped at eps.)
+
+``barlow_gram_loss(a, b, off_diagonal_weight=l, scale=s)`` is the Barlow loss of section 4 for one
+process, computed without any D x D matrix. With the column-standardised ``a^, b^`` (batch mean,
+biased variance, eps 1e-5; folded into the kernels, never written to memory by Triton),
+``C = a^T b^ / B`` and ``d_i = C_ii``, the identity ``sum_ij C_ij^2 = <a^ a^T, b^ b^T> / B^2``
+gives
+
+    loss = s * ( sum_i (d_i - 1)^2 + l * ( <G_a, G_b> / B^2 - sum_i d_i^2 ) ),   G_x = x^ x^T (B x B)
+
+which costs O(B^2 D) instead of O(B D^2) (B is the per-device batch, usually below D). Its
+forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d; and ``gram_b``
+(B, B); both are saved for the backward (not differentiable). The backward gives the gradient of
+``a`` only (b is the frozen model's output in PNR):
+
+    g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
+    d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
+
+Two cases need the D x D cross-correlation itself: torch.distributed, where C is averaged over
+the ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
+``reference.barlow_correlation`` (standardise, one matmul, ``distributed.all_reduce_mean``; its
+backward through the standardisation is autograd's) and ``barlow_correlation_loss(c, l, s)``
+reduces it in one read, without the ``C**2`` and diagonal temporaries of the reference:
+
+    loss = s * ( sum_i (C_ii - 1)^2 + l * sum_{i != j} C_ij^2 ),
+    d C  = grad * s * ( 2 (C_ii - 1) on the diagonal,  2 l C_ij off it )     (one write)
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+
+from .. import distributed, reference
+from ..reference import compute_dtype
+
+KINDS = ("cosine", "squared_distance")
+
+# paired_forward(p1, p2, f1, f2, kind) -> (terms (B, 4), norms (B, 4) or (B, 0)), compute dtype
+PairedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str],
+                         Tuple[torch.Tensor, torch.Tensor]]
+# paired_backward(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad)
+#   -> [grad p1 if needed, grad p2 if needed], each in its input's dtype and shape
+PairedBackward = Callable[..., List[torch.Tensor]]
+# barlow_forward(a, b, off_diagonal_weight, scale) -> (loss (0-d), stats (5, D), gram_b (B, B)),
+#   all in the compute dtype
+BarlowForward = Callable[[torch.Tensor, torch.Tensor, float, float],
+                         Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# barlow_backward(grad_loss (0-d), a, b, stats, gram_b, off_diagonal_weight, scale) -> grad a
+BarlowBackward = Callable[..., torch.Tensor]
+# correlation_loss_forward(c (D, D), off_diagonal_weight, scale) -> loss (0-d, c's dtype)
+CorrelationLossForward = Callable[[torch.Tensor, float, float], torch.Tensor]
+# correlation_loss_backward(grad_loss (0-d), c, off_diagonal_weight, scale) -> grad c
+CorrelationLossBackward = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RegularizerKernels:
+    paired_forward: PairedForward
+    paired_backward: PairedBackward
+    barlow_forward: BarlowForward
+    barlow_backward: BarlowBackward
+    correlation_loss_forward: CorrelationLossForward
+    correlation_loss_backward: CorrelationLossBackward
+
+
+@dataclass(frozen=True)
+class RegularizerOps:
+    """The three registered custom ops of one backend (see the module docstring)."""
+    paired_terms: Callable
+    barlow_gram_loss: Callable
+    barlow_correlation_loss: Callable
+
+
+def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
+    """Register ``pnr_kernels::paired_terms_<backend>``, ``pnr_kernels::barlow_gram_loss_<backend>``
+    and ``pnr_kernels::barlow_correlation_loss_<backend>`` (each with its backward op, autograd and
+    fake kernels) over ``kernels``."""
+    prefix = "pnr_kernels::"
+
+    @torch.library.custom_op(f"{prefix}paired_terms_{backend}", mutates_args=())
+    def paired_terms(p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
+                     kind: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        return kernels.paired_forward(p1, p2, f1, f2, kind)
+
+    @paired_terms.register_fake
+    def _(p1, p2, f1, f2, kind):
+        b, dtype = p1.shape[0], compute_dtype(p1.dtype)
+        return p1.new_empty((b, 4), dtype=dtype), p1.new_empty((b, 4 if kind == "cosine" else 0), dtype=dtype)
+
+    @torch.library.custom_op(f"{prefix}paired_terms_{backend}_backward", mutates_args=())
+    def paired_backward(grad_terms: torch.Tensor, terms: torch.Tensor, norms: torch.Tensor,
+                        p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
+                        kind: str, p1_needs_grad: bool, p2_needs_grad: bool) -> List[torch.Tensor]:
+        return kernels.paired_backward(grad_terms.contiguous(), terms, norms, p1, p2, f1, f2, kind,
+                                       p1_needs_grad, p2_needs_grad)
+
+    @paired_backward.register_fake
+    def _(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad):
+        return [torch.empty_like(p) for p, need in ((p1, p1_needs_grad), (p2, p2_needs_grad)) if need]
+
+    def paired_setup(ctx, inputs, output):
+        p1, p2, f1, f2, kind = inputs
+        terms, norms = output
+        ctx.mark_non_differentiable(norms)
+        ctx.save_for_backward(terms, norms, p1, p2, f1, f2)
+        ctx.kind = kind
+        ctx.needs = (p1.requires_grad, p2.requires_grad)
+
+    def paired_autograd(ctx, grad_terms, _grad_norms):
+        terms, norms, p1, p2, f1, f2 = ctx.saved_tensors
+        grads = iter(paired_backward(grad_terms, terms, norms, p1, p2, f1, f2, ctx.kind, *ctx.needs))
+        return (next(grads) if ctx.needs[0] else None, next(grads) if ctx.needs[1] else None,
+                None, None, None)
+
+    paired_terms.register_autograd(paired_autograd, setup_context=paired_setup)
+
+    @torch.library.custom_op(f"{prefix}barlow_gram_loss_{backend}", mutates_args=())
+    def barlow_gram_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal_weight: float,
+                         scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return kernels.barlow_forward(a, b, off_diagonal_weight, scale)
+
+    @barlow_gram_loss.register_fake
+    def _(a, b, off_diagonal_weight, scale):
+        (n, d), dtype = a.shape, compute_dtype(a.dtype)
+        return a.new_empty((), dtype=dtype), a.new_empty((5, d), dtype=dtype), a.new_empty((n, n), dtype=dtype)
+
+    @torch.library.custom_op(f"{prefix}barlow_gram_loss_{backend}_backward", mutates_args=())
+    def barlow_backward(grad_loss: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
+                        gram_b: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
+        return kernels.barlow_backward(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale)
+
+    @barlow_backward.register_fake
+    def _(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale):
+        return torch.empty_like(a)
+
+    def barlow_setup(ctx, inputs, output):
+        a, b, off_diagonal_weight, scale = inputs
+        _, stats, gram_b = output
+        ctx.mark_non_differentiable(stats, gram_b)
+        ctx.save_for_backward(a, b, stats, gram_b)
+        ctx.weights = (off_diagonal_weight, scale)
+
+    def barlow_autograd(ctx, grad_loss, _grad_stats, _grad_gram):
+        a, b, stats, gram_b = ctx.saved_tensors
+        grad_a = barlow_backward(grad_loss, a, b, stats, gram_b, *ctx.weights) if a.requires_grad else None
+        return grad_a, None, None, None
+
+    barlow_gram_loss.register_autograd(barlow_autograd, setup_context=barlow_setup)
+
+    @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}", mutates_args=())
+    def correlation_loss(c: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
+        return kernels.correlation_loss_forward(c, off_diagonal_weight, scale)
+
+    @correlation_loss.register_fake
+    def _(c, off_diagonal_weight, scale):
+        return c.new_empty(())
+
+    @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}_backward", mutates_args=())
+    def correlation_loss_backward(grad_loss: torch.Tensor, c: torch.Tensor, off_diagonal_weight: float,
+                                  scale: float) -> torch.Tensor:
+        return kernels.correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale)
+
+    @correlation_loss_backward.register_fake
+    def _(grad_loss, c, off_diagonal_weight, scale):
+        return torch.empty_like(c)
+
+    def correlation_setup(ctx, inputs, output):
+        c, off_diagonal_weight, scale = inputs
+        ctx.save_for_backward(c)
+        ctx.weights = (off_diagonal_weight, scale)
+
+    def correlation_autograd(ctx, grad_loss):
+        (c,) = ctx.saved_tensors
+        return correlation_loss_backward(grad_loss, c, *ctx.weights), None, None
+
+    correlation_loss.register_autograd(correlation_autograd, setup_context=correlation_setup)
+    return RegularizerOps(paired_terms, barlow_gram_loss, correlation_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# The regularisers over the ops. They mirror pnr_kernels.reference (section 4):
+#   reg = w_d (pos(p1, f1) + pos(p2, f2)) / 2 - w_n (neg(p1, f2) + neg(p2, f1)) / 2
+# with the per-row terms' columns ordered (p1, f1), (p2, f2), (p1, f2), (p2, f1).
+# ---------------------------------------------------------------------------------------------
+
+def _combine(pos, neg, distill_weight, negative_weight):
+    return distill_weight * (pos[0] + pos[1]) / 2 - negative_weight * (neg[0] + neg[1]) / 2
+
+
+def byol_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight):
+    cos = ops.paired_terms(p1, p2, f1, f2, "cosine")[0].mean(0)
+    terms = 2 - 2 * cos
+    return _combine(terms[:2], terms[2:], distill_weight, negative_weight).to(p1.dtype)
+
+
+def vicreg_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight):
+    mse = ops.paired_terms(p1, p2, f1, f2, "squared_distance")[0].mean(0) / p1.shape[1]
+    return _combine(mse[:2], mse[2:], distill_weight, negative_weight).to(p1.dtype)
+
+
+def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight,
+                           off_diagonal_weight, scale):
+    if distributed.world_size() > 1 or p1.shape[0] > p1.shape[1]:
+        # Under DDP, C is averaged over ranks before the loss (docs/losses.md section 4).
+        def barlow(p, f):
+            up = compute_dtype(p.dtype)
+            c = reference.barlow_correlation(p.to(up), f.to(up))
+            return ops.barlow_correlation_loss(c, off_diagonal_weight, scale)
+    else:
+        def barlow(p, f):
+            return ops.barlow_gram_loss(p, f, off_diagonal_weight, scale)[0]
+    neg = -ops.paired_terms(p1, p2, f1, f2, "cosine")[0][:, 2:].mean(0)
+    pos = (barlow(p1, f1), barlow(p2, f2))
+    return _combine(pos, neg, distill_weight, negative_weight).to(p1.dtype)
+
+
+def regularizer_losses(ops: RegularizerOps) -> dict:
+    """The regularisers of one backend, keyed as ``pnr_kernels.reference.LOSSES``."""
+    return {
+        "byol_pnr": functools.partial(byol_pnr_regularizer, ops),
+        "vicreg_pnr": functools.partial(vicreg_pnr_regularizer, ops),
+        "barlow_pnr": functools.partial(barlow_pnr_regularizer, ops),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def native_ops() -> RegularizerOps:
+    """The ops over the native extension's kernels (csrc/regularizers_*); the extension must be
+    loaded (pnr_kernels.native does it)."""
+    kernels = torch.ops.pnr_kernels
+    return define_regularizer_ops("native", RegularizerKernels(
+        kernels.paired_terms_forward, kernels.paired_terms_backward,
+        kernels.barlow_gram_forward, kernels.barlow_gram_backward,
+        kernels.barlow_correlation_loss_forward, kernels.barlow_correlation_loss_backward))

@@ -1,0 +1,160 @@
+"""The native backend's CPU kernels against the fp64 reference (SPEC.md section 6): every
+contrastive loss through the public API, loss and every input gradient, over odd shapes that
+cross the kernels' row tile (256) and key tile (512); the op itself with several row sets and key
+blocks; frozen inputs; and the no rows x keys allocation rule."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pnr_kernels import losses, native, reference
+
+from .helpers import make_inputs
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
+    reason=f"native backend unavailable: {native.unavailable_reason(torch.device('cpu'), torch.float32)}",
+)
+
+PUBLIC = {
+    "simclr_pnr": losses.simclr_pnr_loss,
+    "nt_xent": losses.nt_xent_loss,
+    "moco_pnr": losses.moco_pnr_loss,
+    "cassle_simclr": losses.cassle_simclr_regularizer,
+}
+# (loss tolerance, gradient tolerance), relative, from SPEC.md section 6; float64 is computed in
+# float64, so it is held to near machine precision.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 5e-2),
+    torch.float16: (2e-2, 5e-2),
+}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64 (want nonzero)."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def _upcast(args):
+    return [a.detach().double().requires_grad_(a.requires_grad) for a in args]
+
+
+def check_against_reference(loss, args, kwargs, dtype):
+    got = PUBLIC[loss](*args, **kwargs, backend="native")
+    assert got.dtype == dtype
+    exact = _upcast(args)
+    want = reference.LOSSES[loss](*exact, **kwargs)
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert relative_error(got, want) <= loss_tol
+    trainable = [a for a in args if a.requires_grad]
+    grads = torch.autograd.grad(got, trainable)
+    want_grads = torch.autograd.grad(want, [a for a in exact if a.requires_grad])
+    for index, (g, w) in enumerate(zip(grads, want_grads)):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert torch.isfinite(g).all()
+        error = relative_error(g, w)
+        assert error <= grad_tol, f"gradient {index} of {loss}: relative error {error:.2e} > {grad_tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("loss", sorted(PUBLIC))
+@pytest.mark.parametrize("batch,dim,queue", [(3, 5, 7), (133, 37, 517)])
+def test_losses_match_reference(loss, dtype, batch, dim, queue):
+    args, kwargs = make_inputs(loss, batch, dim, dtype, requires_grad=True, queue_size=queue)
+    check_against_reference(loss, args, kwargs, dtype)
+
+
+@pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr"])
+def test_low_temperature_stays_finite_and_exact(loss):
+    """SPEC.md section 6: no NaN or Inf down to tau = 0.01 with unit rows."""
+    args, kwargs = make_inputs(loss, 70, 16, torch.float32, requires_grad=True, queue_size=300,
+                               temperature=0.01)
+    check_against_reference(loss, args, kwargs, torch.float32)
+
+
+def op_inputs(dtype, device="cpu"):
+    """Three row sets, three key blocks of different sizes (one strided like a queue slice)."""
+    m, d = 300, 19
+    rows = [torch.randn(m, d, dtype=dtype, device=device) for _ in range(3)]
+    queue = torch.randn(d, 700, dtype=dtype, device=device).t()  # (700, d) with strides (1, 700)
+    keys = [rows[0], torch.randn(m + 5, d, dtype=dtype, device=device), queue]
+    return rows, keys, [True, True, False], [2.0, 0.5, 1.3]
+
+
+def check_op_against_reference(dtype, device="cpu"):
+    rows, keys, exclude, scales = op_inputs(dtype, device)
+    rows[0].requires_grad_()
+    rows[2].requires_grad_()
+    keys[2].requires_grad_()  # rows[1] and keys[1] stay frozen; keys[0] is rows[0]
+    got = native.infonce_op()(rows, keys, exclude, scales)
+    exact_rows = [r.detach().double().requires_grad_(r.requires_grad) for r in rows]
+    exact_keys = [exact_rows[0]] + [k.detach().double().requires_grad_(k.requires_grad) for k in keys[1:]]
+    want = reference.infonce_lse(exact_rows, exact_keys, exclude, scales)
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert got.dtype == reference.compute_dtype(dtype) and got.shape == (3, 300)
+    assert relative_error(got, want) <= loss_tol
+    weights = torch.rand(3, 300, dtype=torch.float64, device=device)
+    grads = torch.autograd.grad((got * weights.to(got.dtype)).sum(), [rows[0], rows[2], keys[2]])
+    want_grads = torch.autograd.grad((want * weights).sum(), [exact_rows[0], exact_rows[2], exact_keys[2]])
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == dtype
+        assert relative_error(g, w) <= grad_tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[1])
+def test_op_matches_reference_infonce_lse(dtype):
+    check_op_against_reference(dtype)
+
+
+def test_backward_returns_only_the_needed_gradients():
+    """The kernel is told which inputs need a gradient and computes only those."""
+    rows, keys, exclude, scales = op_inputs(torch.float32)
+    lse = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+    grad = torch.ones_like(lse)
+    backward = torch.ops.pnr_kernels.infonce_lse_backward
+    assert backward(grad, lse, rows, keys, exclude, scales, [False] * 3, [False] * 3) == []
+    only_key = backward(grad, lse, rows, keys, exclude, scales, [False] * 3, [False, False, True])
+    assert len(only_key) == 1 and only_key[0].shape == keys[2].shape
+    every = backward(grad, lse, rows, keys, exclude, scales, [True] * 3, [True] * 3)
+    torch.testing.assert_close(only_key[0], every[5])
+
+
+def test_frozen_inputs_get_no_gradient():
+    args, kwargs = make_inputs("simclr_pnr", 20, 8, torch.float32, requires_grad=True)
+    losses.simclr_pnr_loss(*args, **kwargs, backend="native").backward()
+    for arg, trainable in zip(args, [True, True, True, True, False, False]):
+        assert (arg.grad is not None) == trainable
+
+
+def test_bad_op_arguments_are_refused():
+    rows, keys, exclude, scales = op_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="scales has 2 entries for 3 row sets"):
+        torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales[:2])
+    with pytest.raises(RuntimeError, match=r"keys\[1\] has 5 columns"):
+        torch.ops.pnr_kernels.infonce_lse_forward(rows, [keys[0], torch.randn(4, 5)], exclude[:2], scales)
+
+
+def test_no_rows_by_keys_allocation():
+    """nt_xent over N = 8192 rows: its N x N float32 logits alone would be 256 MiB; the peak RSS of
+    a fresh process may grow by at most 48 MiB over forward + backward."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from pnr_kernels import losses
+        def step(batch):
+            z1, z2 = (torch.randn(batch, 16, requires_grad=True) for _ in range(2))
+            losses.nt_xent_loss(z1, z2, backend="native").backward()
+        step(300)  # loads the library, starts the threads
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step(4096)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth_mib = float(result.stdout.strip().splitlines()[-1])
+    assert growth_mib < 48, f"peak RSS grew by {growth_mib:.1f} MiB"
