@@ -320,11 +320,11 @@ def main(argv=None) -> int:
             record = measure(case, "cuda", repeats, warmup)
         records.append(record)
         print(f"  done: {case}", file=sys.stderr, flush=True)
+        if args.json:  # rewritten after every case, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
     print(f"device: {records[0]['device_name']}; torch {torch.__version__}; median of {repeats}")
     print(format_table(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
     return 0
 
 
