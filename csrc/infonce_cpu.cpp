@@ -30,6 +30,7 @@ namespace pnr_kernels {
 namespace {
 
 constexpr int64_t kRowTile = 256;
+constexpr int64_t kMinRowTile = 32;
 constexpr int64_t kKeyTile = 512;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -55,15 +56,22 @@ at::Tensor tile_view(const at::Tensor& buffer, int64_t tm, int64_t tn) {
   return buffer.narrow(0, 0, tm * tn).view({tm, tn});
 }
 
-// Walks the units [begin, end): calls body(r, i0, tm) for row set r, rows i0 .. i0 + tm.
+// Rows per unit: kRowTile, halved (down to kMinRowTile) until every thread gets two units.
+int64_t row_tile(int64_t num_row_sets, int64_t num_rows) {
+  int64_t tile = kRowTile;
+  while (tile > kMinRowTile && num_row_sets * ceil_div(num_rows, tile) < 2 * at::get_num_threads()) tile /= 2;
+  return tile;
+}
+
+// Calls body(r, i0, tm) for row set r, rows i0 .. i0 + tm, for every unit, in parallel.
 template <typename F>
 void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, const F& body) {
-  const int64_t tiles = ceil_div(num_rows, kRowTile);
+  const int64_t tile = row_tile(num_row_sets, num_rows), tiles = ceil_div(num_rows, tile);
   at::parallel_for(0, num_row_sets * tiles, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / tiles, i0 = (unit % tiles) * kRowTile;
-      body(r, i0, std::min(kRowTile, num_rows - i0));
+      const int64_t r = unit / tiles, i0 = (unit % tiles) * tile;
+      body(r, i0, std::min(tile, num_rows - i0));
     }
   });
 }

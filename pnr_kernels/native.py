@@ -232,7 +232,7 @@ def build(plan: Optional[BuildPlan] = None, *, force: bool = False) -> BuildResu
         plan, why_not = make_plan()
         if plan is None:
             raise BuildError(why_not)
-    with _lock(plan.directory.with_suffix(".lock")):
+    with _lock(plan.directory.parent / (plan.directory.name + ".lock")):
         manifest_path = plan.directory / "manifest.json"
         if plan.library.exists() and manifest_path.exists() and not force:
             manifest = json.loads(manifest_path.read_text())
