@@ -5,9 +5,11 @@
 // log-sum-exp: each (row tile x key tile) block of logits is one BLAS product into a per-thread
 // buffer, so nothing of size rows x keys is ever allocated. Backward recomputes each logits tile
 // once and turns it into the weights W = g * exp(logit - lse) (masked entries 0), then
-//   d rows tile += scale * W @ keys tile          (the unit owns its rows: no race)
-//   d keys tile += scale * W^T @ rows tile        (into the calling thread's own accumulator,
-//                                                  summed over threads at the end)
+//   d rows tile += scale * W @ keys tile          (the unit owns its rows: no race, accumulated
+//                                                  in place in the result)
+//   d keys tile += scale * W^T @ rows tile        (into the calling thread's own accumulator:
+//                                                  thread 0's is the result, the others are
+//                                                  allocated when first used and added at the end)
 // Inputs are read in the compute dtype: float64 stays float64, float32/bfloat16/float16 are
 // computed in float32 (half inputs are converted once, O((rows + keys) x D) memory).
 #include "infonce.h"
@@ -30,6 +32,7 @@ namespace pnr_kernels {
 namespace {
 
 constexpr int64_t kRowTile = 256;
+constexpr int64_t kMinRowTile = 32;
 constexpr int64_t kKeyTile = 512;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -55,15 +58,22 @@ at::Tensor tile_view(const at::Tensor& buffer, int64_t tm, int64_t tn) {
   return buffer.narrow(0, 0, tm * tn).view({tm, tn});
 }
 
-// Walks the units [begin, end): calls body(r, i0, tm) for row set r, rows i0 .. i0 + tm.
+// Rows per unit: kRowTile, halved (down to kMinRowTile) until every thread gets two units.
+int64_t row_tile(int64_t num_row_sets, int64_t num_rows) {
+  int64_t tile = kRowTile;
+  while (tile > kMinRowTile && num_row_sets * ceil_div(num_rows, tile) < 2 * at::get_num_threads()) tile /= 2;
+  return tile;
+}
+
+// Calls body(r, i0, tm) for row set r, rows i0 .. i0 + tm, for every unit, in parallel.
 template <typename F>
 void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, const F& body) {
-  const int64_t tiles = ceil_div(num_rows, kRowTile);
+  const int64_t tile = row_tile(num_row_sets, num_rows), tiles = ceil_div(num_rows, tile);
   at::parallel_for(0, num_row_sets * tiles, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / tiles, i0 = (unit % tiles) * kRowTile;
-      body(r, i0, std::min(kRowTile, num_rows - i0));
+      const int64_t r = unit / tiles, i0 = (unit % tiles) * tile;
+      body(r, i0, std::min(tile, num_rows - i0));
     }
   });
 }
@@ -102,9 +112,9 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const st
                      const std::vector<at::Tensor>& keys, const std::vector<bool>& exclude_diagonal,
                      const std::vector<double>& scales, const std::vector<bool>& rows_need_grad,
                      const std::vector<bool>& keys_need_grad, std::vector<at::Tensor>& rows_grad,
-                     std::vector<at::Tensor>& keys_grad_per_thread) {
+                     std::vector<std::vector<at::Tensor>>& keys_grad_per_thread) {
   const auto options = rows[0].options();
-  const int64_t dim = rows[0].size(1), num_threads = at::get_num_threads();
+  const int64_t num_threads = at::get_num_threads();
   // A row with no key at all has lse = -inf and gets no gradient: +inf makes its weights 0.
   const at::Tensor safe_lse = lse.masked_fill(lse.eq(-std::numeric_limits<acc_t>::infinity()),
                                               std::numeric_limits<acc_t>::infinity());
@@ -115,7 +125,7 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const st
     at::Tensor a = rows[r].narrow(0, i0, tm).mul(scales[r]);
     at::Tensor g = grad_lse[r].narrow(0, i0, tm).unsqueeze(1);
     at::Tensor row_lse = safe_lse[r].narrow(0, i0, tm).unsqueeze(1);
-    at::Tensor row_grad = rows_need_grad[r] ? at::zeros({tm, dim}, options) : at::Tensor();
+    at::Tensor row_grad = rows_need_grad[r] ? rows_grad[r].narrow(0, i0, tm).zero_() : at::Tensor();
     for (size_t k = 0; k < keys.size(); ++k) {
       if (!rows_need_grad[r] && !keys_need_grad[k]) continue;
       for (int64_t j0 = 0; j0 < keys[k].size(0); j0 += kKeyTile) {
@@ -126,10 +136,14 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const st
         weights.sub_(row_lse).exp_().mul_(g);
         if (exclude_diagonal[k]) fill_diagonal<acc_t>(weights, i0, j0, 0);
         if (rows_need_grad[r]) row_grad.addmm_(weights, key_tile);
-        if (keys_need_grad[k]) keys_grad_per_thread[k][thread].narrow(0, j0, tn).addmm_(weights.t(), a);
+        if (keys_need_grad[k]) {
+          at::Tensor& accumulator = keys_grad_per_thread[k][thread];
+          if (!accumulator.defined()) accumulator = at::zeros(keys[k].sizes(), options);
+          accumulator.narrow(0, j0, tn).addmm_(weights.t(), a);
+        }
       }
     }
-    if (rows_need_grad[r]) rows_grad[r].narrow(0, i0, tm).copy_(row_grad.mul_(scales[r]));
+    if (rows_need_grad[r]) row_grad.mul_(scales[r]);
   });
 }
 
@@ -156,13 +170,15 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto rows_c = in_compute_dtype(rows), keys_c = in_compute_dtype(keys);
   const auto options = rows_c[0].options();
-  std::vector<at::Tensor> rows_grad(rows.size()), keys_grad_per_thread(keys.size());
+  std::vector<at::Tensor> rows_grad(rows.size());
+  std::vector<std::vector<at::Tensor>> keys_grad_per_thread(keys.size());
   for (size_t r = 0; r < rows.size(); ++r) {
     if (rows_need_grad[r]) rows_grad[r] = at::empty(rows[r].sizes(), options);
   }
   for (size_t k = 0; k < keys.size(); ++k) {
     if (keys_need_grad[k]) {
-      keys_grad_per_thread[k] = at::zeros({at::get_num_threads(), keys[k].size(0), keys[k].size(1)}, options);
+      keys_grad_per_thread[k].resize(at::get_num_threads());
+      keys_grad_per_thread[k][0] = at::zeros(keys[k].sizes(), options);
     }
   }
   AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "infonce_backward_cpu", [&] {
@@ -175,7 +191,12 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
     if (rows_need_grad[r]) grads.push_back(rows_grad[r].to(rows[r].scalar_type()));
   }
   for (size_t k = 0; k < keys.size(); ++k) {
-    if (keys_need_grad[k]) grads.push_back(keys_grad_per_thread[k].sum(0).to(keys[k].scalar_type()));
+    if (!keys_need_grad[k]) continue;
+    at::Tensor& total = keys_grad_per_thread[k][0];
+    for (size_t thread = 1; thread < keys_grad_per_thread[k].size(); ++thread) {
+      if (keys_grad_per_thread[k][thread].defined()) total.add_(keys_grad_per_thread[k][thread]);
+    }
+    grads.push_back(total.to(keys[k].scalar_type()));
   }
   return grads;
 }

@@ -17,9 +17,15 @@ Build contract (what every csrc/ file can rely on; other op families add files, 
   ``TORCH_LIBRARY_FRAGMENT(pnr_kernels, m)`` and ``TORCH_LIBRARY_IMPL(pnr_kernels, CPU|CUDA, m)``;
   CUDA registrations sit inside ``#ifdef PNR_KERNELS_WITH_CUDA``, which is defined for the .cpp
   files exactly when the CUDA part is built.
+* CPU kernels parallelise with ``at::parallel_for`` (``-fopenmp`` makes it parallel). Dispatch
+  state is per thread: a kernel that calls ATen ops on tensors that require grad must hold an
+  ``at::AutoDispatchBelowADInplaceOrView`` guard inside the parallel body as well as outside.
 * Shared helpers: ``csrc/common.h`` (binding side: input checks, dtype dispatch, the current
   stream, launch error checks), ``csrc/launch.h`` (types shared by bindings and launchers),
   ``csrc/cuda_common.cuh`` (kernel side: dtype conversion, launch helpers).
+
+Sources: ``pnr_kernels/csrc`` is a symlink to the checkout's csrc/, so that the wheel ships the
+sources as package data (pyproject.toml) and an installed package builds from its own copy.
 
 Cache: ``$PNR_KERNELS_CACHE`` or ``$XDG_CACHE_HOME/pnr_kernels`` (default ``~/.cache/pnr_kernels``),
 one folder per build key, the hash of the csrc/ sources, the torch version, the compilers'
@@ -232,7 +238,7 @@ def build(plan: Optional[BuildPlan] = None, *, force: bool = False) -> BuildResu
         plan, why_not = make_plan()
         if plan is None:
             raise BuildError(why_not)
-    with _lock(plan.directory.with_suffix(".lock")):
+    with _lock(plan.directory.parent / (plan.directory.name + ".lock")):
         manifest_path = plan.directory / "manifest.json"
         if plan.library.exists() and manifest_path.exists() and not force:
             manifest = json.loads(manifest_path.read_text())

@@ -93,6 +93,11 @@ def test_concurrent_builds_share_one_build(tmp_path, monkeypatch):
     assert sorted(r.built for r in results) == [False, True]
     assert all(r.library == plan.library and r.library.exists() for r in results)
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [plan.directory.name]  # no staging left
+    # The prebuild command of another process reuses it and says why the CUDA part is missing.
+    out = subprocess.run([sys.executable, "-m", "pnr_kernels.native", "build"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PNR_KERNELS_CACHE": str(tmp_path), "PNR_KERNELS_CUDA": "0"})
+    assert out.stdout.splitlines()[0] == f"cached: {plan.library}"
+    assert "CUDA part skipped: PNR_KERNELS_CUDA=0" in out.stdout
 
 
 def test_missing_compiler_makes_the_backend_unavailable_with_a_reason(tmp_path):
