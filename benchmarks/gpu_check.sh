@@ -4,8 +4,8 @@
 #
 #     benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes OUT_DIR/gpu.txt (nvidia-smi -L and versions), tests.log, bench.log, bench.json and
-# status.txt (exit codes). Exits non-zero if either step failed. PYTHON overrides the interpreter.
+# Writes OUT_DIR/gpu.txt (nvidia-smi -L and versions), native_build.txt, tests.log, memcheck.log,
+# bench.log, bench.json and status.txt (exit codes). Exits non-zero if either step failed. PYTHON overrides the interpreter.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -24,10 +24,17 @@ export TRITON_INTERPRET=0
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-timeout 270 "$PY" -m pytest tests -q --durations=10 2>&1 | tee "$OUT/tests.log"
+"$PY" -m pnr_kernels.native build 2>&1 | tee "$OUT/native_build.txt"
+
+timeout 240 "$PY" -m pytest tests -q --durations=10 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 190 "$PY" -m pnr_kernels.bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+# The hand-written CUDA kernels under compute-sanitizer (out-of-bounds and misaligned accesses),
+# on the small cases only.
+timeout 60 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x \
+    tests/test_native_cuda.py -k "op_matches or 3-5-7" 2>&1 | tail -30 | tee "$OUT/memcheck.log"
+
+timeout 160 "$PY" -m pnr_kernels.bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "tests exit code: $tests_rc; bench exit code: $bench_rc (124: timed out)" | tee "$OUT/status.txt"
