@@ -20,15 +20,6 @@ constexpr int kElementwiseThreads = 256;
 static_assert(kElementwiseThreads == kRowThreads, "the loss over C reduces elementwise blocks with block_sum");
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T>
 struct Matrix {
   const T* data;
   int64_t row_stride, col_stride;
