@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                      help="pnr_kernels backend of the losses (default: %(default)s)")
     run.add_argument("--device", choices=DEVICES, default="cpu", help="(default: %(default)s)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="CPU threads of torch; 0 keeps torch's default. 1 is fastest for the small digits "
+                          "model on a shared machine; results are exact per thread count (default: %(default)s)")
     run.add_argument("--output-dir", help="where checkpoint, metrics and plot go "
                                           "(default: cssl_runs/<dataset>_<method>_<strategy>_seed<seed>)")
     run.add_argument("--resume", action="store_true",

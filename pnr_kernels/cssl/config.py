@@ -56,6 +56,7 @@ class Config:
     backend: str = "auto"
     verify_backend: Optional[str] = None
     device: str = "cpu"
+    threads: int = 1
     batch_size: Optional[int] = None
     optimizer: Optional[str] = None
     lr: Optional[float] = None
@@ -123,6 +124,8 @@ def resolve(cfg: Config) -> Config:
         _positive(name, getattr(out, name))
     for name in ("max_steps_per_epoch", "limit_train", "limit_test", "stop_after_epochs"):
         _positive(name, getattr(out, name), allow_none=True)
+    if out.threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: torch's default), got {out.threads}")
     if out.batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (batch statistics), got {out.batch_size}")
     if out.method == "mocov2plus" and out.queue_size < 2:

@@ -116,12 +116,15 @@ class Trainer:
                      f"{pos['epochs_done']} epoch(s) done, evaluated={pos['evaluated']}")
         elif cfg.resume:
             self.log(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         try:
             self._run_tasks()
         finally:
             torch.use_deterministic_algorithms(deterministic)
+            torch.set_num_threads(threads)
         metrics = self.metrics(completed=True)
         write_json(os.path.join(cfg.output_dir, METRICS), metrics)
         if not save_plot(metrics, os.path.join(cfg.output_dir, PLOT)):
