@@ -2,17 +2,18 @@
 forgetting, checkpoint RNG round trip."""
 import pickle
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from pnr_kernels.cssl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pnr_kernels.cssl.data import ImageData, TwoViewAugment, load_cifar_data, make_tasks
+from pnr_kernels.cssl.config import Config
+from pnr_kernels.cssl.data import ImageData, TwoViewAugment, load_cifar_data, load_digits_data, make_tasks
 from pnr_kernels.cssl.evaluation import forgetting, knn_scores, task_accuracies
 from pnr_kernels.cssl.methods import LossRunner, moco_infonce
 from pnr_kernels.cssl.trainer import train
-from pnr_kernels.cssl.config import Config
 
 
 def write_fake_cifar10(root, per_batch=6, test=10):
@@ -134,3 +135,9 @@ def test_checkpoint_round_trip_restores_every_generator(tmp_path):
     again = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gens["data"]).item())
     assert first == again
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+
+
+def test_digits_without_scikit_learn_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"pnr-kernels\[train\]"):
+        load_digits_data()
