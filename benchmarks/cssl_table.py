@@ -42,7 +42,7 @@ def run_one(method, strategy, seed, args, extra):
 
 
 def mean_std(values):
-    mean = statistics.fmean(values)
+    mean = round(statistics.fmean(values), 2) + 0.0  # no "-0.00"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.2f} ± {std:.2f}"
 

@@ -9,7 +9,7 @@ from ..backends import BackendUnavailableError
 from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, SPLITS,
                      STRATEGIES, Config)
 from .methods import VerificationError
-from .trainer import ConfigMismatchError, StopRequested, train
+from .trainer import StopRequested, train
 
 EXAMPLES = """\
 examples:
@@ -110,4 +110,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-__all__ = ["main", "build_parser", "ConfigMismatchError", "VerificationError"]
+__all__ = ["main", "build_parser"]

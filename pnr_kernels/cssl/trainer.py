@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -293,5 +293,3 @@ def train(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``cfg`` (see :class:`Trainer`) and return its metrics."""
     return Trainer(cfg, log=log or _log).run()
 
-
-__all__: List[str] = ["Trainer", "train", "ConfigMismatchError", "StopRequested", "CHECKPOINT", "METRICS", "PLOT"]
