@@ -99,6 +99,17 @@ def test_verification_stops_on_a_backend_that_is_off(tmp_path, monkeypatch, caps
     assert "tolerance 1e-05" in err
 
 
+def test_an_unavailable_backend_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    fake = types.ModuleType("fake_missing_backend")
+    fake.unavailable_reason = lambda device, dtype: "it was not built"
+    fake.losses = dict
+    monkeypatch.setitem(sys.modules, "fake_missing_backend", fake)
+    monkeypatch.setitem(backends._MODULES, "native", "fake_missing_backend")
+    assert _run_cli(TINY + ["--output-dir", str(tmp_path), "--verify-backend", "native"]) == 2
+    assert "--verify-backend native cannot run on cpu: it was not built" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_data_incremental_split_runs(tmp_path):
     metrics = train(tiny_config(tmp_path, split="data", method="vicreg"), log=quiet)
     assert all(t["classes"] == list(range(10)) for t in metrics["tasks"])

@@ -134,6 +134,7 @@ def save_plot(metrics: dict, path: str) -> bool:
     ax_curve.plot(steps, metrics["knn_accuracy"], "k--s", label="kNN, all classes")
     for j in range(t):
         ax_curve.plot(steps, matrix[:, j].tolist(), alpha=0.6, label=f"task {j}")
+    ax_curve.set_xticks(steps)
     ax_curve.set_xlabel("after training task")
     ax_curve.set_ylabel("accuracy (%)")
     cfg = metrics["config"]

@@ -74,6 +74,11 @@ class Trainer:
         if cfg.device == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = torch.device(cfg.device)
+        for option, name in (("--backend", cfg.backend), ("--verify-backend", cfg.verify_backend)):
+            reason = None if name in (None, "auto") else backends.unavailable_reason(
+                name, None, self.device, torch.float32)
+            if reason is not None:  # fail before any training, not at the first loss
+                raise backends.BackendUnavailableError(f"{option} {name} cannot run on {cfg.device}: {reason}")
         self.data = load_data(cfg.dataset, cfg.data_dir)
         if cfg.limit_test is not None:
             keep = torch.randperm(len(self.data.test_y), generator=torch.Generator().manual_seed(cfg.seed))
