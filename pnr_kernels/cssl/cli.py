@@ -1,0 +1,113 @@
+"""Command line of the continual SSL trainer: ``pnr-cssl --help``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..backends import BackendUnavailableError
+from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, SPLITS,
+                     STRATEGIES, Config)
+from .methods import VerificationError
+from .trainer import StopRequested, train
+
+EXAMPLES = """\
+examples:
+  pnr-cssl --dataset digits --method simclr --strategy pnr          # ~1-2 min on 2 CPU cores
+  pnr-cssl --dataset digits --method byol --strategy cassle --seed 1 --output-dir runs/byol_cassle
+  pnr-cssl --dataset cifar100 --data-dir ~/data --method simclr --strategy pnr --device cuda
+  pnr-cssl ... --output-dir DIR --resume                            # continue a killed run
+  pnr-cssl ... --backend triton --verify-backend triton --device cuda  # check every loss against the reference
+
+outputs in --output-dir: checkpoint.pt (after every epoch), metrics.json (accuracy matrix, average
+accuracy, forgetting, kNN, per-epoch losses, verification, the configuration), accuracy.png.
+"""
+
+
+def _defaults_help() -> str:
+    rows = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DATASET_DEFAULTS.items()]
+    return "per-dataset defaults of the options shown as 'dataset default':\n  " + "\n  ".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pnr-cssl", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continual self-supervised learning with pseudo-negative regularisation (PNR), "
+                    "CaSSLe or plain fine-tuning; every loss comes from pnr_kernels with --backend.",
+        epilog=_defaults_help() + "\n\n" + EXAMPLES)
+    d = "(dataset default)"
+    run = parser.add_argument_group("what to train")
+    run.add_argument("--dataset", choices=DATASETS, default="digits",
+                     help="digits: scikit-learn's 8x8 digits, no download; cifar10/cifar100: the python-pickle "
+                          "release in --data-dir (default: %(default)s)")
+    run.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
+    run.add_argument("--method", choices=METHODS, default="simclr", help="SSL method (default: %(default)s)")
+    run.add_argument("--strategy", choices=STRATEGIES, default="pnr",
+                     help="continual strategy from the second task on (default: %(default)s)")
+    run.add_argument("--split", choices=SPLITS, default="class",
+                     help="class-incremental (seeded class order) or data-incremental (default: %(default)s)")
+    run.add_argument("--tasks", type=int, help=f"number of tasks {d}")
+    run.add_argument("--epochs", type=int, help=f"epochs per task {d}")
+    run.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
+    run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                     help="pnr_kernels backend of the losses (default: %(default)s)")
+    run.add_argument("--device", choices=DEVICES, default="cpu", help="(default: %(default)s)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="CPU threads of torch; 0 keeps torch's default. 1 is fastest for the small digits "
+                          "model on a shared machine; results are exact per thread count (default: %(default)s)")
+    run.add_argument("--output-dir", help="where checkpoint, metrics and plot go "
+                                          "(default: cssl_runs/<dataset>_<method>_<strategy>_seed<seed>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run whose checkpoint is in --output-dir (same options required)")
+    run.add_argument("--verify-backend", choices=BACKEND_CHOICES,
+                     help="also compute every loss with this backend and with the reference on the same inputs; "
+                          "record the largest relative loss/gradient differences per epoch and stop past the "
+                          "SPEC.md section 6 tolerance")
+
+    hp = parser.add_argument_group("hyper-parameters")
+    hp.add_argument("--batch-size", type=int, help=f"images per step (each seen in two views) {d}")
+    hp.add_argument("--optimizer", choices=OPTIMIZERS, help=f"{d}")
+    hp.add_argument("--lr", type=float, help=f"peak learning rate, cosine decay over each task {d}")
+    hp.add_argument("--weight-decay", type=float, help=f"{d}")
+    hp.add_argument("--temperature", type=float, default=0.2, help="SimCLR/MoCo temperature (default: %(default)s)")
+    hp.add_argument("--distill-temperature", type=float, default=0.2,
+                    help="MoCo-PNR distillation temperature and CaSSLe's contrastive one (default: %(default)s)")
+    hp.add_argument("--cassle-weight", type=float, default=1.0,
+                    help="weight of CaSSLe's SimCLR/MoCo regulariser (default: %(default)s)")
+    hp.add_argument("--distill-weight", type=float,
+                    help="w_d of the BYOL/VICReg/Barlow regulariser (default: SPEC.md section 4: 1, 25, 1)")
+    hp.add_argument("--negative-weight", type=float,
+                    help="w_n of the BYOL/VICReg/Barlow PNR regulariser (default: SPEC.md section 4: 0.5, 23, 1)")
+    hp.add_argument("--proj-hidden", type=int, help=f"projector/predictor hidden width {d}")
+    hp.add_argument("--proj-dim", type=int, help=f"projection width {d}")
+    hp.add_argument("--queue-size", type=int, help=f"MoCo queue entries per view (rounded up to even) {d}")
+    hp.add_argument("--momentum-tau", type=float, help=f"EMA rate of the momentum encoder (BYOL, MoCo) {d}")
+
+    small = parser.add_argument_group("tiny runs and testing")
+    small.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of every epoch")
+    small.add_argument("--limit-train", type=int, help="keep at most this many training images per task")
+    small.add_argument("--limit-test", type=int, help="score on at most this many test images")
+    small.add_argument("--stop-after-epochs", type=int,
+                       help="stop (as a kill would, after the checkpoint) once this process trained N epochs")
+    small.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = Config(**vars(args))
+    try:
+        train(cfg)
+    except StopRequested as stop:
+        print(f"pnr-cssl: {stop}", file=sys.stderr)
+        return 0
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError, VerificationError,
+            BackendUnavailableError) as exc:
+        # Expected failures (ConfigMismatchError is a ValueError) whose message says what to change.
+        kind = type(exc).__name__
+        print(f"pnr-cssl: error ({kind}): {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["main", "build_parser"]

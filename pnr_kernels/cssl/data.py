@@ -1,0 +1,237 @@
+"""Datasets, continual task splits and two-view augmentations written with batched tensor ops.
+
+Images are held in memory as float32 tensors (N, C, H, W) in [0, 1]. No dataset is ever
+downloaded: ``digits`` ships inside scikit-learn, CIFAR is read from the standard python-pickle
+release in a local folder.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Fixed seed of the digits train/test split, so that every run (whatever its --seed) is scored
+# on the same test images.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SIZE = 16  # the 8x8 digits are upsampled once (bilinear) so that crops keep some detail
+
+CIFAR_LAYOUT = {
+    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                    test=["test_batch"], label_key=b"labels", classes=10,
+                    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"],
+                     label_key=b"fine_labels", classes=100,
+                     url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+@dataclass
+class ImageData:
+    """A labelled train/test pair of image tensors, with the per-channel normalisation."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.train_x.shape[1]
+
+
+@dataclass
+class Task:
+    """One step of the continual stream: its classes and the indices of its training images."""
+    classes: List[int]
+    train_indices: torch.Tensor
+
+
+def load_digits_data() -> ImageData:
+    """scikit-learn's 1,797 8x8 digits, split 80/20 per class with a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError(
+            "the digits dataset comes with scikit-learn, which is not installed; "
+            "install the trainer's extra: pip install 'pnr-kernels[train]'") from exc
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    generator = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    test_mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        test_mask[idx[: round(DIGITS_TEST_FRACTION * len(idx))]] = True
+    train_x, test_x = x[~test_mask], x[test_mask]
+    mean, std = train_x.mean().item(), train_x.std().item()
+    return ImageData(train_x, y[~test_mask], test_x, y[test_mask], 10, (mean,), (std,))
+
+
+def _read_cifar_batches(paths: Sequence[str], label_key: bytes) -> Tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for path in paths:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="bytes")
+        if b"data" not in entry or label_key not in entry:
+            raise ValueError(f"{path} is not a CIFAR python-pickle batch: it lacks b'data' or {label_key!r}")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.tensor(list(entry[label_key]), dtype=torch.long))
+    return torch.cat(images).float() / 255.0, torch.cat(labels)
+
+
+def load_cifar_data(name: str, data_dir: Optional[str]) -> ImageData:
+    """CIFAR-10/100 from the python-pickle release: ``data_dir`` is the extracted folder
+    (``cifar-10-batches-py`` / ``cifar-100-python``) or the folder that contains it."""
+    layout = CIFAR_LAYOUT[name]
+    if data_dir is None:
+        raise FileNotFoundError(
+            f"{name} needs --data-dir: a folder with the extracted python release "
+            f"({layout['folder']}/ from {layout['url']}); nothing is downloaded")
+    root = data_dir if os.path.basename(os.path.normpath(data_dir)) == layout["folder"] \
+        else os.path.join(data_dir, layout["folder"])
+    files = layout["train"] + layout["test"]
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"{name}: missing {', '.join(missing)} in {root}; extract {layout['url']} into "
+            f"{data_dir} (nothing is downloaded)")
+    train_x, train_y = _read_cifar_batches([os.path.join(root, f) for f in layout["train"]], layout["label_key"])
+    test_x, test_y = _read_cifar_batches([os.path.join(root, f) for f in layout["test"]], layout["label_key"])
+    for split, y in (("train", train_y), ("test", test_y)):
+        if y.numel() and (y.min() < 0 or y.max() >= layout["classes"]):
+            raise ValueError(f"{name} {split} labels must lie in [0, {layout['classes']}), "
+                             f"got [{y.min().item()}, {y.max().item()}]")
+    mean, std = CIFAR_STATS[name]
+    return ImageData(train_x, train_y, test_x, test_y, layout["classes"], mean, std)
+
+
+def load_data(name: str, data_dir: Optional[str] = None) -> ImageData:
+    if name == "digits":
+        return load_digits_data()
+    if name in CIFAR_LAYOUT:
+        return load_cifar_data(name, data_dir)
+    raise ValueError(f"dataset must be digits, cifar10 or cifar100; got {name!r}")
+
+
+def make_tasks(labels: torch.Tensor, num_classes: int, num_tasks: int, split: str, seed: int,
+               limit: Optional[int] = None) -> List[Task]:
+    """Split the training set into ``num_tasks`` tasks.
+
+    ``class``: a seeded permutation of the classes, cut into contiguous groups (sizes differ by at
+    most one); a task holds every image of its classes. ``data``: a seeded permutation of all
+    images cut into equal parts; every task holds all classes. ``limit`` keeps at most that many
+    images per task (the first ones of a seeded shuffle), to make tiny runs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if split == "class":
+        if num_tasks > num_classes:
+            raise ValueError(f"tasks ({num_tasks}) cannot exceed the number of classes ({num_classes})")
+        order = torch.randperm(num_classes, generator=generator).tolist()
+        groups = [list(map(int, g)) for g in np.array_split(order, num_tasks)]
+        tasks = [Task(sorted(g), torch.nonzero(torch.isin(labels, torch.tensor(g))).flatten()) for g in groups]
+    elif split == "data":
+        if num_tasks > len(labels):
+            raise ValueError(f"tasks ({num_tasks}) cannot exceed the number of images ({len(labels)})")
+        order = torch.randperm(len(labels), generator=generator)
+        tasks = [Task(list(range(num_classes)), torch.sort(part).values)
+                 for part in torch.tensor_split(order, num_tasks)]
+    else:
+        raise ValueError(f"split must be 'class' or 'data', got {split!r}")
+    if limit is not None:
+        for task in tasks:
+            keep = torch.randperm(len(task.train_indices), generator=generator)[:limit]
+            task.train_indices = torch.sort(task.train_indices[keep]).values
+    return tasks
+
+
+class TwoViewAugment:
+    """SimCLR-style random augmentation of a batch, one independent draw per image.
+
+    Random resized crop (area fraction in ``[min_scale, 1]``, aspect ratio in [3/4, 4/3]) and an
+    optional horizontal flip are one affine map per image, applied with ``affine_grid`` +
+    ``grid_sample`` (bilinear); colour jitter (brightness, contrast, saturation; each factor in
+    ``[1 - s, 1 + s]``, applied with probability 0.8) and random grayscale (probability 0.2) for
+    RGB, brightness and contrast only for grayscale; additive gaussian noise (std ``noise``,
+    probability 0.5); then per-channel normalisation. Every random number comes from the
+    ``generator`` passed to the call, so a run is reproducible from that generator's state.
+    Hue jitter and blur are left out.
+    """
+
+    def __init__(self, data: ImageData, *, min_scale: float, flip: bool, jitter: float, noise: float):
+        self.rgb = data.channels == 3
+        self.min_scale, self.flip, self.jitter, self.noise = min_scale, flip, jitter, noise
+        self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std).view(1, -1, 1, 1)
+
+    @classmethod
+    def for_dataset(cls, name: str, data: ImageData) -> "TwoViewAugment":
+        if name == "digits":  # no flips: a mirrored digit is another symbol
+            return cls(data, min_scale=0.5, flip=False, jitter=0.4, noise=0.05)
+        return cls(data, min_scale=0.08, flip=True, jitter=0.4, noise=0.02)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b = x.shape[0]
+
+        def uniform(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(b, *shape, generator=generator)
+
+        area = uniform(self.min_scale, 1.0)
+        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+        width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        cx = uniform(-1.0, 1.0) * (1 - width)
+        cy = uniform(-1.0, 1.0) * (1 - height)
+        sign = torch.ones(b)
+        if self.flip:
+            sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
+        theta[:, 1, 1], theta[:, 1, 2] = height, cy
+        theta = theta.to(x.device)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+        s = self.jitter
+        apply = (torch.rand(b, 1, 1, 1, generator=generator) < 0.8).float()
+        brightness, contrast, saturation = (uniform(1 - s, 1 + s, 1, 1, 1) for _ in range(3))
+        brightness, contrast, saturation = (1 + apply * (f - 1) for f in (brightness, contrast, saturation))
+        out = (out * brightness.to(x.device)).clamp(0, 1)
+        gray = self._gray(out)
+        out = ((out - gray.mean((1, 2, 3), keepdim=True)) * contrast.to(x.device)
+               + gray.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        if self.rgb:
+            gray = self._gray(out)
+            out = (gray + (out - gray) * saturation.to(x.device)).clamp(0, 1)
+            to_gray = (torch.rand(b, 1, 1, 1, generator=generator) < 0.2).to(x.device)
+            out = torch.where(to_gray, self._gray(out).expand_as(out), out)
+        noisy = (torch.rand(b, 1, 1, 1, generator=generator) < 0.5).float()
+        noise = torch.randn(out.shape, generator=generator) * self.noise * noisy
+        out = out + noise.to(x.device)
+        return self.normalize(out)
+
+    def _gray(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rgb:
+            return x
+        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        return (x * weights).sum(1, keepdim=True)

@@ -1,0 +1,146 @@
+"""Evaluation of frozen features: linear probe, weighted kNN, the accuracy matrix and forgetting.
+
+After each task the backbone's features of every train and test image are computed once; a
+multinomial logistic regression over all classes is fitted on the train features (full-batch
+L-BFGS on standardised features, zero initialisation, so it is deterministic) and scored on the
+test features. Accuracy on task j = accuracy on the test images of task j's classes, predicting
+among all classes (class-incremental); the task-aware variant predicts among task j's classes only.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LINEAR_L2 = 1e-4        # weight decay of the probe (on the standardised features)
+LINEAR_MAX_ITER = 200   # L-BFGS iterations
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, images: torch.Tensor, normalize, device: torch.device,
+                     batch_size: int = 512) -> torch.Tensor:
+    """Backbone features of un-augmented (normalised) images, in eval mode; the module's mode is
+    restored afterwards."""
+    was_training = backbone.training
+    backbone.eval()
+    out = [backbone(normalize(images[i:i + batch_size].to(device))).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    backbone.train(was_training)
+    return torch.cat(out)
+
+
+def linear_probe_logits(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
+                        num_classes: int) -> torch.Tensor:
+    """Fit softmax regression on (train_f, train_y) and return its logits on test_f."""
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    weight = torch.zeros(num_classes, train_f.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=LINEAR_MAX_ITER,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_f @ weight.T + bias, train_y) + LINEAR_L2 * (weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return test_f @ weight.T + bias
+
+
+def knn_scores(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
+               k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+    """Weighted kNN class scores on cosine similarity: each of the k nearest train features votes
+    for its class with weight ``exp(similarity / temperature)``."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    scores = torch.zeros(len(test_f), num_classes)
+    for i in range(0, len(test_f), 1024):
+        sim, idx = (test_f[i:i + 1024] @ train_f.T).topk(k, dim=1)
+        scores[i:i + 1024].scatter_add_(1, train_y[idx], torch.exp(sim / temperature))
+    return scores
+
+
+def task_accuracies(scores: torch.Tensor, test_y: torch.Tensor, task_classes: Sequence[Sequence[int]]) -> Dict:
+    """Accuracies (in %) from class scores: over all test images, per task over all classes
+    (class-incremental) and per task among the task's classes only (task-aware)."""
+    pred = scores.argmax(1)
+    per_task, task_aware = [], []
+    for classes in task_classes:
+        cls = torch.tensor(classes)
+        mask = torch.isin(test_y, cls)
+        if not mask.any():
+            per_task.append(float("nan"))
+            task_aware.append(float("nan"))
+            continue
+        per_task.append(100.0 * (pred[mask] == test_y[mask]).float().mean().item())
+        local = cls[scores[mask][:, cls].argmax(1)]
+        task_aware.append(100.0 * (local == test_y[mask]).float().mean().item())
+    return {"all": 100.0 * (pred == test_y).float().mean().item(), "per_task": per_task, "task_aware": task_aware}
+
+
+def forgetting(matrix: List[List[float]]) -> float:
+    """Mean over tasks j < T-1 of ``max_{j <= l < T-1} A[l][j] - A[T-1][j]`` (0 for one task)."""
+    t = len(matrix)
+    if t < 2:
+        return 0.0
+    drops = [max(matrix[l][j] for l in range(j, t - 1)) - matrix[t - 1][j] for j in range(t - 1)]
+    return sum(drops) / len(drops)
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text summary: the accuracy matrix and the final numbers."""
+    matrix = metrics["accuracy_matrix"]
+    t = len(matrix)
+    lines = ["linear probe accuracy (%) on each task's test images, all-class prediction",
+             "after task | " + " ".join(f"task {j:<3d}" for j in range(t)) + " |   all  |  kNN all"]
+    for i, row in enumerate(matrix):
+        lines.append(f"{i:>10d} | " + " ".join(f"{a:8.2f}" for a in row)
+                     + f" | {metrics['linear_accuracy'][i]:6.2f} | {metrics['knn_accuracy'][i]:7.2f}")
+    lines.append(f"average accuracy (all classes, after the last task): {metrics['average_accuracy']:.2f}%  "
+                 f"forgetting: {metrics['forgetting']:.2f}  kNN: {metrics['knn_average_accuracy']:.2f}% "
+                 f"(forgetting {metrics['knn_forgetting']:.2f})")
+    return "\n".join(lines)
+
+
+def save_plot(metrics: dict, path: str) -> bool:
+    """The accuracy matrix as a heat map and the all-class and per-task curves; returns False
+    (and writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    matrix = torch.tensor(metrics["accuracy_matrix"])
+    t = matrix.shape[0]
+    fig, (ax_matrix, ax_curve) = plt.subplots(1, 2, figsize=(11, 4.2))
+    image = ax_matrix.imshow(matrix.numpy(), vmin=0, vmax=100, cmap="viridis")
+    for i in range(t):
+        for j in range(t):
+            ax_matrix.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+    ax_matrix.set_xlabel("evaluated on task")
+    ax_matrix.set_ylabel("after training task")
+    ax_matrix.set_title("linear accuracy (%)")
+    fig.colorbar(image, ax=ax_matrix)
+    steps = list(range(t))
+    ax_curve.plot(steps, metrics["linear_accuracy"], "k-o", label="linear, all classes")
+    ax_curve.plot(steps, metrics["knn_accuracy"], "k--s", label="kNN, all classes")
+    for j in range(t):
+        ax_curve.plot(steps, matrix[:, j].tolist(), alpha=0.6, label=f"task {j}")
+    ax_curve.set_xticks(steps)
+    ax_curve.set_xlabel("after training task")
+    ax_curve.set_ylabel("accuracy (%)")
+    cfg = metrics["config"]
+    ax_curve.set_title(f"{cfg['dataset']} {cfg['method']} {cfg['strategy']} (seed {cfg['seed']})")
+    ax_curve.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,229 @@
+"""The SSL methods and the continual strategies, every loss taken from pnr_kernels' public API.
+
+Methods (the loss between the two current views): SimCLR (NT-Xent), MoCo v2+ (InfoNCE against a
+momentum encoder's keys and a key queue), BYOL (predictor against a momentum target), VICReg,
+Barlow Twins. Strategies, from the second task on, with ``f = frozen previous model's projection``
+and ``p = g(z)`` the distillation predictor's output (SPEC.md sections 1-5):
+
+    finetune  the method's loss alone
+    cassle    + CaSSLe: SimCLR and MoCo add ``cassle_weight * cassle_simclr_regularizer(p, f)``
+              (temperature ``distill_temperature``); BYOL, VICReg, Barlow add their PNR
+              regulariser with ``negative_weight = 0``, i.e. the ``pos`` term alone with w_d
+    pnr       SimCLR: simclr_pnr_loss replaces NT-Xent; MoCo: moco_pnr_loss with the
+              previous-model queue replaces InfoNCE; BYOL, VICReg, Barlow add their PNR regulariser
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import losses as api
+from .config import Config
+from .models import Encoder, mlp, reset_parameters
+
+# SPEC.md section 6: (loss, gradient) relative tolerances against the reference, by dtype.
+TOLERANCES = {
+    torch.float64: (1e-5, 1e-4),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 5e-2),
+    torch.float16: (2e-2, 5e-2),
+}
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows along the last dimension (queue entries)."""
+    return F.normalize(x, dim=-1)
+
+
+class VerificationError(RuntimeError):
+    """A backend's loss or gradient differs from the reference by more than SPEC.md section 6 allows."""
+
+
+def _relative_difference(a: Optional[torch.Tensor], b: Optional[torch.Tensor], like: torch.Tensor) -> float:
+    """``max|a - b| / max|b|`` in float64 (a missing gradient counts as zeros; 0 when both are 0)."""
+    a = torch.zeros_like(like) if a is None else a
+    b = torch.zeros_like(like) if b is None else b
+    a, b = a.double(), b.double()
+    diff = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    if diff == 0:
+        return 0.0
+    return diff / scale if scale > 0 else float("inf")
+
+
+class LossRunner:
+    """Calls a public loss of ``pnr_kernels`` with the run's backend.
+
+    With ``verify_backend`` set, every call is also evaluated on detached copies of its inputs
+    with ``verify_backend`` and with ``"reference"``; the relative differences of the loss and of
+    every input gradient are kept (the largest per loss name, until :meth:`take_records`), and a
+    difference past the SPEC.md section 6 tolerance of the inputs' dtype raises
+    :class:`VerificationError` at once. ``where`` names the current step in that message.
+    """
+
+    def __init__(self, backend: str, verify_backend: Optional[str] = None):
+        self.backend = backend
+        self.verify_backend = verify_backend
+        self.where = ""
+        self._records: Dict[str, List[float]] = {}
+
+    def __call__(self, name: str, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+        function = getattr(api, name)
+        if self.verify_backend is not None:
+            self._verify(name, function, tensors, kwargs)
+        return function(*tensors, backend=self.backend, **kwargs)
+
+    def _verify(self, name, function, tensors: Sequence[torch.Tensor], kwargs) -> None:
+        results = []
+        for backend in (self.verify_backend, "reference"):
+            leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+            loss = function(*leaves, backend=backend, **kwargs)
+            needed = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = torch.autograd.grad(loss, needed, allow_unused=True) if needed else ()
+            results.append((loss.detach(), grads, needed))
+        (loss_x, grads_x, needed), (loss_ref, grads_ref, _) = results
+        loss_diff = _relative_difference(loss_x, loss_ref, loss_ref)
+        grad_diff = max((_relative_difference(a, b, t) for a, b, t in zip(grads_x, grads_ref, needed)), default=0.0)
+        record = self._records.setdefault(name, [0.0, 0.0])
+        record[0], record[1] = max(record[0], loss_diff), max(record[1], grad_diff)
+        loss_tol, grad_tol = TOLERANCES[tensors[0].dtype]
+        if loss_diff > loss_tol or grad_diff > grad_tol:
+            raise VerificationError(
+                f"{name} with backend {self.verify_backend!r} differs from the reference at {self.where}: "
+                f"loss relative difference {loss_diff:.3g} (tolerance {loss_tol:g}), largest input-gradient "
+                f"relative difference {grad_diff:.3g} (tolerance {grad_tol:g}) for {tensors[0].dtype} inputs "
+                f"(SPEC.md section 6)")
+
+    def take_records(self) -> Dict[str, Dict[str, float]]:
+        """The largest differences per loss since the last call, and reset them."""
+        out = {name: {"loss_rel_diff": v[0], "grad_rel_diff": v[1]} for name, v in sorted(self._records.items())}
+        self._records = {}
+        return out
+
+
+def moco_infonce(runner: LossRunner, q1, q2, k1, k2, key_queue, *, temperature: float) -> torch.Tensor:
+    """Plain MoCo v2+ InfoNCE ``(ce(q1, k2, key_queue[1]) + ce(q2, k1, key_queue[0])) / 2``, with
+    ``ce`` as in SPEC.md section 3.
+
+    The public API has no plain MoCo loss, so this is composed exactly from ``moco_pnr_loss``:
+    passing ``p = q``, ``f`` = the positive keys and ``tau_d = tau`` makes its two distillation terms
+    copies of its two main terms, and splitting the key queue into halves (one as ``key_queue``,
+    one as ``prev_queue``) makes ``Q_v`` the whole key queue of view v. The result is twice the
+    InfoNCE in value and in the gradient of q (q enters as query and as p), hence the ``/ 2``.
+    It costs twice the plain loss; ``key_queue`` must have an even K.
+    """
+    half = key_queue.shape[1] // 2
+    return runner("moco_pnr_loss", q1, q2, k1, k2, q1, q2, k2, k1, key_queue[:, :half], key_queue[:, half:],
+                  temperature=temperature, distill_temperature=temperature) / 2
+
+
+class Learner(nn.Module):
+    """Everything the optimiser or the method updates: the online encoder, BYOL's predictor, the
+    momentum encoder (BYOL, MoCo), the distillation predictor g (CaSSLe, PNR) and MoCo's queues.
+
+    The frozen previous model is not part of it: the trainer holds it.
+    """
+
+    def __init__(self, cfg: Config, in_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.proj_dim
+        self.online = Encoder(cfg.dataset, in_channels, cfg.proj_hidden, dim)
+        self.predictor = mlp(dim, cfg.proj_hidden, dim) if cfg.method == "byol" else None
+        self.momentum = None
+        if cfg.method in ("byol", "mocov2plus"):
+            self.momentum = copy.deepcopy(self.online).requires_grad_(False)
+        # Built for every strategy (fine-tuning never uses it) so that all strategies of one seed
+        # start from the same weights and train task 0 identically: their results then differ by
+        # the strategy alone.
+        self.distill_predictor = mlp(dim, cfg.proj_hidden, dim)
+        if cfg.method == "mocov2plus":
+            k = cfg.queue_size + cfg.queue_size % 2  # even, see moco_infonce
+            self.register_buffer("key_queue", _unit(torch.randn(2, k, dim)))
+            self.register_buffer("prev_queue", torch.zeros(2, k, dim))
+            self.register_buffer("queue_pointers", torch.zeros(2, dtype=torch.long))
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        modules = [self.online, self.predictor, None if self.cfg.strategy == "finetune" else self.distill_predictor]
+        return [p for m in modules if m is not None for p in m.parameters()]
+
+    def start_task(self, task: int) -> None:
+        """From the second task on: fresh g (it maps into the newly frozen space) and, for
+        MoCo-PNR, a previous-model queue of random unit rows (as the key queue starts)."""
+        if task == 0 or self.cfg.strategy == "finetune":
+            return
+        reset_parameters(self.distill_predictor)
+        if self.cfg.method == "mocov2plus" and self.cfg.strategy == "pnr":
+            self.prev_queue.copy_(_unit(torch.randn_like(self.prev_queue)))
+            self.queue_pointers[1] = 0
+
+    def loss(self, x1: torch.Tensor, x2: torch.Tensor, frozen: Optional[Encoder],
+             runner: LossRunner) -> Tuple[torch.Tensor, dict]:
+        """The training loss of one batch of two views; returns it and what :meth:`after_step`
+        needs (the keys to enqueue)."""
+        cfg = self.cfg
+        _, z1 = self.online(x1)
+        _, z2 = self.online(x2)
+        distill = frozen is not None and cfg.strategy != "finetune"
+        pnr = distill and cfg.strategy == "pnr"
+        if distill:
+            with torch.no_grad():
+                f1, f2 = frozen(x1)[1], frozen(x2)[1]
+            p1, p2 = self.distill_predictor(z1), self.distill_predictor(z2)
+        pending = {}
+        if cfg.method in ("simclr", "mocov2plus"):
+            if cfg.method == "simclr" and pnr:
+                loss = runner("simclr_pnr_loss", z1, z2, p1, p2, f1, f2, temperature=cfg.temperature)
+            elif cfg.method == "simclr":
+                loss = runner("nt_xent_loss", z1, z2, temperature=cfg.temperature)
+            else:
+                with torch.no_grad():
+                    k1, k2 = self.momentum(x1)[1], self.momentum(x2)[1]
+                pending["key_queue"] = (k1, k2)
+                if pnr:
+                    loss = runner("moco_pnr_loss", z1, z2, k1, k2, p1, p2, f1, f2, self.key_queue,
+                                  self.prev_queue, temperature=cfg.temperature,
+                                  distill_temperature=cfg.distill_temperature)
+                    pending["prev_queue"] = (f1, f2)
+                else:
+                    loss = moco_infonce(runner, z1, z2, k1, k2, self.key_queue, temperature=cfg.temperature)
+            if distill and not pnr:
+                loss = loss + cfg.cassle_weight * runner(
+                    "cassle_simclr_regularizer", p1, p2, f1, f2, temperature=cfg.distill_temperature)
+            return loss, pending
+        if cfg.method == "byol":
+            with torch.no_grad():
+                t1, t2 = self.momentum(x1)[1], self.momentum(x2)[1]
+            loss = api.byol_loss(self.predictor(z1), self.predictor(z2), t1, t2)
+        elif cfg.method == "vicreg":
+            loss = api.vicreg_loss(z1, z2)
+        else:
+            loss = api.barlow_twins_loss(z1, z2)
+        if distill:
+            loss = loss + runner(f"{cfg.method}_pnr_regularizer", p1, p2, f1, f2,
+                                 distill_weight=cfg.distill_weight,
+                                 negative_weight=cfg.negative_weight if pnr else 0.0)
+        return loss, pending
+
+    @torch.no_grad()
+    def after_step(self, pending: dict) -> None:
+        """Momentum update ``m <- tau m + (1 - tau) online`` and FIFO enqueue of the new keys."""
+        if self.momentum is not None:
+            tau = self.cfg.momentum_tau
+            for m, p in zip(self.momentum.parameters(), self.online.parameters()):
+                m.mul_(tau).add_(p.detach(), alpha=1 - tau)
+        for slot, name in enumerate(("key_queue", "prev_queue")):
+            if name in pending:
+                self._enqueue(getattr(self, name), slot, pending[name])
+
+    def _enqueue(self, queue: torch.Tensor, slot: int, views: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = queue.shape[1]
+        rows = [_unit(v.detach().to(queue.dtype))[-size:] for v in views]
+        index = (self.queue_pointers[slot] + torch.arange(rows[0].shape[0], device=queue.device)) % size
+        for view, r in enumerate(rows):
+            queue[view, index] = r
+        self.queue_pointers[slot] = (self.queue_pointers[slot] + rows[0].shape[0]) % size
