@@ -38,6 +38,7 @@ TRAINABLE = {
     "simclr_pnr": [True, True, True, True, False, False],
     "nt_xent": [True, True],
     "moco_pnr": [True, True, False, False, True, True, False, False],
+    "moco": [True, True, False, False],
     "cassle_simclr": [True, True, False, False],
     "byol_pnr": [True, True, False, False],
     "vicreg_pnr": [True, True, False, False],
@@ -49,18 +50,20 @@ PEERS = {"nt_xent": "pml"}  # third-party rows measured beside ours when install
 def make_inputs(loss: str, batch: int, dim: int, dtype: torch.dtype, *, device="cpu",
                 requires_grad: bool = False, queue_size: int = 5, temperature: float = 0.2):
     """Positional and keyword arguments for the loss ``loss`` (a key of LOSS_FUNCTIONS): random
-    (B, D) embeddings, the frozen ones never requiring a gradient, and for MoCo-PNR two (2, K, D)
-    queues of unit rows laid out as transposed views of (2, D, K) buffers (strided rows)."""
+    (B, D) embeddings, the frozen ones never requiring a gradient, and for MoCo(-PNR) one (two)
+    (2, K, D) queues of unit rows laid out as transposed views of (2, D, K) buffers (strided rows)."""
     args = [
         torch.randn(batch, dim, dtype=dtype, device=device).requires_grad_(requires_grad and trainable)
         for trainable in TRAINABLE[loss]
     ]
     kwargs = {}
-    if loss == "moco_pnr":
-        for _ in range(2):
+    if loss in ("moco", "moco_pnr"):
+        for _ in range(1 if loss == "moco" else 2):
             buffer = F.normalize(torch.randn(2, dim, queue_size, device=device), dim=1)
             args.append(buffer.to(dtype).transpose(1, 2))
-        kwargs = dict(temperature=temperature, distill_temperature=temperature * 1.5)
+        kwargs = dict(temperature=temperature)
+        if loss == "moco_pnr":
+            kwargs["distill_temperature"] = temperature * 1.5
     elif loss in ("simclr_pnr", "nt_xent", "cassle_simclr"):
         kwargs = dict(temperature=temperature)
     return args, kwargs
@@ -90,6 +93,8 @@ def work_model(case: Case):
     if case.loss == "moco_pnr":
         k = case.queue_size
         return "GFLOP/s", 2 * infonce_flops([b, b], [k, k], d, [True, True], [False, False])
+    if case.loss == "moco":
+        return "GFLOP/s", 2 * infonce_flops([b], [case.queue_size], d, [True], [False])
     if case.loss in ("byol_pnr", "vicreg_pnr"):
         return "GB/s", 6 * b * d * torch.empty((), dtype=DTYPES[case.dtype]).element_size()
     return None
@@ -119,7 +124,7 @@ def _sizes(device: str, quick: bool):
             regularizer = [(8192, 2048)]
     grid = []
     for loss in LOSS_FUNCTIONS:
-        if loss == "moco_pnr":
+        if loss in ("moco", "moco_pnr"):
             grid += [(loss, b, d, k, dtypes) for b, d, k in moco]
         elif loss in ("simclr_pnr", "nt_xent", "cassle_simclr"):
             grid += [(loss, b, d, None, dtypes) for b, d in contrastive]

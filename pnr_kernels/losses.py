@@ -54,6 +54,16 @@ def moco_pnr_loss(q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
               key_queue.detach(), prev_queue.detach(), temperature=t, distill_temperature=td)
 
 
+def moco_loss(q1, q2, k1, k2, key_queue, *, temperature=0.2, backend="auto"):
+    """Plain symmetric MoCo (v2+) InfoNCE with a (2, K, D) key queue of any strides: the loss of the
+    first task and of the fine-tuning/CaSSLe baselines (docs/losses.md, section 3)."""
+    _, dim = check_embeddings(dict(q1=q1, q2=q2, k1=k1, k2=k2))
+    check_queue("key_queue", key_queue, dim=dim, like_name="q1", like=q1)
+    t = check_positive_number("temperature", temperature)
+    fn = _dispatch("moco", backend, q1)
+    return fn(q1, q2, k1.detach(), k2.detach(), key_queue.detach(), temperature=t)
+
+
 def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature=0.2, backend="auto"):
     """CaSSLe's SimCLR regulariser ``(d(P, F) + d(F, P)) / 2`` (docs/losses.md, section 5),
     unweighted: multiply by the strategy's weight yourself."""
@@ -127,12 +137,13 @@ def barlow_twins_loss(z1, z2, *, off_diagonal_weight=5e-3, scale=0.1):
     )
 
 
-# The seven PNR-family losses by key (the keys of ``pnr_kernels.reference.LOSSES`` and of every
+# The losses with backends, by key (the keys of ``pnr_kernels.reference.LOSSES`` and of every
 # backend's ``losses()``); used by the benchmark runner and the tests.
 LOSS_FUNCTIONS = {
     "simclr_pnr": simclr_pnr_loss,
     "nt_xent": nt_xent_loss,
     "moco_pnr": moco_pnr_loss,
+    "moco": moco_loss,
     "cassle_simclr": cassle_simclr_regularizer,
     "byol_pnr": byol_pnr_regularizer,
     "vicreg_pnr": vicreg_pnr_regularizer,

@@ -50,6 +50,14 @@ class MoCoPNRLoss(_LossModule):
         super().__init__(temperature=temperature, distill_temperature=distill_temperature, backend=backend)
 
 
+class MoCoLoss(_LossModule):
+    """:func:`pnr_kernels.moco_loss`; forward(q1, q2, k1, k2, key_queue)."""
+    function = staticmethod(losses.moco_loss)
+
+    def __init__(self, temperature=0.2, backend="auto"):
+        super().__init__(temperature=temperature, backend=backend)
+
+
 class CaSSLeSimCLRRegularizer(_LossModule):
     """:func:`pnr_kernels.cassle_simclr_regularizer`; forward(p1, p2, f1, f2)."""
     function = staticmethod(losses.cassle_simclr_regularizer)

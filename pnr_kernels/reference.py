@@ -118,6 +118,16 @@ def moco_pnr_loss(
     return loss.to(dtype)
 
 
+def moco_loss(q1, q2, k1, k2, key_queue, *, temperature: float = 0.2) -> torch.Tensor:
+    """Plain symmetric MoCo (v2+), section 3 without the PNR terms:
+    ``(ce(q1, k2, key_queue[1]) + ce(q2, k1, key_queue[0])) / 2``."""
+    dtype = q1.dtype
+    q1, q2, k1, k2 = (normalize(_up(x)) for x in (q1, q2, k1, k2))
+    t = temperature
+    loss = (_moco_ce(q1, k2, _up(key_queue[1]), t) + _moco_ce(q2, k1, _up(key_queue[0]), t)) / 2
+    return loss.to(dtype)
+
+
 def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2) -> torch.Tensor:
     """CaSSLe's SimCLR regulariser, section 5, without its weight: ``(d(P, F) + d(F, P)) / 2``."""
     p = normalize(_up(torch.cat([p1, p2])))
@@ -238,6 +248,7 @@ LOSSES = {
     "simclr_pnr": simclr_pnr_loss,
     "nt_xent": nt_xent_loss,
     "moco_pnr": moco_pnr_loss,
+    "moco": moco_loss,
     "cassle_simclr": cassle_simclr_regularizer,
     "byol_pnr": byol_pnr_regularizer,
     "vicreg_pnr": vicreg_pnr_regularizer,

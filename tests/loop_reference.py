@@ -55,6 +55,11 @@ def moco_pnr(q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, temperature,
     return (_ce(q1, k2, view1, t) + _ce(p1, f1, view1, td) + _ce(q2, k1, view0, t) + _ce(p2, f2, view0, td)) / 2
 
 
+def moco(q1, q2, k1, k2, key_queue, temperature):
+    q1, q2, k1, k2 = (_unit(x) for x in (q1, q2, k1, k2))
+    return (_ce(q1, k2, list(key_queue[1]), temperature) + _ce(q2, k1, list(key_queue[0]), temperature)) / 2
+
+
 def cassle_simclr(p1, p2, f1, f2, temperature):
     p, f = _unit(np.concatenate([p1, p2])), _unit(np.concatenate([f1, f2]))
     t = temperature
@@ -119,6 +124,6 @@ def barlow_pnr(p1, p2, f1, f2, distill_weight=1.0, negative_weight=1.0, off_diag
 
 
 LOSSES = {
-    "simclr_pnr": simclr_pnr, "nt_xent": nt_xent, "moco_pnr": moco_pnr, "cassle_simclr": cassle_simclr,
+    "simclr_pnr": simclr_pnr, "nt_xent": nt_xent, "moco_pnr": moco_pnr, "moco": moco, "cassle_simclr": cassle_simclr,
     "byol_pnr": byol_pnr, "vicreg_pnr": vicreg_pnr, "barlow_pnr": barlow_pnr,
 }

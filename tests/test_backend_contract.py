@@ -13,7 +13,7 @@ from .helpers import TRAINABLE, make_inputs
 CPU = torch.device("cpu")
 CASES = [(backend, loss) for backend in backends.BACKENDS for loss in sorted(LOSS_FUNCTIONS)
          if backends.unavailable_reason(backend, loss, CPU, torch.float32) is None]
-CONTRASTIVE = ("simclr_pnr", "nt_xent", "moco_pnr", "cassle_simclr")
+CONTRASTIVE = ("simclr_pnr", "nt_xent", "moco_pnr", "moco", "cassle_simclr")
 
 
 def _run(loss, args, kwargs, backend):
@@ -75,10 +75,11 @@ def test_temperature_0_01_stays_finite_and_exact(backend, loss):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", sorted({b for b, loss in CASES if loss == "moco_pnr"}))
-def test_moco_queue_strides_do_not_matter(backend):
-    args, kwargs = make_inputs("moco_pnr", 3, 8, torch.float32, queue_size=6)
-    assert args[8].stride(-1) != 1  # transposed (2, D, K) buffers
-    contiguous = args[:8] + [q.contiguous() for q in args[8:]]
-    torch.testing.assert_close(LOSS_FUNCTIONS["moco_pnr"](*args, **kwargs, backend=backend),
-                               LOSS_FUNCTIONS["moco_pnr"](*contiguous, **kwargs, backend=backend))
+@pytest.mark.parametrize("backend,loss", [c for c in CASES if c[1] in ("moco", "moco_pnr")])
+def test_moco_queue_strides_do_not_matter(backend, loss):
+    args, kwargs = make_inputs(loss, 3, 8, torch.float32, queue_size=6)
+    n = len(TRAINABLE[loss])
+    assert args[n].stride(-1) != 1  # transposed (2, D, K) buffers
+    contiguous = args[:n] + [q.contiguous() for q in args[n:]]
+    torch.testing.assert_close(LOSS_FUNCTIONS[loss](*args, **kwargs, backend=backend),
+                               LOSS_FUNCTIONS[loss](*contiguous, **kwargs, backend=backend))

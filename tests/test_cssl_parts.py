@@ -12,7 +12,7 @@ from pnr_kernels.cssl.checkpoint import load_checkpoint, rng_state, save_checkpo
 from pnr_kernels.cssl.config import Config
 from pnr_kernels.cssl.data import ImageData, TwoViewAugment, load_cifar_data, load_digits_data, make_tasks
 from pnr_kernels.cssl.evaluation import forgetting, knn_scores, task_accuracies
-from pnr_kernels.cssl.methods import LossRunner, moco_infonce
+from pnr_kernels.cssl.methods import LossRunner
 from pnr_kernels.cssl.trainer import train
 
 
@@ -88,30 +88,6 @@ def test_augmentation_is_random_per_image_and_reproducible(channels):
     assert a.shape == x.shape and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(a[0], a[1])
-
-
-def test_moco_infonce_is_the_plain_moco_loss():
-    """The composition from moco_pnr_loss equals (ce(q1,k2,Q[1]) + ce(q2,k1,Q[0]))/2, value and
-    query gradients, checked against a direct float64 statement."""
-    gen = torch.Generator().manual_seed(0)
-    b, d, k, t = 5, 7, 12, 0.3
-    q1, q2, k1, k2 = (torch.randn(b, d, generator=gen, dtype=torch.float64) for _ in range(4))
-    queue = torch.nn.functional.normalize(torch.randn(2, k, d, generator=gen, dtype=torch.float64), dim=-1)
-    q1.requires_grad_(True)
-    q2.requires_grad_(True)
-
-    def ce(a, pos, keys):
-        a, pos = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(pos, dim=1)
-        logits = torch.cat([(a * pos).sum(1, keepdim=True), a @ keys.T], dim=1) / t
-        return torch.nn.functional.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
-
-    expected = (ce(q1, k2, queue[1]) + ce(q2, k1, queue[0])) / 2
-    got = moco_infonce(LossRunner("reference"), q1, q2, k1, k2, queue, temperature=t)
-    ge = torch.autograd.grad(expected, [q1, q2])
-    gg = torch.autograd.grad(got, [q1, q2])
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
-    for a, e in zip(gg, ge):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-14)
 
 
 def test_forgetting_and_accuracies():

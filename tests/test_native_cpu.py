@@ -22,6 +22,7 @@ PUBLIC = {
     "simclr_pnr": losses.simclr_pnr_loss,
     "nt_xent": losses.nt_xent_loss,
     "moco_pnr": losses.moco_pnr_loss,
+    "moco": losses.moco_loss,
     "cassle_simclr": losses.cassle_simclr_regularizer,
 }
 # (loss tolerance, gradient tolerance), relative, from SPEC.md section 6; float64 is computed in

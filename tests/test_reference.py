@@ -101,7 +101,7 @@ def test_all_zero_rows_give_finite_loss_and_gradient(loss):
     assert all(torch.isfinite(a.grad).all() for a in args if a.grad is not None)
 
 
-@pytest.mark.parametrize("loss", ["simclr_pnr", "nt_xent", "moco_pnr", "cassle_simclr"])
+@pytest.mark.parametrize("loss", ["simclr_pnr", "nt_xent", "moco_pnr", "moco", "cassle_simclr"])
 def test_tiny_temperature_stays_finite(loss):
     args, kwargs = make_inputs(loss, 4, 8, torch.float32, requires_grad=True, temperature=0.01)
     out = _call(loss, args, kwargs)
@@ -127,6 +127,7 @@ def test_modules_match_functions():
         (pnr_kernels.NTXentLoss(temperature=0.3), "nt_xent", dict(temperature=0.3)),
         (pnr_kernels.MoCoPNRLoss(temperature=0.3, distill_temperature=0.4), "moco_pnr",
          dict(temperature=0.3, distill_temperature=0.4)),
+        (pnr_kernels.MoCoLoss(temperature=0.3), "moco", dict(temperature=0.3)),
         (pnr_kernels.CaSSLeSimCLRRegularizer(temperature=0.3), "cassle_simclr", dict(temperature=0.3)),
         (pnr_kernels.BYOLPNRRegularizer(negative_weight=0.7), "byol_pnr", dict(negative_weight=0.7)),
         (pnr_kernels.VICRegPNRRegularizer(distill_weight=2.0), "vicreg_pnr", dict(distill_weight=2.0)),

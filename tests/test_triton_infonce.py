@@ -26,6 +26,7 @@ PUBLIC = {
     "simclr_pnr": pnr_kernels.simclr_pnr_loss,
     "nt_xent": pnr_kernels.nt_xent_loss,
     "moco_pnr": pnr_kernels.moco_pnr_loss,
+    "moco": pnr_kernels.moco_loss,
     "cassle_simclr": pnr_kernels.cassle_simclr_regularizer,
 }
 # SPEC.md section 6: (loss, gradients) relative tolerances

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="w_n of the BYOL/VICReg/Barlow PNR regulariser (default: SPEC.md section 4: 0.5, 23, 1)")
     hp.add_argument("--proj-hidden", type=int, help=f"projector/predictor hidden width {d}")
     hp.add_argument("--proj-dim", type=int, help=f"projection width {d}")
-    hp.add_argument("--queue-size", type=int, help=f"MoCo queue entries per view (rounded up to even) {d}")
+    hp.add_argument("--queue-size", type=int, help=f"MoCo queue entries per view {d}")
     hp.add_argument("--momentum-tau", type=float, help=f"EMA rate of the momentum encoder (BYOL, MoCo) {d}")
 
     small = parser.add_argument_group("tiny runs and testing")

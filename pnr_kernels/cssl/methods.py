@@ -105,22 +105,6 @@ class LossRunner:
         return out
 
 
-def moco_infonce(runner: LossRunner, q1, q2, k1, k2, key_queue, *, temperature: float) -> torch.Tensor:
-    """Plain MoCo v2+ InfoNCE ``(ce(q1, k2, key_queue[1]) + ce(q2, k1, key_queue[0])) / 2``, with
-    ``ce`` as in SPEC.md section 3.
-
-    The public API has no plain MoCo loss, so this is composed exactly from ``moco_pnr_loss``:
-    passing ``p = q``, ``f`` = the positive keys and ``tau_d = tau`` makes its two distillation terms
-    copies of its two main terms, and splitting the key queue into halves (one as ``key_queue``,
-    one as ``prev_queue``) makes ``Q_v`` the whole key queue of view v. The result is twice the
-    InfoNCE in value and in the gradient of q (q enters as query and as p), hence the ``/ 2``.
-    It costs twice the plain loss; ``key_queue`` must have an even K.
-    """
-    half = key_queue.shape[1] // 2
-    return runner("moco_pnr_loss", q1, q2, k1, k2, q1, q2, k2, k1, key_queue[:, :half], key_queue[:, half:],
-                  temperature=temperature, distill_temperature=temperature) / 2
-
-
 class Learner(nn.Module):
     """Everything the optimiser or the method updates: the online encoder, BYOL's predictor, the
     momentum encoder (BYOL, MoCo), the distillation predictor g (CaSSLe, PNR) and MoCo's queues.
@@ -142,9 +126,8 @@ class Learner(nn.Module):
         # the strategy alone.
         self.distill_predictor = mlp(dim, cfg.proj_hidden, dim)
         if cfg.method == "mocov2plus":
-            k = cfg.queue_size + cfg.queue_size % 2  # even, see moco_infonce
-            self.register_buffer("key_queue", _unit(torch.randn(2, k, dim)))
-            self.register_buffer("prev_queue", torch.zeros(2, k, dim))
+            self.register_buffer("key_queue", _unit(torch.randn(2, cfg.queue_size, dim)))
+            self.register_buffer("prev_queue", torch.zeros(2, cfg.queue_size, dim))
             self.register_buffer("queue_pointers", torch.zeros(2, dtype=torch.long))
 
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -190,7 +173,7 @@ class Learner(nn.Module):
                                   distill_temperature=cfg.distill_temperature)
                     pending["prev_queue"] = (f1, f2)
                 else:
-                    loss = moco_infonce(runner, z1, z2, k1, k2, self.key_queue, temperature=cfg.temperature)
+                    loss = runner("moco_loss", z1, z2, k1, k2, self.key_queue, temperature=cfg.temperature)
             if distill and not pnr:
                 loss = loss + cfg.cassle_weight * runner(
                     "cassle_simclr_regularizer", p1, p2, f1, f2, temperature=cfg.distill_temperature)

@@ -135,6 +135,12 @@ def nt_xent_loss(op, z1, z2, *, temperature):
     return (lse[0] - _row_dot(z, z.roll(b, dims=0)) / t).mean().to(z1.dtype)
 
 
+def _queue_ce(lse_queue, anchor, positive, t):
+    """``mean_i(-a_i.pos_i/t + LSE({a_i.pos_i/t} U queue logits))`` from the queue's LSE."""
+    pos = _row_dot(anchor, positive) / t
+    return (torch.logaddexp(lse_queue, pos) - pos).mean()
+
+
 def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
                   temperature, distill_temperature):
     t, td = temperature, distill_temperature
@@ -143,9 +149,16 @@ def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
     # view v's queries meet the queues of view v' = 1 - v: (q1, k2, p1, f1, Q1), (q2, k1, p2, f2, Q0)
     for q, k, p, f, v in ((q1, k2, p1, f1, 1), (q2, k1, p2, f2, 0)):
         lse = op([q, p], [key_queue[v], prev_queue[v]], [False, False], [1.0 / t, 1.0 / td])
-        pos_q, pos_p = _row_dot(q, k) / t, _row_dot(p, f) / td
-        total = total + (torch.logaddexp(lse[0], pos_q) - pos_q).mean()
-        total = total + (torch.logaddexp(lse[1], pos_p) - pos_p).mean()
+        total = total + _queue_ce(lse[0], q, k, t) + _queue_ce(lse[1], p, f, td)
+    return (total / 2).to(q1.dtype)
+
+
+def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
+    t = temperature
+    q1, q2, k1, k2 = (_unit_rows(x) for x in (q1, q2, k1, k2))
+    total = 0.0
+    for q, k, v in ((q1, k2, 1), (q2, k1, 0)):
+        total = total + _queue_ce(op([q], [key_queue[v]], [False], [1.0 / t])[0], q, k, t)
     return (total / 2).to(q1.dtype)
 
 
@@ -166,5 +179,6 @@ def contrastive_losses(op) -> dict:
         "simclr_pnr": functools.partial(simclr_pnr_loss, op),
         "nt_xent": functools.partial(nt_xent_loss, op),
         "moco_pnr": functools.partial(moco_pnr_loss, op),
+        "moco": functools.partial(moco_loss, op),
         "cassle_simclr": functools.partial(cassle_simclr_regularizer, op),
     }
