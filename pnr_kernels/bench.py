@@ -45,6 +45,7 @@ TRAINABLE = {
     "barlow_pnr": [True, True, False, False],
 }
 PEERS = {"nt_xent": "pml"}  # third-party rows measured beside ours when installed
+PEER_MAX_BATCH = 256
 
 
 def make_inputs(loss: str, batch: int, dim: int, dtype: torch.dtype, *, device="cpu",
@@ -153,7 +154,9 @@ def make_cases(device: str, quick: bool, losses=None, backend_names=None) -> Lis
             names = [n for n in backends.BACKENDS
                      if backends.unavailable_reason(n, loss, dev, DTYPES[dtype]) is None]
             peer = PEERS.get(loss)
-            if peer and _peer_available(peer):
+            # pml's NTXentLoss masks (positive pairs) x (negative pairs): O(N^3) memory, 2 GB at
+            # N = 512 already, so it is only run at the small sizes
+            if peer and b <= PEER_MAX_BATCH and _peer_available(peer):
                 names.append(peer)
             for name in names:
                 if backend_names and name not in backend_names:
@@ -163,7 +166,8 @@ def make_cases(device: str, quick: bool, losses=None, backend_names=None) -> Lis
 
 
 def _step_fn(case: Case, device: str):
-    """A closure running one forward + backward of the case, and the inputs it holds."""
+    """A closure running one forward + backward of the case (from no gradients, as after
+    ``zero_grad(set_to_none=True)``), and the inputs it holds."""
     args, kwargs = make_inputs(case.loss, case.batch_size, case.dim, DTYPES[case.dtype], device=device,
                                requires_grad=True, queue_size=case.queue_size or 5)
     if case.backend == "pml":
@@ -227,9 +231,11 @@ def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
     record["device"] = device
     record["device_name"] = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     try:
-        step, _ = _step_fn(case, device)
+        step, inputs = _step_fn(case, device)
+        step()  # one-time work (compilation, autotuning, thread pools) outside the measurements
+        for a in inputs:  # the step's own gradients count as its memory, the last step's do not
+            a.grad = None
         if device == "cuda":
-            step()  # compile / autotune outside the measurement
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -237,7 +243,6 @@ def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
             torch.cuda.synchronize()
             record["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         else:
-            step()  # one-time initialisation (thread pools, BLAS buffers) outside the measurement
             record["peak_memory_mb"] = _cpu_peak_extra_mb(step)
         record["fwd_bwd_ms"] = _time_ms(step, device, repeats, warmup)
     except torch.cuda.OutOfMemoryError:
