@@ -222,7 +222,7 @@ class Trainer:
                 "max_loss_rel_diff": max((v["loss_rel_diff"] for v in per_loss.values()), default=0.0),
                 "max_grad_rel_diff": max((v["grad_rel_diff"] for v in per_loss.values()), default=0.0)})
         if not cfg.progress or (epoch + 1) % max(1, cfg.epochs // 4) == 0 or epoch + 1 == cfg.epochs:
-            self.log(f"  task {task + 1} epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f} "
+            self.log(f"  task {task} epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f} "
                      f"({steps} steps, {time.perf_counter() - started:.1f}s)")
 
     def _evaluate(self, task: int) -> None:
@@ -240,7 +240,7 @@ class Trainer:
         rec["knn_accuracy_matrix"].append(knn["per_task"])
         rec["knn_task_aware_accuracy_matrix"].append(knn["task_aware"])
         rec["knn_accuracy"].append(knn["all"])
-        self.log(f"after task {task + 1}: linear {linear['all']:.2f}% (per task "
+        self.log(f"after task {task}: linear {linear['all']:.2f}% (per task "
                  + ", ".join(f"{a:.1f}" for a in linear["per_task"]) + f"), kNN {knn['all']:.2f}%")
 
     # -- results and checkpoints ----------------------------------------------------------------
