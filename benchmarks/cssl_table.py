@@ -61,7 +61,7 @@ def main(argv=None):
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = dict(pool.map(lambda job: run_one(*job, args, args.extra), jobs))
-    lines = [f"| method | strategy | final accuracy (%) | forgetting (%) | kNN accuracy (%) | kNN forgetting (%) |",
+    lines = ["| method | strategy | final accuracy (%) | forgetting (%) | kNN accuracy (%) | kNN forgetting (%) |",
              "|---|---|---|---|---|---|"]
     for m in args.methods:
         for s in args.strategies:

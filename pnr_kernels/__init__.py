@@ -29,3 +29,31 @@ from .modules import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BYOLLoss",
+    "BYOLPNRRegularizer",
+    "BackendUnavailableError",
+    "BarlowPNRRegularizer",
+    "BarlowTwinsLoss",
+    "CaSSLeSimCLRRegularizer",
+    "MoCoLoss",
+    "MoCoPNRLoss",
+    "NTXentLoss",
+    "SimCLRPNRLoss",
+    "VICRegLoss",
+    "VICRegPNRRegularizer",
+    "available_backends",
+    "barlow_pnr_regularizer",
+    "barlow_twins_loss",
+    "byol_loss",
+    "byol_pnr_regularizer",
+    "cassle_simclr_regularizer",
+    "moco_loss",
+    "moco_pnr_loss",
+    "nt_xent_loss",
+    "simclr_pnr_loss",
+    "vicreg_loss",
+    "vicreg_pnr_regularizer",
+]

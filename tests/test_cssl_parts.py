@@ -12,7 +12,6 @@ from pnr_kernels.cssl.checkpoint import load_checkpoint, rng_state, save_checkpo
 from pnr_kernels.cssl.config import Config
 from pnr_kernels.cssl.data import ImageData, TwoViewAugment, load_cifar_data, load_digits_data, make_tasks
 from pnr_kernels.cssl.evaluation import forgetting, knn_scores, task_accuracies
-from pnr_kernels.cssl.methods import LossRunner
 from pnr_kernels.cssl.trainer import train
 
 

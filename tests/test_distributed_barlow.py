@@ -5,7 +5,6 @@ is the expected gradient: the all-reduce's backward sums the ranks' identical dL
 receives ``world * d(hand loss)/d(its inputs)`` for the Barlow part, the local cosine part as is."""
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
