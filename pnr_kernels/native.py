@@ -319,6 +319,7 @@ def infonce_op():
     return infonce.define_infonce_op("native", infonce.InfoNCEKernels(_infonce_forward, _infonce_backward))
 
 
+@functools.lru_cache(maxsize=None)  # looked up on every loss call by the backend registry
 def losses() -> dict:
     from .ops import infonce, regularizers
 
