@@ -65,3 +65,17 @@ def test_flop_model_matches_simclr_pnr_count():
     n, d = 64, 16
     flops = infonce.infonce_flops([n, n], [n, n], d, [True, True], [True, False])
     assert flops == 28 * n * n * d
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_composition_traces_under_torch_compile(loss):
+    """The op's fake and autograd registrations let torch.compile capture the loss in one graph,
+    forward and backward."""
+    args, kwargs = make_inputs(loss, 4, 5, torch.float64, requires_grad=True)
+    compiled = torch.compile(LOSSES[loss], backend="aot_eager", fullgraph=True)
+    got = compiled(*args, **kwargs)
+    want = reference.LOSSES[loss](*args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    trainable = [a for a in args if a.requires_grad]
+    for g, w in zip(torch.autograd.grad(got, trainable), torch.autograd.grad(want, trainable)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
