@@ -28,23 +28,19 @@ import triton.language as tl
 
 from ..ops import regularizers
 from ..reference import BARLOW_VARIANCE_EPS, COSINE_EPS
-from . import compile_case, interpreting
+from . import interpreting
+from .common import compile_case, jit_function, launch, strides
 
-# One launch configuration per kernel (GPU and interpreter alike; not autotuned yet). Blocks are
-# not tied to the shapes: every kernel masks its edges.
-CONFIGS = {
-    "paired": triton.Config({"BLOCK_B": 4, "BLOCK_D": 512}, num_warps=4, num_stages=1),
-    "stats": triton.Config({"BLOCK_B": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-    "gram": triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    "grad": triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    "finish": triton.Config({"BLOCK_B": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1),
-    "correlation": triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1),
-}
+# One launch configuration per kernel, on the kernel (GPU and interpreter alike; not tuned yet):
+# single-config autotune decorators, so that a launch takes its block sizes from the kernel.
+# Blocks are not tied to the shapes: every kernel masks its edges.
+PAIRED_CONFIG = triton.Config({"BLOCK_B": 4, "BLOCK_D": 512}, num_warps=4, num_stages=1)
 
 
+@triton.autotune([PAIRED_CONFIG], key=[])
 @triton.jit
 def _paired_forward_kernel(p1_ptr, p2_ptr, f1_ptr, f2_ptr, terms_ptr, norms_ptr, B, D,
-                           s_p1b, s_p1d, s_p2b, s_p2d, s_f1b, s_f1d, s_f2b, s_f2d,
+                           p1_s0, p1_s1, p2_s0, p2_s1, f1_s0, f1_s1, f2_s0, f2_s1,
                            COSINE: tl.constexpr, EPS: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -60,10 +56,10 @@ def _paired_forward_kernel(p1_ptr, p2_ptr, f1_ptr, f2_ptr, terms_ptr, norms_ptr,
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        x1 = tl.load(p1_ptr + rows[:, None] * s_p1b + cols[None, :] * s_p1d, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(p2_ptr + rows[:, None] * s_p2b + cols[None, :] * s_p2d, mask=mask, other=0.0).to(tl.float32)
-        y1 = tl.load(f1_ptr + rows[:, None] * s_f1b + cols[None, :] * s_f1d, mask=mask, other=0.0).to(tl.float32)
-        y2 = tl.load(f2_ptr + rows[:, None] * s_f2b + cols[None, :] * s_f2d, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(p1_ptr + rows[:, None] * p1_s0 + cols[None, :] * p1_s1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p2_ptr + rows[:, None] * p2_s0 + cols[None, :] * p2_s1, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(f1_ptr + rows[:, None] * f1_s0 + cols[None, :] * f1_s1, mask=mask, other=0.0).to(tl.float32)
+        y2 = tl.load(f2_ptr + rows[:, None] * f2_s0 + cols[None, :] * f2_s1, mask=mask, other=0.0).to(tl.float32)
         if COSINE:
             t11 += tl.sum(x1 * y1, axis=1)
             t22 += tl.sum(x2 * y2, axis=1)
@@ -97,10 +93,11 @@ def _paired_forward_kernel(p1_ptr, p2_ptr, f1_ptr, f2_ptr, terms_ptr, norms_ptr,
     tl.store(terms_ptr + rows * 4 + 3, t21, mask=row_mask)
 
 
+@triton.autotune([PAIRED_CONFIG], key=[])
 @triton.jit
 def _paired_backward_kernel(grad_terms_ptr, terms_ptr, norms_ptr, p1_ptr, p2_ptr, f1_ptr, f2_ptr, g1_ptr, g2_ptr, B, D,
-                            s_p1b, s_p1d, s_p2b, s_p2d, s_f1b, s_f1d, s_f2b, s_f2d,
-                            s_g1b, s_g1d, s_g2b, s_g2d,
+                            p1_s0, p1_s1, p2_s0, p2_s1, f1_s0, f1_s1, f2_s0, f2_s1,
+                            g1_s0, g1_s1, g2_s0, g2_s1,
                             COSINE: tl.constexpr, EPS: tl.constexpr, NEED_P1: tl.constexpr,
                             NEED_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # d p1 = a11 f1_ptr + a12 f2_ptr + b1 p1 and d p2 = a21 f1_ptr + a22 f2_ptr + b2 p2, per row (ops docstring).
@@ -133,20 +130,21 @@ def _paired_backward_kernel(grad_terms_ptr, terms_ptr, norms_ptr, p1_ptr, p2_ptr
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        y1 = tl.load(f1_ptr + rows[:, None] * s_f1b + cols[None, :] * s_f1d, mask=mask, other=0.0).to(tl.float32)
-        y2 = tl.load(f2_ptr + rows[:, None] * s_f2b + cols[None, :] * s_f2d, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(f1_ptr + rows[:, None] * f1_s0 + cols[None, :] * f1_s1, mask=mask, other=0.0).to(tl.float32)
+        y2 = tl.load(f2_ptr + rows[:, None] * f2_s0 + cols[None, :] * f2_s1, mask=mask, other=0.0).to(tl.float32)
         if NEED_P1:
-            x1 = tl.load(p1_ptr + rows[:, None] * s_p1b + cols[None, :] * s_p1d, mask=mask, other=0.0).to(tl.float32)
+            x1 = tl.load(p1_ptr + rows[:, None] * p1_s0 + cols[None, :] * p1_s1, mask=mask, other=0.0).to(tl.float32)
             d1 = a11[:, None] * y1 + a12[:, None] * y2 + b1[:, None] * x1
-            tl.store(g1_ptr + rows[:, None] * s_g1b + cols[None, :] * s_g1d, d1.to(g1_ptr.dtype.element_ty), mask=mask)
+            tl.store(g1_ptr + rows[:, None] * g1_s0 + cols[None, :] * g1_s1, d1.to(g1_ptr.dtype.element_ty), mask=mask)
         if NEED_P2:
-            x2 = tl.load(p2_ptr + rows[:, None] * s_p2b + cols[None, :] * s_p2d, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(p2_ptr + rows[:, None] * p2_s0 + cols[None, :] * p2_s1, mask=mask, other=0.0).to(tl.float32)
             d2 = a21[:, None] * y1 + a22[:, None] * y2 + b2[:, None] * x2
-            tl.store(g2_ptr + rows[:, None] * s_g2b + cols[None, :] * s_g2d, d2.to(g2_ptr.dtype.element_ty), mask=mask)
+            tl.store(g2_ptr + rows[:, None] * g2_s0 + cols[None, :] * g2_s1, d2.to(g2_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune([triton.Config({"BLOCK_B": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1)], key=[])
 @triton.jit
-def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, s_ab, s_ad, s_bb, s_bd, EPS: tl.constexpr,
+def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, a_s0, a_s1, b_s0, b_s1, EPS: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # stats rows: mean_a, rstd_a, mean_b, rstd_b, diag = C_ii; two passes (mean, then centred sums).
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -156,8 +154,8 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, s_ab, s_ad, s_bb, s_bd, 
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         mask = (rows < B)[:, None] & col_mask[None, :]
-        xa = tl.load(a_ptr + rows[:, None] * s_ab + cols[None, :] * s_ad, mask=mask, other=0.0)
-        xb = tl.load(b_ptr + rows[:, None] * s_bb + cols[None, :] * s_bd, mask=mask, other=0.0)
+        xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0)
+        xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0)
         sum_a += tl.sum(xa.to(tl.float32), axis=0)
         sum_b += tl.sum(xb.to(tl.float32), axis=0)
     mean_a = sum_a / B
@@ -168,8 +166,8 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, s_ab, s_ad, s_bb, s_bd, 
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         mask = (rows < B)[:, None] & col_mask[None, :]
-        xa = tl.load(a_ptr + rows[:, None] * s_ab + cols[None, :] * s_ad, mask=mask, other=0.0).to(tl.float32)
-        xb = tl.load(b_ptr + rows[:, None] * s_bb + cols[None, :] * s_bd, mask=mask, other=0.0).to(tl.float32)
+        xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0).to(tl.float32)
+        xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0).to(tl.float32)
         xa = tl.where(mask, xa - mean_a[None, :], 0.0)
         xb = tl.where(mask, xb - mean_b[None, :], 0.0)
         sq_a += tl.sum(xa * xa, axis=0)
@@ -185,15 +183,16 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, s_ab, s_ad, s_bb, s_bd, 
 
 
 @triton.jit
-def _standardised_tile(x_ptr, s_xb, s_xd, rows, cols, mean, rstd, B, D):
+def _standardised_tile(x_ptr, x_s0, x_s1, rows, cols, mean, rstd, B, D):
     """Rows x cols of (x - mean) * rstd in float32, zero outside the matrix."""
     mask = (rows < B)[:, None] & (cols < D)[None, :]
-    tile = tl.load(x_ptr + rows[:, None] * s_xb + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+    tile = tl.load(x_ptr + rows[:, None] * x_s0 + cols[None, :] * x_s1, mask=mask, other=0.0).to(tl.float32)
     return tl.where(mask, (tile - mean[None, :]) * rstd[None, :], 0.0)
 
 
+@triton.autotune([triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2)], key=[])
 @triton.jit
-def _barlow_gram_kernel(a_ptr, b_ptr, stats_ptr, gram_b_ptr, partial_ptr, B, D, s_ab, s_ad, s_bb, s_bd,
+def _barlow_gram_kernel(a_ptr, b_ptr, stats_ptr, gram_b_ptr, partial_ptr, B, D, a_s0, a_s1, b_s0, b_s1,
                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_i, pid_j = tl.program_id(0), tl.program_id(1)
@@ -208,10 +207,10 @@ def _barlow_gram_kernel(a_ptr, b_ptr, stats_ptr, gram_b_ptr, partial_ptr, B, D, 
         rstd_a = tl.load(stats_ptr + 1 * D + cols, mask=col_mask, other=0.0)
         mean_b = tl.load(stats_ptr + 2 * D + cols, mask=col_mask, other=0.0)
         rstd_b = tl.load(stats_ptr + 3 * D + cols, mask=col_mask, other=0.0)
-        a_i = _standardised_tile(a_ptr, s_ab, s_ad, rows_i, cols, mean_a, rstd_a, B, D).to(DOT_DTYPE)
-        a_j = _standardised_tile(a_ptr, s_ab, s_ad, rows_j, cols, mean_a, rstd_a, B, D).to(DOT_DTYPE)
-        b_i = _standardised_tile(b_ptr, s_bb, s_bd, rows_i, cols, mean_b, rstd_b, B, D).to(DOT_DTYPE)
-        b_j = _standardised_tile(b_ptr, s_bb, s_bd, rows_j, cols, mean_b, rstd_b, B, D).to(DOT_DTYPE)
+        a_i = _standardised_tile(a_ptr, a_s0, a_s1, rows_i, cols, mean_a, rstd_a, B, D).to(DOT_DTYPE)
+        a_j = _standardised_tile(a_ptr, a_s0, a_s1, rows_j, cols, mean_a, rstd_a, B, D).to(DOT_DTYPE)
+        b_i = _standardised_tile(b_ptr, b_s0, b_s1, rows_i, cols, mean_b, rstd_b, B, D).to(DOT_DTYPE)
+        b_j = _standardised_tile(b_ptr, b_s0, b_s1, rows_j, cols, mean_b, rstd_b, B, D).to(DOT_DTYPE)
         gram_a_tile += tl.dot(a_i, tl.trans(a_j), input_precision=PRECISION)
         gram_b_tile += tl.dot(b_i, tl.trans(b_j), input_precision=PRECISION)
     tl.store(partial_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(gram_a_tile * gram_b_tile))
@@ -219,9 +218,10 @@ def _barlow_gram_kernel(a_ptr, b_ptr, stats_ptr, gram_b_ptr, partial_ptr, B, D, 
     tl.store(gram_b_ptr + rows_i[:, None] * B + rows_j[None, :], gram_b_tile, mask=mask)
 
 
+@triton.autotune([triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2)], key=[])
 @triton.jit
 def _barlow_grad_kernel(grad_loss_ptr, a_ptr, b_ptr, stats_ptr, gram_b_ptr, grad_std_ptr, col_sums_ptr, B, D,
-                        s_ab, s_ad, s_bb, s_bd, off_diagonal_weight, scale, PRECISION: tl.constexpr,
+                        a_s0, a_s1, b_s0, b_s1, off_diagonal_weight, scale, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     # grad_std = d loss / d a^ (B x D, float32); col_sums = its column sums and those of grad_std * a^.
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -243,10 +243,10 @@ def _barlow_grad_kernel(grad_loss_ptr, a_ptr, b_ptr, stats_ptr, gram_b_ptr, grad
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             gram_tile = tl.load(gram_b_ptr + rows[:, None] * B + ks[None, :],
                                 mask=(rows < B)[:, None] & (ks < B)[None, :], other=0.0)
-            a_k = _standardised_tile(a_ptr, s_ab, s_ad, ks, cols, mean_a, rstd_a, B, D)
+            a_k = _standardised_tile(a_ptr, a_s0, a_s1, ks, cols, mean_a, rstd_a, B, D)
             acc += tl.dot(gram_tile, a_k, input_precision=PRECISION)
-        a_m = _standardised_tile(a_ptr, s_ab, s_ad, rows, cols, mean_a, rstd_a, B, D)
-        b_m = _standardised_tile(b_ptr, s_bb, s_bd, rows, cols, mean_b, rstd_b, B, D)
+        a_m = _standardised_tile(a_ptr, a_s0, a_s1, rows, cols, mean_a, rstd_a, B, D)
+        b_m = _standardised_tile(b_ptr, b_s0, b_s1, rows, cols, mean_b, rstd_b, B, D)
         grad_tile = alpha[None, :] * b_m + beta * acc
         sum_g += tl.sum(grad_tile, axis=0)
         sum_ga += tl.sum(grad_tile * a_m, axis=0)
@@ -256,8 +256,9 @@ def _barlow_grad_kernel(grad_loss_ptr, a_ptr, b_ptr, stats_ptr, gram_b_ptr, grad
     tl.store(col_sums_ptr + D + cols, sum_ga, mask=col_mask)
 
 
+@triton.autotune([triton.Config({"BLOCK_B": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1)], key=[])
 @triton.jit
-def _barlow_finish_kernel(a_ptr, stats_ptr, grad_std_ptr, col_sums_ptr, out_ptr, B, D, s_ab, s_ad, s_ob, s_od,
+def _barlow_finish_kernel(a_ptr, stats_ptr, grad_std_ptr, col_sums_ptr, out_ptr, B, D, a_s0, a_s1, out_s0, out_s1,
                           BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # d a = rstd_a * (g^ - mean_rows(g^) - a^ * mean_rows(g^ a^))
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -268,37 +269,42 @@ def _barlow_finish_kernel(a_ptr, stats_ptr, grad_std_ptr, col_sums_ptr, out_ptr,
     rstd_a = tl.load(stats_ptr + 1 * D + cols, mask=col_mask, other=0.0)
     mean_g = tl.load(col_sums_ptr + cols, mask=col_mask, other=0.0) / B
     mean_ga = tl.load(col_sums_ptr + D + cols, mask=col_mask, other=0.0) / B
-    a_std = _standardised_tile(a_ptr, s_ab, s_ad, rows, cols, mean_a, rstd_a, B, D)
+    a_std = _standardised_tile(a_ptr, a_s0, a_s1, rows, cols, mean_a, rstd_a, B, D)
     grad_tile = tl.load(grad_std_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
     result = rstd_a[None, :] * (grad_tile - mean_g[None, :] - a_std * mean_ga[None, :])
-    tl.store(out_ptr + rows[:, None] * s_ob + cols[None, :] * s_od, result.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * out_s0 + cols[None, :] * out_s1, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+CORRELATION_CONFIG = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)
 
 
 @triton.jit
-def _correlation_tile(c_ptr, s_ci, s_cj, D, BLOCK: tl.constexpr):
+def _correlation_tile(c_ptr, c_s0, c_s1, D, BLOCK: tl.constexpr):
     """This program's tile of C, the weight of each entry's square (1 on the diagonal, else 0) and
     its target (1 on the diagonal, else 0), zero outside the matrix."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = (rows < D)[:, None] & (cols < D)[None, :]
-    c = tl.load(c_ptr + rows[:, None] * s_ci + cols[None, :] * s_cj, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + rows[:, None] * c_s0 + cols[None, :] * c_s1, mask=mask, other=0.0).to(tl.float32)
     on_diagonal = (rows[:, None] == cols[None, :]) & mask
     return rows, cols, mask, c, on_diagonal
 
 
+@triton.autotune([CORRELATION_CONFIG], key=[])
 @triton.jit
-def _correlation_loss_kernel(c_ptr, partial_ptr, D, s_ci, s_cj, off_diagonal_weight, BLOCK: tl.constexpr):
+def _correlation_loss_kernel(c_ptr, partial_ptr, D, c_s0, c_s1, off_diagonal_weight, BLOCK: tl.constexpr):
     # partial[tile] = sum over the tile of (C_ii - 1)^2 on the diagonal and l * C_ij^2 off it
-    _, _, mask, c, on_diagonal = _correlation_tile(c_ptr, s_ci, s_cj, D, BLOCK)
+    _, _, mask, c, on_diagonal = _correlation_tile(c_ptr, c_s0, c_s1, D, BLOCK)
     value = tl.where(on_diagonal, (c - 1.0) * (c - 1.0), off_diagonal_weight * c * c)
     tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
              tl.sum(tl.where(mask, value, 0.0)))
 
 
+@triton.autotune([CORRELATION_CONFIG], key=[])
 @triton.jit
-def _correlation_grad_kernel(grad_loss_ptr, c_ptr, out_ptr, D, s_ci, s_cj, off_diagonal_weight, scale,
+def _correlation_grad_kernel(grad_loss_ptr, c_ptr, out_ptr, D, c_s0, c_s1, off_diagonal_weight, scale,
                              BLOCK: tl.constexpr):
-    rows, cols, mask, c, on_diagonal = _correlation_tile(c_ptr, s_ci, s_cj, D, BLOCK)
+    rows, cols, mask, c, on_diagonal = _correlation_tile(c_ptr, c_s0, c_s1, D, BLOCK)
     g = tl.load(grad_loss_ptr).to(tl.float32) * scale * 2.0
     grad = tl.where(on_diagonal, g * (c - 1.0), g * off_diagonal_weight * c)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], grad, mask=mask)
@@ -318,15 +324,6 @@ def _dot_config(dtype: torch.dtype):
     return operand, "ieee", "tf32"
 
 
-def _strides(*tensors):
-    return [s for t in tensors for s in t.stride()]
-
-
-def _launch(kernel, name, grid, *args, **constexprs):
-    config = CONFIGS[name]
-    kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
 def paired_forward(p1, p2, f1, f2, kind):
     if kind not in regularizers.KINDS:
         raise ValueError(f"kind must be one of {regularizers.KINDS}, got {kind!r}")
@@ -334,35 +331,37 @@ def paired_forward(p1, p2, f1, f2, kind):
     cosine = kind == "cosine"
     terms = torch.empty((batch, 4), dtype=torch.float32, device=p1.device)
     norms = torch.empty((batch, 4 if cosine else 0), dtype=torch.float32, device=p1.device)
-    grid = (triton.cdiv(batch, CONFIGS["paired"].kwargs["BLOCK_B"]),)
-    _launch(_paired_forward_kernel, "paired", grid, p1, p2, f1, f2, terms, norms if cosine else terms, batch, dim,
-            *_strides(p1, p2, f1, f2), COSINE=cosine, EPS=COSINE_EPS)
+    launch(_paired_forward_kernel, lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),),
+           p1_ptr=p1, p2_ptr=p2, f1_ptr=f1, f2_ptr=f2, terms_ptr=terms, norms_ptr=norms if cosine else terms,
+           B=batch, D=dim, **strides(p1=p1, p2=p2, f1=f1, f2=f2), COSINE=cosine, EPS=COSINE_EPS)
     return terms, norms
 
 
 def paired_backward(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad):
     batch, dim = p1.shape
     cosine = kind == "cosine"
-    g1 = torch.empty_like(p1) if p1_needs_grad else p1
+    g1 = torch.empty_like(p1) if p1_needs_grad else p1  # never written when not needed
     g2 = torch.empty_like(p2) if p2_needs_grad else p2
-    grid = (triton.cdiv(batch, CONFIGS["paired"].kwargs["BLOCK_B"]),)
-    _launch(_paired_backward_kernel, "paired", grid, grad_terms, terms, norms if cosine else terms,
-            p1, p2, f1, f2, g1, g2, batch, dim, *_strides(p1, p2, f1, f2, g1, g2),
-            COSINE=cosine, EPS=COSINE_EPS, NEED_P1=p1_needs_grad, NEED_P2=p2_needs_grad)
+    launch(_paired_backward_kernel, lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),),
+           grad_terms_ptr=grad_terms, terms_ptr=terms, norms_ptr=norms if cosine else terms,
+           p1_ptr=p1, p2_ptr=p2, f1_ptr=f1, f2_ptr=f2, g1_ptr=g1, g2_ptr=g2, B=batch, D=dim,
+           **strides(p1=p1, p2=p2, f1=f1, f2=f2, g1=g1, g2=g2),
+           COSINE=cosine, EPS=COSINE_EPS, NEED_P1=p1_needs_grad, NEED_P2=p2_needs_grad)
     return [g for g, need in ((g1, p1_needs_grad), (g2, p2_needs_grad)) if need]
 
 
 def barlow_forward(a, b, off_diagonal_weight, scale):
     batch, dim = a.shape
     stats = torch.empty((5, dim), dtype=torch.float32, device=a.device)
-    _launch(_barlow_stats_kernel, "stats", (triton.cdiv(dim, CONFIGS["stats"].kwargs["BLOCK_D"]),),
-            a, b, stats, batch, dim, *_strides(a, b), EPS=BARLOW_VARIANCE_EPS)
-    tiles = triton.cdiv(batch, CONFIGS["gram"].kwargs["BLOCK_M"])
+    launch(_barlow_stats_kernel, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]),),
+           a_ptr=a, b_ptr=b, stats_ptr=stats, B=batch, D=dim, **strides(a=a, b=b), EPS=BARLOW_VARIANCE_EPS)
+    block_m = _barlow_gram_kernel.configs[0].kwargs["BLOCK_M"]  # the partial sums' size needs it
+    tiles = triton.cdiv(batch, block_m)
     gram_b = torch.empty((batch, batch), dtype=torch.float32, device=a.device)
     partial = torch.empty((tiles * tiles,), dtype=torch.float32, device=a.device)
     operand, precision, _ = _dot_config(a.dtype)
-    _launch(_barlow_gram_kernel, "gram", (tiles, tiles), a, b, stats, gram_b, partial, batch, dim,
-            *_strides(a, b), DOT_DTYPE=operand, PRECISION=precision)
+    launch(_barlow_gram_kernel, (tiles, tiles), a_ptr=a, b_ptr=b, stats_ptr=stats, gram_b_ptr=gram_b,
+           partial_ptr=partial, B=batch, D=dim, **strides(a=a, b=b), DOT_DTYPE=operand, PRECISION=precision)
     diag = stats[4]
     loss = scale * (((diag - 1) ** 2).sum()
                     + off_diagonal_weight * (partial.sum() / batch ** 2 - (diag ** 2).sum()))
@@ -374,30 +373,33 @@ def barlow_backward(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale):
     grad_std = torch.empty((batch, dim), dtype=torch.float32, device=a.device)
     col_sums = torch.empty((2, dim), dtype=torch.float32, device=a.device)
     _, _, precision = _dot_config(a.dtype)
-    _launch(_barlow_grad_kernel, "grad", (triton.cdiv(dim, CONFIGS["grad"].kwargs["BLOCK_D"]),),
-            grad_loss.to(torch.float32), a, b, stats, gram_b, grad_std, col_sums, batch, dim,
-            *_strides(a, b), off_diagonal_weight, scale, PRECISION=precision)
+    launch(_barlow_grad_kernel, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]),),
+           grad_loss_ptr=grad_loss.to(torch.float32), a_ptr=a, b_ptr=b, stats_ptr=stats, gram_b_ptr=gram_b,
+           grad_std_ptr=grad_std, col_sums_ptr=col_sums, B=batch, D=dim, **strides(a=a, b=b),
+           off_diagonal_weight=off_diagonal_weight, scale=scale, PRECISION=precision)
     out = torch.empty_like(a)
-    finish = CONFIGS["finish"].kwargs
-    grid = (triton.cdiv(batch, finish["BLOCK_B"]), triton.cdiv(dim, finish["BLOCK_D"]))
-    _launch(_barlow_finish_kernel, "finish", grid, a, stats, grad_std, col_sums, out, batch, dim, *_strides(a, out))
+    launch(_barlow_finish_kernel,
+           lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(dim, meta["BLOCK_D"])),
+           a_ptr=a, stats_ptr=stats, grad_std_ptr=grad_std, col_sums_ptr=col_sums, out_ptr=out, B=batch, D=dim,
+           **strides(a=a, out=out))
     return out
 
 
 def correlation_loss_forward(c, off_diagonal_weight, scale):
     dim = c.shape[0]
-    tiles = triton.cdiv(dim, CONFIGS["correlation"].kwargs["BLOCK"])
+    tiles = triton.cdiv(dim, CORRELATION_CONFIG.kwargs["BLOCK"])  # the partial sums' size needs it
     partial = torch.empty((tiles * tiles,), dtype=torch.float32, device=c.device)
-    _launch(_correlation_loss_kernel, "correlation", (tiles, tiles), c, partial, dim, *c.stride(), off_diagonal_weight)
+    launch(_correlation_loss_kernel, (tiles, tiles), c_ptr=c, partial_ptr=partial, D=dim, **strides(c=c),
+           off_diagonal_weight=off_diagonal_weight)
     return scale * partial.sum()
 
 
 def correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale):
     dim = c.shape[0]
-    tiles = triton.cdiv(dim, CONFIGS["correlation"].kwargs["BLOCK"])
     out = torch.empty((dim, dim), dtype=torch.float32, device=c.device)
-    _launch(_correlation_grad_kernel, "correlation", (tiles, tiles), grad_loss.to(torch.float32), c, out, dim,
-            *c.stride(), off_diagonal_weight, scale)
+    launch(_correlation_grad_kernel, lambda meta: (triton.cdiv(dim, meta["BLOCK"]),) * 2,
+           grad_loss_ptr=grad_loss.to(torch.float32), c_ptr=c, out_ptr=out, D=dim, **strides(c=c),
+           off_diagonal_weight=off_diagonal_weight, scale=scale)
     return out
 
 
@@ -407,9 +409,10 @@ OPS = regularizers.define_regularizer_ops("triton", KERNELS)
 LOSSES = regularizers.regularizer_losses(OPS)
 
 
-def _compile_cases() -> List:
-    """Every kernel at its launch configuration, for each input dtype (bf16 and fp16 take the same
-    code paths in the paired and finishing kernels: fp32 and bf16 cover them)."""
+def compile_cases() -> List:
+    """For tests/test_compile_triton.py: every kernel at its launch configuration, for each input
+    dtype (bf16 and fp16 take the same code paths in the paired and finishing kernels: fp32 and
+    bf16 cover them)."""
     cases = []
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         operand, forward_precision, backward_precision = _dot_config(torch_dtype)
@@ -420,23 +423,19 @@ def _compile_cases() -> List:
                                             "c_ptr")}
         pointers = {**inputs, **floats}
         scalars = {"off_diagonal_weight": "fp32", "scale": "fp32"}
-        specs = [("gram", _barlow_gram_kernel, "", dict(DOT_DTYPE=operand, PRECISION=forward_precision)),
-                 ("grad", _barlow_grad_kernel, "", dict(PRECISION=backward_precision))]
+        specs = [(_barlow_gram_kernel, "", dict(DOT_DTYPE=operand, PRECISION=forward_precision)),
+                 (_barlow_grad_kernel, "", dict(PRECISION=backward_precision))]
         if dtype != "fp16":
             for cosine, kind in ((True, "cosine"), (False, "sqdist")):
                 flags = dict(COSINE=cosine, EPS=COSINE_EPS)
-                specs += [("paired", _paired_forward_kernel, kind, flags),
-                          ("paired", _paired_backward_kernel, kind, dict(NEED_P1=True, NEED_P2=True, **flags))]
-            specs += [("stats", _barlow_stats_kernel, "", dict(EPS=BARLOW_VARIANCE_EPS)),
-                      ("finish", _barlow_finish_kernel, "", {})]
+                specs += [(_paired_forward_kernel, kind, flags),
+                          (_paired_backward_kernel, kind, dict(NEED_P1=True, NEED_P2=True, **flags))]
+            specs += [(_barlow_stats_kernel, "", dict(EPS=BARLOW_VARIANCE_EPS)),
+                      (_barlow_finish_kernel, "", {})]
         if dtype == "fp32":  # C is float32 whatever the inputs
-            specs += [("correlation", _correlation_loss_kernel, "", {}),
-                      ("correlation", _correlation_grad_kernel, "", {})]
-        for config_name, kernel, variant, constexprs in specs:
-            name = "_".join(part for part in ("regularizers", kernel.fn.__name__.strip("_"), variant, dtype) if part)
-            cases.append(compile_case(name, kernel, CONFIGS[config_name], constexprs, pointers, scalars))
+            specs += [(_correlation_loss_kernel, "", {}), (_correlation_grad_kernel, "", {})]
+        for kernel, variant, constexprs in specs:
+            name = "_".join(part for part in ("regularizers", jit_function(kernel).fn.__name__.strip("_"),
+                                              variant, dtype) if part)
+            cases.append(compile_case(name, kernel, kernel.configs[0], constexprs, pointers, scalars))
     return cases
-
-
-# Read by tests/test_triton_compile.py (see its docstring for the convention).
-COMPILE_CASES = _compile_cases()

@@ -1,22 +1,24 @@
-"""Compile every Triton kernel, under every GPU autotune config, for sm_80 and sm_90.
+"""Compile every Triton kernel, under every GPU autotune config, for real GPUs (sm_80 to sm_90).
 
 The interpreter (TRITON_INTERPRET=1, how the other tests run the kernels on CPU) lets through what
 only the GPU compiler rejects: tl.dot shape limits, shared-memory overflow, layout errors. Triton
 compiles for a GPU target without a GPU, so CI catches those here.
 
-Convention (data-driven): every module of ``pnr_kernels.triton`` that defines ``COMPILE_CASES``, a
-list of :class:`pnr_kernels.triton.CompileCase`, is compiled here for each architecture in a
-case's ``archs``, and its shared memory is checked against that GPU's per-block limit (the driver
-would only refuse it at launch). A new kernel module (e.g. pnr_kernels/triton/regularizers.py)
-only has to expose that list; build it with :func:`pnr_kernels.triton.compile_case`, one case per
-kernel x autotune config x specialisation that launches (dtype; for contiguous, aligned inputs
-the ``unit`` and ``divisible_by_16`` specialisations, which use more shared memory), as
-``pnr_kernels.triton.infonce._compile_cases`` does. Case names must be unique.
+Convention (data-driven): every module of ``pnr_kernels.triton`` that defines ``compile_cases()``,
+returning a list of :class:`pnr_kernels.triton.common.CompileCase` (built on call, not at import),
+is compiled here for each architecture in a case's ``archs``, and its shared memory is checked
+against that GPU's per-block limit (the driver would only refuse it at launch). A new kernel module
+only has to define that function; build the cases with
+:func:`pnr_kernels.triton.common.compile_case`, one case per kernel x autotune config x
+specialisation that launches (dtype; for contiguous, aligned inputs the ``unit`` and
+``divisible_by_16`` specialisations, which use more shared memory), as
+``pnr_kernels.triton.infonce.compile_cases`` does. Case names must be unique.
 
 The compilation runs in one subprocess with TRITON_INTERPRET=0 (interpreted kernels cannot be
 compiled), spread over the CPU cores; each case and architecture is then reported as its own
 test. About a minute on 2 cores with an empty Triton cache; seconds with a warm one.
 """
+import functools
 import importlib
 import json
 import os
@@ -36,13 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _case_modules():
-    """{module name: COMPILE_CASES} of every pnr_kernels.triton module that lists cases."""
+    """{module name: its compile cases} of every pnr_kernels.triton module that lists cases."""
     found = {}
     for info in pkgutil.iter_modules(triton_backend.__path__):
         module = importlib.import_module(f"{triton_backend.__name__}.{info.name}")
-        if hasattr(module, "COMPILE_CASES"):
-            found[module.__name__] = module.COMPILE_CASES
+        if hasattr(module, "compile_cases"):
+            found[module.__name__] = module.compile_cases()
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def _cases(module):
+    return importlib.import_module(module).compile_cases()
 
 
 def _compile_one(job):
@@ -52,7 +59,7 @@ def _compile_one(job):
     from triton.compiler import ASTSource
 
     module, index, arch = job
-    case = importlib.import_module(module).COMPILE_CASES[index]
+    case = _cases(module)[index]
     try:
         compiled = triton.compile(ASTSource(case.kernel, case.signature, case.constexprs, case.attrs),
                                   target=GPUTarget("cuda", arch, 32), options=case.options)
@@ -81,7 +88,7 @@ CASE_IDS = [f"{case.name}@sm_{arch}" for cases in _case_modules().values() for c
 @pytest.fixture(scope="module")
 def compile_results():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    code = "import json; from tests.test_triton_compile import compile_all; print(json.dumps(compile_all()))"
+    code = "import json; from tests.test_compile_triton import compile_all; print(json.dumps(compile_all()))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 import pnr_kernels
 from pnr_kernels import reference
+from pnr_kernels.bench import make_inputs
 from pnr_kernels.triton import interpreting
 from pnr_kernels.triton import infonce as triton_infonce
-
-from .helpers import make_inputs
 
 DEVICE = "cpu" if interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():  # pragma: no cover - misconfigured run
@@ -221,10 +220,10 @@ class _LaunchRecorder:
 
 
 def test_frozen_inputs_get_no_gradient_launches(monkeypatch):
-    drow = _LaunchRecorder(triton_infonce._drow)
-    dkey = _LaunchRecorder(triton_infonce._dkey)
-    monkeypatch.setattr(triton_infonce, "_drow", drow)
-    monkeypatch.setattr(triton_infonce, "_dkey", dkey)
+    drow = _LaunchRecorder(triton_infonce._infonce_drow_kernel)
+    dkey = _LaunchRecorder(triton_infonce._infonce_dkey_kernel)
+    monkeypatch.setattr(triton_infonce, "_infonce_drow_kernel", drow)
+    monkeypatch.setattr(triton_infonce, "_infonce_dkey_kernel", dkey)
     rows, keys = _op_inputs(2, [KEYS], WIDTH)
     _check_op(rows, keys, [True, True], [5.0, 5.0], [False, False], [False, False])
     assert (drow.launches, dkey.launches) == (0, 0)
