@@ -30,9 +30,24 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype(x.dtype))
 
 
+# Rows (or columns) whose largest magnitude exceeds this are divided by it before a norm or a
+# variance is taken, so that squares of huge values (fp32 rows near 1e20 and beyond) cannot
+# overflow. Below it nothing is rescaled, so ordinary inputs are computed exactly as
+# torch.nn.functional computes them (the authors' code).
+HUGE = 1e15
+
+
+def _overflow_guard(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``max |x|`` along ``dim`` where it exceeds HUGE, else 1; detached (every formula that
+    divides by it is invariant to the factor, up to an eps that is negligible at that scale)."""
+    scale = x.detach().abs().amax(dim=dim, keepdim=True)
+    return torch.where(scale > HUGE, scale, torch.ones_like(scale))
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise L2 normalisation, ``x / max(||x||, 1e-12)``; an all-zero row stays all zero."""
-    return F.normalize(x, dim=1, eps=NORMALIZE_EPS)
+    """Row-wise L2 normalisation, ``x / max(||x||, 1e-12)``; an all-zero row stays all zero.
+    Huge rows are scaled down first (see HUGE), which leaves the result unchanged."""
+    return F.normalize(x / _overflow_guard(x, 1), dim=1, eps=NORMALIZE_EPS)
 
 
 def _masked_diagonal(logits: torch.Tensor) -> torch.Tensor:
@@ -144,9 +159,16 @@ def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2) -> to
 # Non-contrastive regularisers (section 4) and the base losses a trainer needs
 # ---------------------------------------------------------------------------------------------
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``cos(a_i, b_i)``, each norm clamped at 1e-8, as
+    ``torch.nn.functional.cosine_similarity`` computes it (value and gradient); huge rows are
+    scaled down first (see HUGE), which leaves the result unchanged."""
+    return F.cosine_similarity(a / _overflow_guard(a, 1), b / _overflow_guard(b, 1), dim=1, eps=COSINE_EPS)
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``mean_i cos(a_i, b_i)`` with eps 1e-8 on the norm product."""
-    return F.cosine_similarity(a, b, dim=1, eps=COSINE_EPS).mean()
+    """``mean_i cos(a_i, b_i)`` with each norm clamped at 1e-8 (see :func:`cosine`)."""
+    return cosine(a, b).mean()
 
 
 def _byol_term(p, f):
@@ -161,7 +183,11 @@ def barlow_correlation(a, b) -> torch.Tensor:
     """``C = a^T b^ / B`` (D x D) of the column-standardised batches (section 4), averaged over
     ranks under DDP."""
     def standardise(x):
-        return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + BARLOW_VARIANCE_EPS)
+        # (x - mean) / sqrt(var + eps), on x / s with eps / s^2 (s: see _overflow_guard) so
+        # that the variance of huge columns does not overflow
+        s = _overflow_guard(x, 0)
+        y = x / s
+        return (y - y.mean(0)) / torch.sqrt(y.var(0, unbiased=False) + BARLOW_VARIANCE_EPS / s ** 2)
 
     c = standardise(a).T @ standardise(b) / a.shape[0]
     return distributed.all_reduce_mean(c)
@@ -242,15 +268,3 @@ def vicreg_loss(z1, z2, *, sim_weight=25.0, var_weight=25.0, cov_weight=1.0) -> 
 def barlow_twins_loss(z1, z2, *, off_diagonal_weight=5e-3, scale=0.1) -> torch.Tensor:
     """The Barlow Twins loss between the two current views (same formula as the PNR term)."""
     return barlow_loss(_up(z1), _up(z2), off_diagonal_weight=off_diagonal_weight, scale=scale).to(z1.dtype)
-
-
-LOSSES = {
-    "simclr_pnr": simclr_pnr_loss,
-    "nt_xent": nt_xent_loss,
-    "moco_pnr": moco_pnr_loss,
-    "moco": moco_loss,
-    "cassle_simclr": cassle_simclr_regularizer,
-    "byol_pnr": byol_pnr_regularizer,
-    "vicreg_pnr": vicreg_pnr_regularizer,
-    "barlow_pnr": barlow_pnr_regularizer,
-}

@@ -13,78 +13,39 @@ import torch.nn.functional as F
 
 import pnr_kernels
 from pnr_kernels import reference
-from pnr_kernels.bench import make_inputs
-from pnr_kernels.triton import interpreting
+from pnr_kernels.registry import LOSSES
+from pnr_kernels.testing import TOLERANCES, assert_close_relative, check_against_reference, make_inputs
 from pnr_kernels.triton import infonce as triton_infonce
+from pnr_kernels.triton import interpreting
 
 DEVICE = "cpu" if interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():  # pragma: no cover - misconfigured run
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
-PUBLIC = {
-    "simclr_pnr": pnr_kernels.simclr_pnr_loss,
-    "nt_xent": pnr_kernels.nt_xent_loss,
-    "moco_pnr": pnr_kernels.moco_pnr_loss,
-    "moco": pnr_kernels.moco_loss,
-    "cassle_simclr": pnr_kernels.cassle_simclr_regularizer,
-}
-# SPEC.md section 6: (loss, gradients) relative tolerances
-TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-2, 5e-2), torch.bfloat16: (2e-2, 5e-2)}
+CONTRASTIVE = sorted(name for name, spec in LOSSES.items() if spec.family == "infonce")
 # a tile is 32 rows or keys in the interpreter: these span 2 row tiles and 2 key tiles, and in
 # fp32 (resident up to D=64, then chunks of 32) 3 D chunks
 ROWS, KEYS, WIDTH = 37, 45, 70
 
 
-def assert_relative(got, want, tol, what):
-    """||got - want|| <= tol ||want|| (want in fp64), and got finite."""
-    got = got.detach().to(torch.float64)
-    want = want.detach().to(torch.float64)
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    error = (got - want).norm() / want.norm().clamp_min(1e-30)
-    assert error <= tol, f"{what}: relative error {error:.3g} > {tol}"
-
-
-def loss_and_grads(fn, args, kwargs):
-    loss = fn(*args, **kwargs)
-    trainable = [a for a in args if a.requires_grad]
-    return loss, torch.autograd.grad(loss, trainable)
-
-
-def low_precision_copy(args, dtype):
-    """args cast to dtype (strides kept: the queues stay transposed views), trainable ones leaves."""
-    return [a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("loss", sorted(PUBLIC))
+@pytest.mark.parametrize("loss", CONTRASTIVE)
 def test_public_loss_and_gradients_match_fp64_reference(loss, dtype):
-    args, kwargs = make_inputs(loss, 19, 37, torch.float64, requires_grad=True, queue_size=23, device=DEVICE)
-    args = low_precision_copy(args, dtype)
-    got, got_grads = loss_and_grads(lambda *a, **k: PUBLIC[loss](*a, backend="triton", **k), args, kwargs)
-    assert got.dtype == dtype
-    # the reference sees the same (rounded) values, in fp64
-    want, want_grads = loss_and_grads(reference.LOSSES[loss], low_precision_copy(args, torch.float64), kwargs)
-    loss_tol, grad_tol = TOLERANCE[dtype]
-    assert_relative(got, want, loss_tol, f"{loss} loss")
-    assert len(got_grads) == len(want_grads) > 0
-    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
-        assert g.dtype == dtype and g.shape == w.shape
-        assert_relative(g, w, grad_tol, f"{loss} gradient {i}")
+    """Loss and every trainable gradient (the queues strided views) against the reference on the
+    same rounded values in fp64, within docs/losses.md's tolerances."""
+    args, options = make_inputs(loss, 19, 37, dtype, requires_grad=True, queue_size=23, device=DEVICE)
+    comparison = check_against_reference(loss, "triton", args, options)
+    assert len(comparison.gradients) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr"])
 def test_public_loss_at_temperature_0_01(loss, dtype):
-    """Logits up to 1 / 0.01 = 100 for unit rows: finite, and within the SPEC tolerances."""
-    args, kwargs = make_inputs(loss, 19, 37, torch.float64, requires_grad=True, queue_size=23, device=DEVICE,
-                               temperature=0.01)
-    args = low_precision_copy(args, dtype)
-    got, got_grads = loss_and_grads(lambda *a, **k: PUBLIC[loss](*a, backend="triton", **k), args, kwargs)
-    want, want_grads = loss_and_grads(reference.LOSSES[loss], low_precision_copy(args, torch.float64), kwargs)
-    loss_tol, grad_tol = TOLERANCE[dtype]
-    assert_relative(got, want, loss_tol, f"{loss} loss")
-    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
-        assert_relative(g, w, grad_tol, f"{loss} gradient {i}")
+    """Logits up to 1 / 0.01 = 100 for unit rows: finite, and within the contract's tolerances."""
+    options = {"temperature": 0.01, **({"distill_temperature": 0.015} if loss == "moco_pnr" else {})}
+    args, options = make_inputs(loss, 19, 37, dtype, requires_grad=True, queue_size=23, device=DEVICE,
+                                options=options)
+    check_against_reference(loss, "triton", args, options)
 
 
 def _op_inputs(row_count, key_sizes, dim, *, dtype=torch.float32, scale=1.0):
@@ -106,18 +67,19 @@ def _reference_op(rows, keys, exclude, scales, grad_lse, rows_need_grad, keys_ne
     return lse, torch.autograd.grad(lse, wanted, grad_lse.double()) if wanted else []
 
 
-def _check_op(rows, keys, exclude, scales, rows_need_grad, keys_need_grad, *, tol=(1e-5, 1e-4), **flags):
+def _check_op(rows, keys, exclude, scales, rows_need_grad, keys_need_grad, *, tol=TOLERANCES[torch.float32],
+              **flags):
     lse = triton_infonce.infonce_forward(rows, keys, exclude, scales, **flags)
     grad_lse = torch.rand_like(lse)
     want_lse, want_grads = _reference_op(rows, keys, exclude, scales, grad_lse, rows_need_grad, keys_need_grad)
     assert lse.shape == (len(rows), rows[0].shape[0]) and lse.dtype == torch.float32
-    assert_relative(lse, want_lse, tol[0], "lse")
+    assert_close_relative(lse, want_lse, tol[0], "lse")
     grads = triton_infonce.infonce_backward(grad_lse, lse, rows, keys, exclude, scales,
                                             rows_need_grad, keys_need_grad, **flags)
     assert len(grads) == len(want_grads)
     for i, (g, w) in enumerate(zip(grads, want_grads)):
         assert g.dtype == rows[0].dtype
-        assert_relative(g, w, tol[1], f"gradient {i}")
+        assert_close_relative(g, w, tol[1], f"gradient {i}")
 
 
 @pytest.mark.parametrize("dim", [WIDTH, 150], ids=["D=70", "D=150"])
@@ -152,7 +114,7 @@ def test_empty_key_block():
 def test_low_precision_op(dtype, dim):
     """16-bit rows stay resident up to D=256; D=300 walks 5 chunks of 64 and writes 2 slices."""
     rows, keys = _op_inputs(2, [KEYS], dim, dtype=dtype)
-    _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=(2e-2, 5e-2))
+    _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=TOLERANCES[dtype])
 
 
 def test_strided_queue_keys_and_strided_rows():
