@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pnr_kernels
+import pnr_kernels.triton as triton_backend
 from pnr_kernels import reference
 from pnr_kernels.registry import LOSSES
 from pnr_kernels.testing import TOLERANCES, assert_close_relative, check_against_reference, make_inputs
@@ -193,20 +194,69 @@ def test_frozen_inputs_get_no_gradient_launches(monkeypatch):
     assert (drow.launches, dkey.launches) == (1, 1)  # only row set 1 and key block 0
 
 
-def test_launch_flags_follow_dtype_and_matmul_precision():
+@pytest.fixture
+def matmul_precision():
+    """Restores torch's fp32 matmul precision (new API; the legacy setter also writes it) after
+    the test."""
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    yield
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_launch_flags_follow_dtype_and_matmul_precision(matmul_precision):
     rows, keys = _op_inputs(1, [], WIDTH)
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == "ieee"
-        torch.set_float32_matmul_precision("high")
-        assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    torch.set_float32_matmul_precision("highest")
+    assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == "ieee"
+    torch.set_float32_matmul_precision("high")
+    assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == "tf32"
     bf16 = [r.to(torch.bfloat16) for r in rows]
     assert triton_infonce._common_flags(bf16, bf16, False)["UPCAST"] == interpreting()
     with pytest.raises(TypeError, match="one dtype"):
         triton_infonce._common_flags(rows, bf16, False)
+
+
+@pytest.mark.parametrize("setting,expected", [
+    (("cuda.matmul", "tf32"), "tf32"), (("cuda.matmul", "ieee"), "ieee"),
+    (("global", "tf32"), "tf32"), (("global", "ieee"), "ieee"),
+    (("legacy", "medium"), "tf32"), (("legacy", "highest"), "ieee"),
+])
+def test_fp32_precision_from_the_new_and_the_legacy_api(matmul_precision, setting, expected):
+    """torch's recommended API (``torch.backends.cuda.matmul.fp32_precision``, or the global
+    ``torch.backends.fp32_precision`` it inherits) makes ``torch.get_float32_matmul_precision()``
+    raise; the flags must follow either API."""
+    api, value = setting
+    if api == "legacy":
+        torch.set_float32_matmul_precision(value)
+    elif api == "global":
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = value
+    else:
+        torch.backends.cuda.matmul.fp32_precision = value
+    rows, keys = _op_inputs(1, [], WIDTH)
+    assert triton_infonce._common_flags(rows, keys, False)["PRECISION"] == expected
+
+
+def test_float32_loss_runs_under_the_new_tf32_api(matmul_precision):
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    z1, z2 = (torch.randn(5, 8, device=DEVICE) for _ in range(2))
+    assert torch.isfinite(pnr_kernels.nt_xent_loss(z1, z2, backend="triton"))
+
+
+def test_cuda_needs_a_usable_gpu(monkeypatch):
+    """CPU-only torch (or no GPU) cannot run the kernels on CUDA tensors, nor can the interpreter,
+    which runs CPU tensors only."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "torch.cuda.is_available()" in triton_backend.unavailable_reason(cuda, torch.float32)
+    assert "triton" not in pnr_kernels.available_backends("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason(cuda, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason(cuda, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_backend.unavailable_reason(cuda, torch.float32) is None
+    assert "triton" in pnr_kernels.available_backends("cuda")
 
 
 def test_backend_refuses_float64():

@@ -26,7 +26,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
     error = _import_error()
     if error is not None:
         return error
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+    if device.type == "cuda":
+        if interpreting():
+            return "TRITON_INTERPRET=1 runs the kernels on CPU tensors only; unset it for CUDA tensors"
+        if not torch.cuda.is_available():
+            return ("torch cannot use CUDA here (torch.cuda.is_available() is False: a CPU-only torch build, "
+                    "or no GPU or driver)")
+    elif not (device.type == "cpu" and interpreting()):
         return f"it runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got a {device.type} tensor"
     if dtype == torch.float64:
         return "float64 is not supported by the Triton kernels; use backend='reference' or 'native' for float64"

@@ -18,9 +18,9 @@ Three kernels, the scheme of flash attention's forward and recompute backward:
   Key blocks and row sets that need no gradient get no program at all.
 
 Nothing of size rows x keys is written to memory. Logits are accumulated in fp32 (bf16/fp16
-operands on tensor cores; fp32 operands follow ``torch.get_float32_matmul_precision()``:
-"highest" -> IEEE fp32, otherwise TF32). The probabilities are rounded to the input dtype before
-the gradient products, as flash attention does.
+operands on tensor cores; fp32 operands follow torch's fp32 matmul precision, read from the new or
+the legacy API by ``common.fp32_matmul_precision``: IEEE fp32 or TF32). The probabilities are
+rounded to the input dtype before the gradient products, as flash attention does.
 
 Width D (``d_blocking``): up to ``RESIDENT_D`` (256 for bf16/fp16, 64 for fp32) a tile spans all
 of D; the operand a program reuses across its loop (rows in forward and dRow, the key tile in
@@ -59,7 +59,7 @@ import triton.language as tl
 
 from ..ops.infonce import InfoNCEKernels
 from . import interpreting
-from .common import compile_case, jit_function, launch, strides
+from .common import compile_case, fp32_matmul_precision, jit_function, launch, strides
 
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
@@ -451,11 +451,10 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
         if t.dtype != dtype:
             raise TypeError(f"the Triton InfoNCE kernels need one dtype for all {name} and rows; got "
                             f"{dtype} and {t.dtype}")
-    highest = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     return dict(
         INT64=force_int64 or needs_int64(*rows, *keys),
         UPCAST=interpreting() and dtype == torch.bfloat16,
-        PRECISION="ieee" if highest else "tf32",
+        PRECISION=fp32_matmul_precision() if dtype == torch.float32 else "tf32",
         **d_blocking(rows[0].shape[1], rows[0].element_size()),
     )
 
