@@ -160,6 +160,97 @@ def test_tiny_temperature_stays_finite():
     _check_op(rows, keys, [True, True], [100.0, 100.0], [True, True], [True, True])
 
 
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# numpy (the interpreter) warns about the NaNs these tests make on purpose
+NON_FINITE = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+NAN_PLACES = ["row set 0", "row set 1", "self key block", "queue key", "whole queue"]
+
+
+def _with_nan(place, dtype):
+    """Two row sets against [row set 0 (diagonal excluded), a queue], one value made NaN."""
+    rows = [torch.randn(5, 8, device=DEVICE).to(dtype) for _ in range(2)]
+    queue = torch.randn(8, 7, device=DEVICE).to(dtype).T  # a strided queue, as MoCo's
+    keys = [rows[0], queue]
+    nan = float("nan")
+    if place == "row set 0":  # also a key of block 0: every other row of both sets sees it
+        rows[0][2, 3] = nan
+    elif place == "row set 1":
+        rows[1][4, 0] = nan
+    elif place == "self key block":  # key 1 of block 0 is row 1 of set 0
+        keys[0][1, 7] = nan
+    elif place == "queue key":
+        queue[6, 2] = nan
+    else:
+        queue.fill_(nan)
+    return rows, keys
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("place", NAN_PLACES)
+def test_nan_anywhere_gives_nan_where_the_reference_does(place, dtype):
+    """A NaN in any row set, key block or queue makes exactly the LSEs NaN that the reference
+    makes NaN (Triton's max is max-num: it drops NaN operands, so the kernels must carry the NaN
+    past it), and every gradient the reference poisons gets non-finite values too."""
+    rows, keys = _with_nan(place, dtype)
+    exclude, scales = [True, False], [5.0, 3.0]
+    lse = triton_infonce.infonce_forward(rows, keys, exclude, scales)
+    want, want_grads = _reference_op(rows, keys, exclude, scales, torch.ones(2, 5, dtype=torch.float64),
+                                     [True, True], [True, True])
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(lse).cpu(), torch.isnan(want).cpu()), (lse, want)
+    grads = triton_infonce.infonce_backward(torch.ones_like(lse), lse, rows, keys, exclude, scales,
+                                            [True, True], [True, True])
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all() == torch.isfinite(w).all()
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_an_infinite_queue_value_gives_non_finite_lse(value, dtype):
+    """Every row meets the infinite key with a logit of +-inf (or NaN): no row may come out finite.
+    (The reference drops a -inf logit from its sum; docs/losses.md: non-finite embeddings give a
+    non-finite loss, never a silent number.)"""
+    rows = [torch.rand(5, 8, device=DEVICE).add(0.1).to(dtype)]  # positive: the logit is +-inf
+    queue = torch.randn(7, 8, device=DEVICE).to(dtype)
+    queue[3, 5] = value
+    lse = triton_infonce.infonce_forward(rows, [queue], [False], [5.0])
+    assert not torch.isfinite(lse).any(), lse
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_in_grad_lse_is_not_dropped(dtype):
+    rows, keys = _op_inputs(2, [KEYS], 16, dtype=dtype)
+    exclude, scales = [True, False], [5.0, 3.0]
+    lse = triton_infonce.infonce_forward(rows, keys, exclude, scales)
+    grad_lse = torch.rand_like(lse)
+    grad_lse[1, 4] = float("nan")
+    d_row0, d_row1, d_key0, d_key1 = triton_infonce.infonce_backward(grad_lse, lse, rows, keys, exclude, scales,
+                                                                     [True, True], [True, True])
+    assert torch.isfinite(d_row0).all() and torch.isnan(d_row1[4]).all()
+    assert torch.isfinite(d_row1[torch.arange(ROWS) != 4]).all()
+    assert torch.isnan(d_key0[torch.arange(ROWS) != 4]).all()  # row 4 excludes key 4 of block 0
+    assert torch.isnan(d_key1).all()
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where", ["one queue value", "whole queue"])
+def test_moco_pnr_with_nan_in_a_queue_is_nan(where, dtype):
+    """The MoCo-PNR loss with a NaN in its previous-model queue: NaN, not a number (an all-NaN
+    queue gave 0.0)."""
+    args, options = make_inputs("moco_pnr", 3, 8, dtype, queue_size=5, device=DEVICE)
+    prev_queue = args[-1]
+    if where == "whole queue":
+        prev_queue.fill_(float("nan"))
+    else:
+        prev_queue[1, 2, 4] = float("nan")
+    loss = LOSSES["moco_pnr"].function(*args, **options, backend="triton")
+    assert torch.isnan(loss)
+
+
 def test_row_with_every_key_excluded():
     """One row against itself with the diagonal excluded: LSE -inf, as torch.logsumexp gives, and
     zero gradient (p = 0 for every key) rather than NaN."""

@@ -170,13 +170,29 @@ def _excluded(offs_m, offs_n, mask_n, EXCLUDE: tl.constexpr):
 
 
 @triton.jit
-def _online_update(m, l, s):
-    """Fold a tile of base-2 logits s into the running max m and running sum l (fp32). A row whose
-    logits are all -inf so far keeps m = -inf and l = 0 (no NaN)."""
-    m_new = tl.maximum(m, tl.max(s, 1))
+def _online_update(m, l, s, excluded):
+    """Fold a tile of base-2 logits s into the running max m and running sum l (fp32), leaving
+    out the excluded ones. A row whose logits are all excluded so far keeps m = -inf and l = 0.
+
+    Non-finite logits poison l, by construction rather than by the target's max semantics (PTX
+    max.f32 and the interpreter's max both drop a NaN operand): the max is taken over the non-NaN
+    logits only, and ``s - s`` (0, or NaN for a NaN or infinite logit) is added to the sum, so a
+    NaN or infinite input gives a NaN LSE (docs/losses.md, "Precision")."""
+    poison = tl.where(excluded, 0.0, s - s)
+    s = tl.where(excluded, float("-inf"), s)
+    m_new = tl.maximum(m, tl.max(tl.where(s != s, float("-inf"), s), 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
+    l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]) + poison, 1)
     return m_new, l
+
+
+@triton.jit
+def _lse(m, l):
+    """The natural-log LSE from the base-2 running max and sum: l >= 1 once any logit is kept
+    (the max contributes exp2(0)); l = 0 means m = -inf and the LSE is -inf, as torch.logsumexp
+    gives for a row with every key excluded (or an empty split); a NaN l stays NaN (``l < 1`` is
+    false for NaN, where a max might drop it)."""
+    return (m + tl.log2(tl.where(l < 1.0, 1.0, l))) * 0.6931471805599453
 
 
 @triton.jit
@@ -222,9 +238,9 @@ def _fwd_key_block(m0, l0, m1, l1, row0, row1, r0_ptr, r0_s0, r0_s1, r1_ptr, r1_
                          k_ptr, k_s0, k_s1, offs_n, mask_n, D, TWO_ROWS, SINGLE_CHUNK,
                          INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         excluded = _excluded(offs_m, offs_n, mask_n, EXCLUDE)
-        m0, l0 = _online_update(m0, l0, tl.where(excluded, float("-inf"), s0 * scale0_log2))
+        m0, l0 = _online_update(m0, l0, s0 * scale0_log2, excluded)
         if TWO_ROWS:
-            m1, l1 = _online_update(m1, l1, tl.where(excluded, float("-inf"), s1 * scale1_log2))
+            m1, l1 = _online_update(m1, l1, s1 * scale1_log2, excluded)
     return m0, l0, m1, l1
 
 
@@ -269,11 +285,9 @@ def _infonce_fwd_kernel(
                                         r1_s0, r1_s1, offs_m, mask_m, k1_ptr, k1_s0, k1_s1, MK1,
                                         split, SPLITS, scale0_log2, scale1_log2, D, EXCLUDE1, NUM_ROWS == 2,
                                         SINGLE_CHUNK, INT64, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-    # l >= 1 once any logit is finite (the max contributes exp2(0)); l = 0 means m = -inf, and the
-    # LSE is -inf, as torch.logsumexp gives for a row with every key excluded (or an empty split)
-    tl.store(lse_ptr + offs_m, (m0 + tl.log2(tl.maximum(l0, 1.0))) * 0.6931471805599453, mask=mask_m)
+    tl.store(lse_ptr + offs_m, _lse(m0, l0), mask=mask_m)
     if NUM_ROWS == 2:
-        tl.store(lse_ptr + M + offs_m, (m1 + tl.log2(tl.maximum(l1, 1.0))) * 0.6931471805599453, mask=mask_m)
+        tl.store(lse_ptr + M + offs_m, _lse(m1, l1), mask=mask_m)
 
 
 # ---------------------------------------------------------------------------------------------
