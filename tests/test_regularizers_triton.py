@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from pnr_kernels.registry import LOSSES  # noqa: E402
 from pnr_kernels.testing import check_against_reference, make_inputs, restride  # noqa: E402
 from pnr_kernels.triton import interpreting  # noqa: E402
 
@@ -48,3 +49,56 @@ def test_half_precision_matches_reference(loss, dtype):
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
 def test_strided_inputs(loss):
     _check(loss, 6, 33, torch.float32, transposed=True)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# numpy (the interpreter) warns about the NaNs and overflows these tests make on purpose
+NON_FINITE = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("place", ["p1", "p2", "f1", "f2"])
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_nan_in_any_input_gives_a_nan_loss(loss, place, dtype):
+    """A NaN in any input makes the loss NaN, and exactly the gradients the reference poisons
+    non-finite."""
+    args, options = make_inputs(loss, 5, 7, dtype, device=DEVICE, options=WEIGHTS[loss])
+    args[["p1", "p2", "f1", "f2"].index(place)][2, 3] = float("nan")
+    args = [a.requires_grad_(i < 2) for i, a in enumerate(args)]
+    got = LOSSES[loss].function(*args, **options, backend="triton")
+    exact = [a.detach().double().requires_grad_(i < 2) for i, a in enumerate(args)]
+    want = LOSSES[loss].function(*exact, **options, backend="reference")
+    assert torch.isnan(got) and torch.isnan(want)
+    for name, g, w in zip(("p1", "p2"), torch.autograd.grad(got, args[:2]), torch.autograd.grad(want, exact[:2])):
+        assert bool(torch.isfinite(g).all()) == bool(torch.isfinite(w).all()), name
+
+
+# row scales from tiny to past float32's square root (1.8e19): sums of squares of the raw rows
+# overflow, the rows themselves and the gradients (about 1 / scale) are normal float32 numbers
+ROW_SCALES = [1.0, 3e19, 1e30, 2e25, 1e-5]
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_rows_give_the_unit_scale_cosines(dtype):
+    """The cosine terms are scale-invariant: rows scaled by up to 1e30 (each row of each input its
+    own scale) give the loss and gradients of the reference, which computes in float64."""
+    args, options = make_inputs("byol_pnr", 5, 7, torch.float64, device=DEVICE, options=WEIGHTS["byol_pnr"])
+    scales = torch.tensor(ROW_SCALES, dtype=torch.float64, device=DEVICE)[:, None]
+    args = [(a * scales.roll(i, 0)).to(dtype).requires_grad_(i < 2) for i, a in enumerate(args)]
+    check_against_reference("byol_pnr", "triton", args, options)
+
+
+@pytest.mark.parametrize("loss", ["byol_pnr", "barlow_pnr"])
+def test_zero_and_tiny_rows_match_the_reference(loss):
+    """Norms clamped at eps (an all-zero row, rows of 1e-10 and 1e-35): cosines and gradients as
+    torch.nn.functional.cosine_similarity's."""
+    args, options = make_inputs(loss, 5, 7, torch.float64, device=DEVICE, options=WEIGHTS[loss])
+    for i, a in enumerate(args):
+        a[i % 5] = 0.0
+        a[(i + 1) % 5] *= 1e-10
+        a[(i + 2) % 5] *= 1e-35
+    args = [a.float().requires_grad_(i < 2) for i, a in enumerate(args)]
+    check_against_reference(loss, "triton", args, options)

@@ -29,12 +29,31 @@ import triton.language as tl
 from ..ops import regularizers
 from ..reference import BARLOW_VARIANCE_EPS, COSINE_EPS
 from . import interpreting
-from .common import compile_case, jit_function, launch, strides
+from .common import POW2_MIN, compile_case, jit_function, launch, pow2_scale, strides
 
 # One launch configuration per kernel, on the kernel (GPU and interpreter alike; not tuned yet):
 # single-config autotune decorators, so that a launch takes its block sizes from the kernel.
 # Blocks are not tied to the shapes: every kernel masks its edges.
 PAIRED_CONFIG = triton.Config({"BLOCK_B": 4, "BLOCK_D": 512}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _rescaled(x, scale, acc_square):
+    """Rows of ``x`` (a tile, float32) divided by their power-of-two scale grown to cover this
+    tile's magnitudes (``common.pow2_scale``: exact), the new scale, and the factor (a power of
+    two <= 1) that moves sums accumulated at the old scale to the new one; ``acc_square`` (the
+    running sum of squares) moved already. Rows up to float32's largest values keep their sums of
+    squares finite this way; at unit scale the scale is 1 and nothing changes."""
+    grown = tl.maximum(scale, pow2_scale(tl.max(tl.abs(x), 1)))
+    factor = scale / grown
+    x = x * (1.0 / grown)[:, None]
+    return x, grown, factor, acc_square * (factor * factor) + tl.sum(x * x, 1)
+
+
+@triton.jit
+def _clamped(norm, eps):
+    """max(norm, eps), keeping a NaN norm NaN (a max might drop it)."""
+    return tl.where(norm < eps, eps, norm)
 
 
 @triton.autotune([PAIRED_CONFIG], key=[])
@@ -43,6 +62,10 @@ def _paired_forward_kernel(p1_ptr, p2_ptr, f1_ptr, f2_ptr, terms_ptr, norms_ptr,
                            p1_s0, p1_s1, p2_s0, p2_s1, f1_s0, f1_s1, f2_s0, f2_s1,
                            COSINE: tl.constexpr, EPS: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """terms (B, 4) and, for the cosine, norms (B, 4) of the op (ops/regularizers.py). The cosine
+    works on each row divided by a running power-of-two scale (``_rescaled``), so that rows whose
+    sums of squares overflow float32 (entries past ~1e19) still give their cosines; the norms it
+    writes are the true ones, ``scale * |row / scale|``."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     t11 = tl.zeros((BLOCK_B,), tl.float32)  # (p1, f1)
@@ -53,6 +76,10 @@ def _paired_forward_kernel(p1_ptr, p2_ptr, f1_ptr, f2_ptr, terms_ptr, norms_ptr,
     sq_p2 = tl.zeros((BLOCK_B,), tl.float32)
     sq_f1 = tl.zeros((BLOCK_B,), tl.float32)
     sq_f2 = tl.zeros((BLOCK_B,), tl.float32)
+    u_p1 = tl.full((BLOCK_B,), POW2_MIN, tl.float32)  # the rows' scales so far
+    u_p2 = u_p1
+    u_f1 = u_p1
+    u_f2 = u_p1
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
@@ -61,36 +88,46 @@ def _paired_forward_kernel(p1_ptr, p2_ptr, f1_ptr, f2_ptr, terms_ptr, norms_ptr,
         y1 = tl.load(f1_ptr + rows[:, None] * f1_s0 + cols[None, :] * f1_s1, mask=mask, other=0.0).to(tl.float32)
         y2 = tl.load(f2_ptr + rows[:, None] * f2_s0 + cols[None, :] * f2_s1, mask=mask, other=0.0).to(tl.float32)
         if COSINE:
-            t11 += tl.sum(x1 * y1, axis=1)
-            t22 += tl.sum(x2 * y2, axis=1)
-            t12 += tl.sum(x1 * y2, axis=1)
-            t21 += tl.sum(x2 * y1, axis=1)
-            sq_p1 += tl.sum(x1 * x1, axis=1)
-            sq_p2 += tl.sum(x2 * x2, axis=1)
-            sq_f1 += tl.sum(y1 * y1, axis=1)
-            sq_f2 += tl.sum(y2 * y2, axis=1)
+            x1, u_p1, r_p1, sq_p1 = _rescaled(x1, u_p1, sq_p1)
+            x2, u_p2, r_p2, sq_p2 = _rescaled(x2, u_p2, sq_p2)
+            y1, u_f1, r_f1, sq_f1 = _rescaled(y1, u_f1, sq_f1)
+            y2, u_f2, r_f2, sq_f2 = _rescaled(y2, u_f2, sq_f2)
+            t11 = t11 * (r_p1 * r_f1) + tl.sum(x1 * y1, axis=1)
+            t22 = t22 * (r_p2 * r_f2) + tl.sum(x2 * y2, axis=1)
+            t12 = t12 * (r_p1 * r_f2) + tl.sum(x1 * y2, axis=1)
+            t21 = t21 * (r_p2 * r_f1) + tl.sum(x2 * y1, axis=1)
         else:
             t11 += tl.sum((x1 - y1) * (x1 - y1), axis=1)
             t22 += tl.sum((x2 - y2) * (x2 - y2), axis=1)
             t12 += tl.sum((x1 - y2) * (x1 - y2), axis=1)
             t21 += tl.sum((x2 - y1) * (x2 - y1), axis=1)
     if COSINE:
+        # |row / u| and its clamp max(|row|, eps) / u, at the rows' scales
         n_p1, n_p2 = tl.sqrt_rn(sq_p1), tl.sqrt_rn(sq_p2)
         n_f1, n_f2 = tl.sqrt_rn(sq_f1), tl.sqrt_rn(sq_f2)
-        c_p1, c_p2 = tl.maximum(n_p1, EPS), tl.maximum(n_p2, EPS)
-        c_f1, c_f2 = tl.maximum(n_f1, EPS), tl.maximum(n_f2, EPS)
-        t11 = t11 / (c_p1 * c_f1)
-        t22 = t22 / (c_p2 * c_f2)
-        t12 = t12 / (c_p1 * c_f2)
-        t21 = t21 / (c_p2 * c_f1)
-        tl.store(norms_ptr + rows * 4 + 0, n_p1, mask=row_mask)
-        tl.store(norms_ptr + rows * 4 + 1, n_p2, mask=row_mask)
-        tl.store(norms_ptr + rows * 4 + 2, n_f1, mask=row_mask)
-        tl.store(norms_ptr + rows * 4 + 3, n_f2, mask=row_mask)
+        c_p1, c_p2 = _clamped(n_p1, EPS / u_p1), _clamped(n_p2, EPS / u_p2)
+        c_f1, c_f2 = _clamped(n_f1, EPS / u_f1), _clamped(n_f2, EPS / u_f2)
+        # one division per norm: the product of two clamps of all-zero rows (eps / 2**-100 each)
+        # would overflow
+        t11 = t11 / c_p1 / c_f1
+        t22 = t22 / c_p2 / c_f2
+        t12 = t12 / c_p1 / c_f2
+        t21 = t21 / c_p2 / c_f1
+        tl.store(norms_ptr + rows * 4 + 0, n_p1 * u_p1, mask=row_mask)
+        tl.store(norms_ptr + rows * 4 + 1, n_p2 * u_p2, mask=row_mask)
+        tl.store(norms_ptr + rows * 4 + 2, n_f1 * u_f1, mask=row_mask)
+        tl.store(norms_ptr + rows * 4 + 3, n_f2 * u_f2, mask=row_mask)
     tl.store(terms_ptr + rows * 4 + 0, t11, mask=row_mask)
     tl.store(terms_ptr + rows * 4 + 1, t22, mask=row_mask)
     tl.store(terms_ptr + rows * 4 + 2, t12, mask=row_mask)
     tl.store(terms_ptr + rows * 4 + 3, t21, mask=row_mask)
+
+
+@triton.jit
+def _inverse_norms(norms_ptr, rows, row_mask, column, EPS: tl.constexpr):
+    """1 / max(|x|, eps) and 1 / |x| (0 for an all-zero row) of one input's rows; NaN stays NaN."""
+    norm = tl.load(norms_ptr + rows * 4 + column, mask=row_mask, other=1.0)
+    return 1.0 / _clamped(norm, EPS), tl.where(norm == 0, 0.0, 1.0 / tl.where(norm == 0, 1.0, norm))
 
 
 @triton.autotune([PAIRED_CONFIG], key=[])
@@ -100,7 +137,10 @@ def _paired_backward_kernel(grad_terms_ptr, terms_ptr, norms_ptr, p1_ptr, p2_ptr
                             g1_s0, g1_s1, g2_s0, g2_s1,
                             COSINE: tl.constexpr, EPS: tl.constexpr, NEED_P1: tl.constexpr,
                             NEED_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    # d p1 = a11 f1_ptr + a12 f2_ptr + b1 p1 and d p2 = a21 f1_ptr + a22 f2_ptr + b2 p2, per row (ops docstring).
+    """The gradients of p1 and p2 (ops/regularizers.py). For the cosine,
+    ``d p = 1 / max(|p|, eps) * sum over p's pairs (g f / max(|f|, eps) - g cos p / |p|)``: the
+    vectors are divided by their norms before anything is multiplied, so rows near float32's
+    largest values give gradients near its smallest normal ones without underflow."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     g11 = tl.load(grad_terms_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
@@ -108,37 +148,42 @@ def _paired_backward_kernel(grad_terms_ptr, terms_ptr, norms_ptr, p1_ptr, p2_ptr
     g12 = tl.load(grad_terms_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
     g21 = tl.load(grad_terms_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
     if COSINE:
-        n_p1 = tl.load(norms_ptr + rows * 4 + 0, mask=row_mask, other=1.0)
-        n_p2 = tl.load(norms_ptr + rows * 4 + 1, mask=row_mask, other=1.0)
-        inv_f1 = 1.0 / tl.maximum(tl.load(norms_ptr + rows * 4 + 2, mask=row_mask, other=1.0), EPS)
-        inv_f2 = 1.0 / tl.maximum(tl.load(norms_ptr + rows * 4 + 3, mask=row_mask, other=1.0), EPS)
-        inv_p1 = 1.0 / tl.maximum(n_p1, EPS)
-        inv_p2 = 1.0 / tl.maximum(n_p2, EPS)
-        unit_p1 = tl.where(n_p1 > 0, 1.0 / tl.where(n_p1 > 0, n_p1, 1.0), 0.0)  # no 1/0 even unselected
-        unit_p2 = tl.where(n_p2 > 0, 1.0 / tl.where(n_p2 > 0, n_p2, 1.0), 0.0)
+        # d p1 = inv_p1 (g11 f1 inv_f1 + g12 f2 inv_f2 + b1 p1 unit_p1), d p2 likewise
+        inv_p1, unit_p1 = _inverse_norms(norms_ptr, rows, row_mask, 0, EPS)
+        inv_p2, unit_p2 = _inverse_norms(norms_ptr, rows, row_mask, 1, EPS)
+        inv_f1, _ = _inverse_norms(norms_ptr, rows, row_mask, 2, EPS)
+        inv_f2, _ = _inverse_norms(norms_ptr, rows, row_mask, 3, EPS)
         c11 = tl.load(terms_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
         c22 = tl.load(terms_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
         c12 = tl.load(terms_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
         c21 = tl.load(terms_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
-        a11, a12 = inv_p1 * g11 * inv_f1, inv_p1 * g12 * inv_f2
-        a21, a22 = inv_p2 * g21 * inv_f1, inv_p2 * g22 * inv_f2
-        b1 = -inv_p1 * unit_p1 * (g11 * c11 + g12 * c12)
-        b2 = -inv_p2 * unit_p2 * (g22 * c22 + g21 * c21)
+        b1 = -(g11 * c11 + g12 * c12)
+        b2 = -(g22 * c22 + g21 * c21)
     else:
-        a11, a12, b1 = -2.0 * g11, -2.0 * g12, 2.0 * (g11 + g12)
-        a21, a22, b2 = -2.0 * g21, -2.0 * g22, 2.0 * (g22 + g21)
+        # d p1 = -2 g11 f1 - 2 g12 f2 + 2 (g11 + g12) p1, d p2 likewise
+        ones = tl.full((BLOCK_B,), 1.0, tl.float32)
+        inv_p1, inv_p2, inv_f1, inv_f2, unit_p1, unit_p2 = ones, ones, ones, ones, ones, ones
+        g11, g12, g21, g22 = -2.0 * g11, -2.0 * g12, -2.0 * g21, -2.0 * g22
+        b1, b2 = -(g11 + g12), -(g22 + g21)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
         y1 = tl.load(f1_ptr + rows[:, None] * f1_s0 + cols[None, :] * f1_s1, mask=mask, other=0.0).to(tl.float32)
         y2 = tl.load(f2_ptr + rows[:, None] * f2_s0 + cols[None, :] * f2_s1, mask=mask, other=0.0).to(tl.float32)
+        if COSINE:
+            y1 = y1 * inv_f1[:, None]
+            y2 = y2 * inv_f2[:, None]
         if NEED_P1:
             x1 = tl.load(p1_ptr + rows[:, None] * p1_s0 + cols[None, :] * p1_s1, mask=mask, other=0.0).to(tl.float32)
-            d1 = a11[:, None] * y1 + a12[:, None] * y2 + b1[:, None] * x1
+            d1 = g11[:, None] * y1 + g12[:, None] * y2 + b1[:, None] * (x1 * unit_p1[:, None])
+            if COSINE:
+                d1 = d1 * inv_p1[:, None]
             tl.store(g1_ptr + rows[:, None] * g1_s0 + cols[None, :] * g1_s1, d1.to(g1_ptr.dtype.element_ty), mask=mask)
         if NEED_P2:
             x2 = tl.load(p2_ptr + rows[:, None] * p2_s0 + cols[None, :] * p2_s1, mask=mask, other=0.0).to(tl.float32)
-            d2 = a21[:, None] * y1 + a22[:, None] * y2 + b2[:, None] * x2
+            d2 = g21[:, None] * y1 + g22[:, None] * y2 + b2[:, None] * (x2 * unit_p2[:, None])
+            if COSINE:
+                d2 = d2 * inv_p2[:, None]
             tl.store(g2_ptr + rows[:, None] * g2_s0 + cols[None, :] * g2_s1, d2.to(g2_ptr.dtype.element_ty), mask=mask)
 
 
