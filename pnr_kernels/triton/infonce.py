@@ -59,7 +59,7 @@ import triton.language as tl
 
 from ..ops.infonce import InfoNCEKernels
 from . import interpreting
-from .common import compile_case, fp32_matmul_precision, jit_function, launch, strides
+from .common import compile_case, fp32_matmul_precision, jit_function, launch, pow2_scale, strides
 
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
@@ -98,6 +98,21 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _weighted_mma(w, b, acc, RESCALE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + w @ b for fp32 weights w rounded to b's dtype. RESCALE (fp16): w is divided by the
+    power of two at its largest magnitude before the rounding and the product multiplied back
+    (both exact), so that w keeps fp16's 11 bits instead of going subnormal: the key gradient's
+    weights ``g scale p`` are about 1 / (2 N^2 tau) at batch N, below fp16's 2**-14 from N ~ 2000.
+    A NaN in w stays in the product (the max may drop it; the division does not)."""
+    if RESCALE:
+        u = pow2_scale(tl.max(tl.max(tl.abs(w), 1), 0))
+        acc += u * _mma((w * (1.0 / u)).to(b.dtype), b, tl.zeros_like(acc), UPCAST, PRECISION)
+    else:
+        acc = _mma(w.to(b.dtype), b, acc, UPCAST, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -396,12 +411,13 @@ def _infonce_dkey_kernel(
     M, MK, D,
     r0_s0, r0_s1, r1_s0, r1_s1, k_s0, k_s1,
     NUM_ROWS: tl.constexpr, EXCLUDE: tl.constexpr,
-    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESCALE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d keys (MK, D) contiguous of one key block, for one key tile and one BLOCK_DV slice of D,
-    summed over the NUM_ROWS row sets (lse_ptr, g_ptr: their (NUM_ROWS, M) fp32 rows)."""
+    summed over the NUM_ROWS row sets (lse_ptr, g_ptr: their (NUM_ROWS, M) fp32 rows). RESCALE
+    (fp16 inputs) keeps the weights in fp16's normal range (``_weighted_mma``)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < MK
     if SINGLE_CHUNK:  # the gradient products reuse the full-width logit tiles
@@ -430,13 +446,13 @@ def _infonce_dkey_kernel(
         w0 = _probs(s0, scale0_log2, _load_lse_log2(lse_ptr, offs_m, mask_m), excluded) * g0[:, None]
         if not SINGLE_CHUNK:  # else the logits' row tiles span this program's whole output width
             row0 = _load_tile(r0_ptr, r0_s0, r0_s1, offs_m, mask_m, offs_dv, mask_dv)
-        acc = _mma(tl.trans(w0.to(row0.dtype)), row0, acc, UPCAST, PRECISION)
+        acc = _weighted_mma(tl.trans(w0), row0, acc, RESCALE, UPCAST, PRECISION)
         if NUM_ROWS == 2:
             g1 = tl.load(g_ptr + M + offs_m, mask=mask_m, other=0.0) * (scale1_log2 * 0.6931471805599453)
             w1 = _probs(s1, scale1_log2, _load_lse_log2(lse_ptr + M, offs_m, mask_m), excluded) * g1[:, None]
             if not SINGLE_CHUNK:
                 row1 = _load_tile(r1_ptr, r1_s0, r1_s1, offs_m, mask_m, offs_dv, mask_dv)
-            acc = _mma(tl.trans(w1.to(row1.dtype)), row1, acc, UPCAST, PRECISION)
+            acc = _weighted_mma(tl.trans(w1), row1, acc, RESCALE, UPCAST, PRECISION)
     tl.store(dk_ptr + offs_n[:, None] * D + offs_dv[None, :], acc.to(dk_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_dv[None, :])
 
@@ -598,7 +614,7 @@ def infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_n
                r0_ptr=r0, r1_ptr=r1, k_ptr=keys[j], lse_ptr=lse[list(row_group)],
                g_ptr=grad_lse[list(row_group)], dk_ptr=out, scale0_log2=scale[0], scale1_log2=scale[-1],
                M=m, MK=mk, D=d, **strides(r0=r0, r1=r1, k=keys[j]),
-               NUM_ROWS=len(r), EXCLUDE=exclude_diagonal[j], **flags)
+               NUM_ROWS=len(r), EXCLUDE=exclude_diagonal[j], RESCALE=rows[0].dtype == torch.float16, **flags)
         return [out]
 
     grads = []
@@ -622,8 +638,9 @@ def compile_cases() -> List:
     specialisation the host launches (two row sets, DROW_ROW_SETS for dRow, two key blocks): bf16
     and fp32 at their widest resident D on contiguous, aligned tensors (what a training step
     launches; the most shared memory) for sm_80 and sm_90; bf16 resident with general strides and
-    int64 offsets; the chunked-D loop of each dtype; and bf16 at the narrowest tiles (tl.dot's
-    minimum shapes)."""
+    int64 offsets; the chunked-D loop of each dtype; bf16 at the narrowest tiles (tl.dot's
+    minimum shapes); and fp16's rescaled key-gradient weights (``_weighted_mma``), the only code
+    fp16 does not share with bf16."""
     variants = [  # dtype, SINGLE_CHUNK, BLOCK_D, BLOCK_DV, INT64, contiguous, archs
         ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], False, True, (80, 90)),
         ("fp32", True, RESIDENT_D[4], RESIDENT_D[4], False, True, (80, 90)),
@@ -631,6 +648,7 @@ def compile_cases() -> List:
         ("bf16", False, CHUNK_D[2], RESIDENT_D[2], True, False, (90,)),
         ("fp32", False, CHUNK_D[4], RESIDENT_D[4], True, False, (80,)),
         ("bf16", True, MIN_BLOCK, MIN_BLOCK, False, False, (80,)),
+        ("fp16", True, RESIDENT_D[2], RESIDENT_D[2], False, True, (80, 90)),
     ]
     scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
     cases = []
@@ -643,8 +661,11 @@ def compile_cases() -> List:
              dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, **common)),
             ("drow", _infonce_drow_kernel, DROW_CONFIGS,
              dict(NUM_ROWS=DROW_ROW_SETS, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_block, **common)),
-            ("dkey", _infonce_dkey_kernel, DKEY_CONFIGS, dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_block, **common)),
+            ("dkey", _infonce_dkey_kernel, DKEY_CONFIGS,
+             dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_block, RESCALE=dtype == "fp16", **common)),
         ]
+        if dtype == "fp16":
+            specs = [spec for spec in specs if spec[0] == "dkey"]
         layout = ("resident" if single_chunk else "chunked") + ("_contiguous" if contiguous else "_strided")
         for kind, kernel, table, constexprs in specs:
             names = list(inspect.signature(jit_function(kernel).fn).parameters)
