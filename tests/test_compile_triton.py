@@ -1,4 +1,5 @@
-"""Compile every Triton kernel, under every GPU autotune config, for real GPUs (sm_80 to sm_90).
+"""Compile every Triton kernel, under every GPU autotune config, for real GPUs (sm_80, sm_86, sm_89,
+sm_90: the shared-memory classes of A100, consumer/L4/L40, H100/H200).
 
 The interpreter (TRITON_INTERPRET=1, how the other tests run the kernels on CPU) lets through what
 only the GPU compiler rejects: tl.dot shape limits, shared-memory overflow, layout errors. Triton
@@ -31,9 +32,8 @@ from pathlib import Path
 import pytest
 
 import pnr_kernels.triton as triton_backend
+from pnr_kernels.triton.common import SHARED_MEMORY_LIMIT
 
-# Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -95,8 +95,24 @@ def compile_results():
 
 
 def test_every_module_lists_cases():
-    assert "pnr_kernels.triton.infonce" in _case_modules()
+    assert {"pnr_kernels.triton.infonce", "pnr_kernels.triton.regularizers"} <= set(_case_modules())
     assert len(CASE_IDS) == len(set(CASE_IDS)), "compile case names must be unique"
+
+
+def test_every_gpu_gets_every_infonce_kernel_and_config_at_its_widest_blocking():
+    """Each GPU's shared-memory class (sm_80, sm_86, sm_89, sm_90) compiles every kernel under
+    every autotune config at the widest resident D its blocking launches, contiguous (the most
+    shared memory), for bf16 and fp32."""
+    from pnr_kernels.triton import infonce
+
+    configs = {"fwd": infonce.FWD_CONFIGS, "drow": infonce.DROW_CONFIGS, "dkey": infonce.DKEY_CONFIGS}
+    for arch, limit in SHARED_MEMORY_LIMIT.items():
+        for dtype, element_size in (("bf16", 2), ("fp32", 4)):
+            width = infonce.resident_d(element_size, limit)
+            for kind, table in configs.items():
+                for bm, bn, warps, stages in table:
+                    case_id = f"infonce_{kind}_{dtype}_resident_contiguous_d{width}_m{bm}n{bn}w{warps}s{stages}@sm_{arch}"
+                    assert case_id in CASE_IDS
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

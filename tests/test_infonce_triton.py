@@ -140,6 +140,31 @@ def test_fp16_key_gradients_keep_their_precision_at_large_batches(n):
     assert_close_relative(d_keys, want, 1e-2, "fp16 key gradient")
 
 
+SM_80, SM_86, SM_90 = 166912, 101376, 232448  # opt-in shared memory per block, bytes
+
+
+def test_d_blocking_follows_the_shared_memory_of_the_device():
+    """bf16/fp16 rows up to D = 256 stay resident where the widest configs' 160 KiB fit (sm_80,
+    sm_90, the interpreter); on sm_86/sm_89 (99 KiB) D in (128, 256] is walked in chunks and
+    written in 128-wide slices instead; fp32 (64 wide, 80 KiB) stays resident everywhere."""
+    resident = dict(SINGLE_CHUNK=True, BLOCK_D=256, BLOCK_DV=256)
+    for limit in (SM_80, SM_90, None):
+        assert triton_infonce.d_blocking(200, 2, limit) == resident
+    assert triton_infonce.d_blocking(200, 2, SM_86) == dict(SINGLE_CHUNK=False, BLOCK_D=64, BLOCK_DV=128)
+    assert triton_infonce.d_blocking(128, 2, SM_86) == dict(SINGLE_CHUNK=True, BLOCK_D=128, BLOCK_DV=128)
+    assert triton_infonce.d_blocking(300, 2, SM_86) == dict(SINGLE_CHUNK=False, BLOCK_D=64, BLOCK_DV=128)
+    assert triton_infonce.d_blocking(60, 4, SM_86) == dict(SINGLE_CHUNK=True, BLOCK_D=64, BLOCK_DV=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_op_with_the_blocking_of_a_99_kib_device(monkeypatch, dtype):
+    """D = 200 as an sm_86 launches it: 64-wide logit chunks, two 128-wide gradient slices."""
+    monkeypatch.setattr(triton_infonce, "shared_memory_limit", lambda device: SM_86)
+    rows, keys = _op_inputs(2, [KEYS], 200, dtype=dtype)
+    assert triton_infonce._common_flags(rows, keys, False)["BLOCK_DV"] == 128
+    _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=TOLERANCES[dtype])
+
+
 def test_strided_queue_keys_and_strided_rows():
     """Keys as a (K, D) view of a transposed (D, K) buffer (column stride K), rows as a column
     slice: no copies, same values."""

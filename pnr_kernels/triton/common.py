@@ -74,6 +74,12 @@ def fp32_matmul_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+# Opt-in shared memory per block (bytes) by CUDA compute capability: A100 (sm_80) 163 KiB; consumer
+# Ampere and Ada, L4, L40 (sm_86, sm_89) 99 KiB; H100/H200 (sm_90) 227 KiB. The compile test checks
+# every kernel against these; shared_memory_limit reads the real value of a device.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
 @functools.lru_cache(maxsize=None)
 def shared_memory_limit(device: torch.device) -> Optional[int]:
     """Opt-in shared memory per block of ``device`` in bytes (sm_80: 166912, sm_86/89: 101376,

@@ -22,11 +22,12 @@ operands on tensor cores; fp32 operands follow torch's fp32 matmul precision, re
 the legacy API by ``common.fp32_matmul_precision``: IEEE fp32 or TF32). The probabilities are
 rounded to the input dtype before the gradient products, as flash attention does.
 
-Width D (``d_blocking``): up to ``RESIDENT_D`` (256 for bf16/fp16, 64 for fp32) a tile spans all
-of D; the operand a program reuses across its loop (rows in forward and dRow, the key tile in
-dKey) is loaded once, and the tiles loaded for the logits are reused by the gradient products.
-Wider D is walked in ``CHUNK_D`` chunks for the logits and the gradients are written in
-``RESIDENT_D``-wide slices, each slice's program recomputing its logits.
+Width D (``d_blocking``): up to ``RESIDENT_D`` (256 for bf16/fp16, 64 for fp32; half that for
+bf16/fp16 on GPUs with 99 KiB of shared memory per block, sm_86/sm_89: ``resident_d``) a tile
+spans all of D; the operand a program reuses across its loop (rows in forward and dRow, the key
+tile in dKey) is loaded once, and the tiles loaded for the logits are reused by the gradient
+products. Wider D is walked in ``CHUNK_D`` chunks for the logits and the gradients are written in
+slices of the resident width, each slice's program recomputing its logits.
 
 Group sizes: a launch serves at most ``MAX_ROW_SETS`` row sets and ``MAX_KEY_BLOCKS`` key blocks
 (constexpr-specialised; every loss of this library fits in one launch). Larger lists are split
@@ -51,7 +52,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import triton
@@ -59,7 +60,8 @@ import triton.language as tl
 
 from ..ops.infonce import InfoNCEKernels
 from . import interpreting
-from .common import compile_case, fp32_matmul_precision, jit_function, launch, pow2_scale, strides
+from .common import (SHARED_MEMORY_LIMIT, compile_case, fp32_matmul_precision, jit_function, launch, pow2_scale,
+                     shared_memory_limit, strides)
 
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
@@ -68,10 +70,15 @@ SPLIT_TILE = 64  # rows / keys per nominal tile when choosing key splits (key_sp
 LOG2E = math.log2(math.e)  # the kernels work in base 2 (exp2/log2) and write natural-log LSEs
 # D blocking, by element size: up to RESIDENT_D the whole width is one chunk, the operand a
 # program reuses across its loop stays on chip, and a gradient program writes the whole width;
-# wider D is walked in CHUNK_D chunks for the logits and written in RESIDENT_D slices (the compile
-# test's shared-memory check bounds all of these). MIN_BLOCK is tl.dot's smallest K / N.
+# wider D is walked in CHUNK_D chunks for the logits and written in RESIDENT_D slices. MIN_BLOCK
+# is tl.dot's smallest K / N.
 RESIDENT_D = {2: 256, 4: 64}
 CHUNK_D = {2: 64, 4: 32}
+# Shared memory (bytes) of the most demanding autotune config at the full RESIDENT_D, by element
+# size (compiled: fp16 dKey on sm_90, 64 x 64 tiles; fp32 dKey): devices with less (sm_86/sm_89:
+# 99 KiB) get half the resident width, and so on (``resident_d``). tests/test_compile_triton.py
+# compiles every config at the blocking each GPU gets and checks it against that GPU's limit.
+RESIDENT_SHARED_MEMORY = {2: 164864, 4: 82944}
 MIN_BLOCK = 16
 
 
@@ -457,15 +464,28 @@ def _infonce_dkey_kernel(
              mask=mask_n[:, None] & mask_dv[None, :])
 
 
-def d_blocking(dim: int, element_size: int) -> Dict[str, object]:
-    """SINGLE_CHUNK, BLOCK_D (logits) and BLOCK_DV (gradient output slice) for width ``dim``: one
-    chunk covering D up to RESIDENT_D (then BLOCK_DV = BLOCK_D: the gradient products reuse the
-    logits' tiles), else CHUNK_D chunks and RESIDENT_D slices (each slice's program recomputes
-    the logits: D / RESIDENT_D times the logit work in backward)."""
+def resident_d(element_size: int, shared_memory: Optional[int]) -> int:
+    """The widest D kept resident on a device with ``shared_memory`` bytes per block (None: no
+    limit, the interpreter): RESIDENT_D, halved while the most demanding config would not fit
+    (its shared memory scales with the width; RESIDENT_SHARED_MEMORY), never below CHUNK_D."""
+    width = RESIDENT_D[element_size]
+    need = RESIDENT_SHARED_MEMORY[element_size]
+    while shared_memory is not None and need > shared_memory and width > CHUNK_D[element_size]:
+        width, need = width // 2, need // 2
+    return width
+
+
+def d_blocking(dim: int, element_size: int, shared_memory: Optional[int] = None) -> Dict[str, object]:
+    """SINGLE_CHUNK, BLOCK_D (logits) and BLOCK_DV (gradient output slice) for width ``dim`` on a
+    device with ``shared_memory`` bytes per block: one chunk covering D up to ``resident_d``
+    (then BLOCK_DV = BLOCK_D: the gradient products reuse the logits' tiles), else CHUNK_D chunks
+    and ``resident_d`` slices (each slice's program recomputes the logits: D / resident_d times
+    the logit work in backward)."""
+    resident = resident_d(element_size, shared_memory)
     covering = max(MIN_BLOCK, triton.next_power_of_2(dim))
-    if covering <= RESIDENT_D[element_size]:
+    if covering <= resident:
         return dict(SINGLE_CHUNK=True, BLOCK_D=covering, BLOCK_DV=covering)
-    return dict(SINGLE_CHUNK=False, BLOCK_D=CHUNK_D[element_size], BLOCK_DV=RESIDENT_D[element_size])
+    return dict(SINGLE_CHUNK=False, BLOCK_D=CHUNK_D[element_size], BLOCK_DV=resident)
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
@@ -485,7 +505,7 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
         INT64=force_int64 or needs_int64(*rows, *keys),
         UPCAST=interpreting() and dtype == torch.bfloat16,
         PRECISION=fp32_matmul_precision() if dtype == torch.float32 else "tf32",
-        **d_blocking(rows[0].shape[1], rows[0].element_size()),
+        **d_blocking(rows[0].shape[1], rows[0].element_size(), shared_memory_limit(rows[0].device)),
     )
 
 
@@ -635,44 +655,60 @@ KERNELS = InfoNCEKernels(infonce_forward, infonce_backward)
 
 def compile_cases() -> List:
     """For tests/test_compile_triton.py: every kernel x every GPU autotune config at the largest
-    specialisation the host launches (two row sets, DROW_ROW_SETS for dRow, two key blocks): bf16
-    and fp32 at their widest resident D on contiguous, aligned tensors (what a training step
-    launches; the most shared memory) for sm_80 and sm_90; bf16 resident with general strides and
-    int64 offsets; the chunked-D loop of each dtype; bf16 at the narrowest tiles (tl.dot's
-    minimum shapes); and fp16's rescaled key-gradient weights (``_weighted_mma``), the only code
-    fp16 does not share with bf16."""
-    variants = [  # dtype, SINGLE_CHUNK, BLOCK_D, BLOCK_DV, INT64, contiguous, archs
-        ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], False, True, (80, 90)),
-        ("fp32", True, RESIDENT_D[4], RESIDENT_D[4], False, True, (80, 90)),
-        ("bf16", True, RESIDENT_D[2], RESIDENT_D[2], True, False, (90,)),
-        ("bf16", False, CHUNK_D[2], RESIDENT_D[2], True, False, (90,)),
-        ("fp32", False, CHUNK_D[4], RESIDENT_D[4], True, False, (80,)),
-        ("bf16", True, MIN_BLOCK, MIN_BLOCK, False, False, (80,)),
-        ("fp16", True, RESIDENT_D[2], RESIDENT_D[2], False, True, (80, 90)),
+    specialisation the host launches (two row sets, DROW_ROW_SETS for dRow, two key blocks), at
+    the D blocking each GPU gets (``d_blocking`` with its shared memory): bf16 and fp32 at their
+    widest resident D on contiguous, aligned tensors (what a training step launches; the most
+    shared memory) for sm_80, sm_86, sm_89 and sm_90, and the chunked loop sm_86/sm_89 run just
+    past their resident width; bf16 resident with general strides and int64 offsets; the
+    chunked-D loop of each dtype; bf16 at the narrowest tiles (tl.dot's minimum shapes); and
+    fp16's rescaled key-gradient weights (``_weighted_mma``), the only code fp16 does not share
+    with bf16."""
+    every_gpu = tuple(SHARED_MEMORY_LIMIT)
+    variants = [  # dtype, layout ("resident", "chunked", "narrow"), INT64, contiguous, archs
+        ("bf16", "resident", False, True, every_gpu),
+        ("fp32", "resident", False, True, every_gpu),
+        ("bf16", "chunked", False, True, (86, 89)),
+        ("bf16", "resident", True, False, (90,)),
+        ("bf16", "chunked", True, False, (90,)),
+        ("fp32", "chunked", True, False, (80,)),
+        ("bf16", "narrow", False, False, (80,)),
+        ("fp16", "resident", False, True, every_gpu),
     ]
     scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
     cases = []
-    for dtype, single_chunk, d_block, dv_block, int64, contiguous, archs in variants:
-        common = dict(INT64=int64, UPCAST=False, PRECISION="tf32", SINGLE_CHUNK=single_chunk, BLOCK_D=d_block)
-        pointers = {"lse_ptr": "fp32", "g_ptr": "fp32", **{
-            name: dtype for name in ("r0_ptr", "r1_ptr", "k0_ptr", "k1_ptr", "k_ptr", "dr0_ptr", "dr1_ptr", "dk_ptr")}}
-        specs = [
-            ("fwd", _infonce_fwd_kernel, FWD_CONFIGS,
-             dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, **common)),
-            ("drow", _infonce_drow_kernel, DROW_CONFIGS,
-             dict(NUM_ROWS=DROW_ROW_SETS, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_block, **common)),
-            ("dkey", _infonce_dkey_kernel, DKEY_CONFIGS,
-             dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_block, RESCALE=dtype == "fp16", **common)),
-        ]
-        if dtype == "fp16":
-            specs = [spec for spec in specs if spec[0] == "dkey"]
-        layout = ("resident" if single_chunk else "chunked") + ("_contiguous" if contiguous else "_strided")
-        for kind, kernel, table, constexprs in specs:
-            names = list(inspect.signature(jit_function(kernel).fn).parameters)
-            unit = [n for n in names if n.endswith("_s1")] if contiguous else []
-            divisible = [n for n in names if n.endswith(("_ptr", "_s0")) or n in ("D", "M", "MK", "MK0", "MK1")]
-            for (bm, bn, warps, stages), config in zip(table, launch_configs(table, interpret=False)):
-                name = f"infonce_{kind}_{dtype}_{layout}_d{d_block}_m{bm}n{bn}w{warps}s{stages}"
-                cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, archs,
-                                          unit, divisible if contiguous else []))
+    for dtype, layout, int64, contiguous, archs in variants:
+        element_size = 4 if dtype == "fp32" else 2
+        blockings = {}  # (BLOCK_D, BLOCK_DV) -> the archs that launch it
+        for arch in archs:
+            resident = resident_d(element_size, SHARED_MEMORY_LIMIT[arch])
+            blocking = {"resident": (resident, resident), "chunked": (CHUNK_D[element_size], resident),
+                        "narrow": (MIN_BLOCK, MIN_BLOCK)}[layout]
+            blockings.setdefault(blocking, []).append(arch)
+        for (d_block, dv_block), block_archs in blockings.items():
+            common = dict(INT64=int64, UPCAST=False, PRECISION="tf32", SINGLE_CHUNK=layout != "chunked",
+                          BLOCK_D=d_block)
+            pointers = {"lse_ptr": "fp32", "g_ptr": "fp32", **{
+                name: dtype for name in ("r0_ptr", "r1_ptr", "k0_ptr", "k1_ptr", "k_ptr", "dr0_ptr", "dr1_ptr",
+                                         "dk_ptr")}}
+            specs = [
+                ("fwd", _infonce_fwd_kernel, FWD_CONFIGS,
+                 dict(NUM_ROWS=2, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, **common)),
+                ("drow", _infonce_drow_kernel, DROW_CONFIGS,
+                 dict(NUM_ROWS=DROW_ROW_SETS, NUM_KEYS=2, EXCLUDE0=True, EXCLUDE1=False, BLOCK_DV=dv_block,
+                      **common)),
+                ("dkey", _infonce_dkey_kernel, DKEY_CONFIGS,
+                 dict(NUM_ROWS=2, EXCLUDE=True, BLOCK_DV=dv_block, RESCALE=dtype == "fp16", **common)),
+            ]
+            if dtype == "fp16":
+                specs = [spec for spec in specs if spec[0] == "dkey"]
+            shape = ("chunked" if layout == "chunked" else "resident") + ("_contiguous" if contiguous else "_strided")
+            for kind, kernel, table, constexprs in specs:
+                names = list(inspect.signature(jit_function(kernel).fn).parameters)
+                unit = [n for n in names if n.endswith("_s1")] if contiguous else []
+                divisible = [n for n in names if n.endswith(("_ptr", "_s0")) or n in ("D", "M", "MK", "MK0", "MK1")]
+                for (bm, bn, warps, stages), config in zip(table, launch_configs(table, interpret=False)):
+                    name = (f"infonce_{kind}_{dtype}_{shape}_d{d_block}"
+                            f"{f'v{dv_block}' if dv_block != d_block else ''}_m{bm}n{bn}w{warps}s{stages}")
+                    cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, tuple(block_archs),
+                                              unit, divisible if contiguous else []))
     return cases
