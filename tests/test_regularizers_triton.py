@@ -82,13 +82,25 @@ ROW_SCALES = [1.0, 3e19, 1e30, 2e25, 1e-5]
 
 @NON_FINITE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_huge_rows_give_the_unit_scale_cosines(dtype):
-    """The cosine terms are scale-invariant: rows scaled by up to 1e30 (each row of each input its
-    own scale) give the loss and gradients of the reference, which computes in float64."""
-    args, options = make_inputs("byol_pnr", 5, 7, torch.float64, device=DEVICE, options=WEIGHTS["byol_pnr"])
+@pytest.mark.parametrize("loss", ["byol_pnr", "barlow_pnr"])
+def test_huge_rows_match_the_reference(loss, dtype):
+    """Rows scaled by up to 1e30 (each row of each input its own scale): the cosines are
+    scale-invariant and Barlow standardises its columns, so nothing overflows in exact arithmetic;
+    the kernels give the loss and gradients of the reference (float64)."""
+    args, options = make_inputs(loss, 5, 7, torch.float64, device=DEVICE, options=WEIGHTS[loss])
     scales = torch.tensor(ROW_SCALES, dtype=torch.float64, device=DEVICE)[:, None]
     args = [(a * scales.roll(i, 0)).to(dtype).requires_grad_(i < 2) for i, a in enumerate(args)]
-    check_against_reference("byol_pnr", "triton", args, options)
+    check_against_reference(loss, "triton", args, options)
+
+
+@NON_FINITE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_columns_match_the_reference(dtype):
+    """Every input scaled by 1e25: Barlow's column variances (1e50) overflow float32 unless the
+    kernel scales the centred values first."""
+    args, options = make_inputs("barlow_pnr", 5, 7, torch.float64, device=DEVICE, options=WEIGHTS["barlow_pnr"])
+    check_against_reference("barlow_pnr", "triton", [(a * 1e25).to(dtype).requires_grad_(i < 2)
+                                                     for i, a in enumerate(args)], options)
 
 
 @pytest.mark.parametrize("loss", ["byol_pnr", "barlow_pnr"])

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..ops import regularizers
 from ..reference import BARLOW_VARIANCE_EPS, COSINE_EPS
 from . import interpreting
-from .common import POW2_MIN, compile_case, jit_function, launch, pow2_scale, strides
+from .common import POW2_MIN, SHARED_MEMORY_LIMIT, compile_case, jit_function, launch, pow2_scale, strides
 
 # One launch configuration per kernel, on the kernel (GPU and interpreter alike; not tuned yet):
 # single-config autotune decorators, so that a launch takes its block sizes from the kernel.
@@ -187,24 +187,41 @@ def _paired_backward_kernel(grad_terms_ptr, terms_ptr, norms_ptr, p1_ptr, p2_ptr
             tl.store(g2_ptr + rows[:, None] * g2_s0 + cols[None, :] * g2_s1, d2.to(g2_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _scaled_rstd(var_scaled, u, inv_u, EPS: tl.constexpr):
+    """u / sqrt(var + eps) for the variance var = u^2 var_scaled of values divided by u."""
+    small, large = tl.minimum(u, 1.0), tl.minimum(inv_u, 1.0)  # the branch not taken stays finite
+    return tl.where(u >= 1.0, 1.0 / tl.sqrt_rn(var_scaled + EPS * large * large),
+                    small / tl.sqrt_rn(var_scaled * (small * small) + EPS))
+
+
 @triton.autotune([triton.Config({"BLOCK_B": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1)], key=[])
 @triton.jit
 def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, a_s0, a_s1, b_s0, b_s1, EPS: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    # stats rows: mean_a, rstd_a, mean_b, rstd_b, diag = C_ii; two passes (mean, then centred sums).
+    """stats rows: mean_a, rstd_a, mean_b, rstd_b, diag = C_ii, in two passes over the rows (the
+    means and largest magnitudes of the columns, then the centred sums). The centred values are
+    divided by their column's power-of-two scale (``common.pow2_scale``: exact, 1 at unit scale),
+    so that columns past ~1e19 (whose squares overflow float32) still give their 1/std and C_ii."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     sum_a = tl.zeros((BLOCK_D,), tl.float32)
     sum_b = tl.zeros((BLOCK_D,), tl.float32)
+    max_a = tl.zeros((BLOCK_D,), tl.float32)
+    max_b = tl.zeros((BLOCK_D,), tl.float32)
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         mask = (rows < B)[:, None] & col_mask[None, :]
-        xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0)
-        xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0)
-        sum_a += tl.sum(xa.to(tl.float32), axis=0)
-        sum_b += tl.sum(xb.to(tl.float32), axis=0)
+        xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0).to(tl.float32)
+        xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0).to(tl.float32)
+        sum_a += tl.sum(xa, axis=0)
+        sum_b += tl.sum(xb, axis=0)
+        max_a = tl.maximum(max_a, tl.max(tl.abs(xa), axis=0))  # a NaN reaches the sums, not the scale
+        max_b = tl.maximum(max_b, tl.max(tl.abs(xb), axis=0))
     mean_a = sum_a / B
     mean_b = sum_b / B
+    u_a, u_b = pow2_scale(max_a), pow2_scale(max_b)  # |x - mean| / u <= 4
+    inv_a, inv_b = 1.0 / u_a, 1.0 / u_b
     sq_a = tl.zeros((BLOCK_D,), tl.float32)
     sq_b = tl.zeros((BLOCK_D,), tl.float32)
     cross = tl.zeros((BLOCK_D,), tl.float32)
@@ -213,18 +230,20 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, a_s0, a_s1, b_s0, b_s1, 
         mask = (rows < B)[:, None] & col_mask[None, :]
         xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0).to(tl.float32)
         xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0).to(tl.float32)
-        xa = tl.where(mask, xa - mean_a[None, :], 0.0)
-        xb = tl.where(mask, xb - mean_b[None, :], 0.0)
+        xa = tl.where(mask, (xa - mean_a[None, :]) * inv_a[None, :], 0.0)
+        xb = tl.where(mask, (xb - mean_b[None, :]) * inv_b[None, :], 0.0)
         sq_a += tl.sum(xa * xa, axis=0)
         sq_b += tl.sum(xb * xb, axis=0)
         cross += tl.sum(xa * xb, axis=0)
-    rstd_a = 1.0 / tl.sqrt_rn(sq_a / B + EPS)
-    rstd_b = 1.0 / tl.sqrt_rn(sq_b / B + EPS)
+    # u * rstd = 1 / sqrt(var / u^2 + eps / u^2): finite for every scale (eps / u^2 underflows
+    # harmlessly for huge columns; for u < 1, u^2 var is exact or below eps's rounding)
+    scaled_a = _scaled_rstd(sq_a / B, u_a, inv_a, EPS)
+    scaled_b = _scaled_rstd(sq_b / B, u_b, inv_b, EPS)
     tl.store(stats_ptr + 0 * D + cols, mean_a, mask=col_mask)
-    tl.store(stats_ptr + 1 * D + cols, rstd_a, mask=col_mask)
+    tl.store(stats_ptr + 1 * D + cols, scaled_a * inv_a, mask=col_mask)
     tl.store(stats_ptr + 2 * D + cols, mean_b, mask=col_mask)
-    tl.store(stats_ptr + 3 * D + cols, rstd_b, mask=col_mask)
-    tl.store(stats_ptr + 4 * D + cols, cross * rstd_a * rstd_b / B, mask=col_mask)
+    tl.store(stats_ptr + 3 * D + cols, scaled_b * inv_b, mask=col_mask)
+    tl.store(stats_ptr + 4 * D + cols, cross * scaled_a * scaled_b / B, mask=col_mask)
 
 
 @triton.jit
@@ -456,7 +475,7 @@ def compile_cases() -> List:
     """For tests/test_compile_triton.py: every kernel at its launch configuration, for each input
     dtype (bf16 and fp16 take the same code paths in the paired and finishing kernels: fp32 and
     bf16 cover them)."""
-    cases = []
+    cases, every_gpu = [], tuple(SHARED_MEMORY_LIMIT)
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         operand, forward_precision, backward_precision = _dot_config(torch_dtype)
         inputs = {name: dtype for name in ("p1_ptr", "p2_ptr", "f1_ptr", "f2_ptr", "g1_ptr", "g2_ptr", "a_ptr",
@@ -466,19 +485,20 @@ def compile_cases() -> List:
                                             "c_ptr")}
         pointers = {**inputs, **floats}
         scalars = {"off_diagonal_weight": "fp32", "scale": "fp32"}
-        specs = [(_barlow_gram_kernel, "", dict(DOT_DTYPE=operand, PRECISION=forward_precision)),
-                 (_barlow_grad_kernel, "", dict(PRECISION=backward_precision))]
+        # the two kernels with tl.dot (shared memory) on every GPU, the rest on sm_80 and sm_90
+        specs = [(_barlow_gram_kernel, "", dict(DOT_DTYPE=operand, PRECISION=forward_precision), every_gpu),
+                 (_barlow_grad_kernel, "", dict(PRECISION=backward_precision), every_gpu)]
         if dtype != "fp16":
             for cosine, kind in ((True, "cosine"), (False, "sqdist")):
                 flags = dict(COSINE=cosine, EPS=COSINE_EPS)
-                specs += [(_paired_forward_kernel, kind, flags),
-                          (_paired_backward_kernel, kind, dict(NEED_P1=True, NEED_P2=True, **flags))]
-            specs += [(_barlow_stats_kernel, "", dict(EPS=BARLOW_VARIANCE_EPS)),
-                      (_barlow_finish_kernel, "", {})]
+                specs += [(_paired_forward_kernel, kind, flags, (80, 90)),
+                          (_paired_backward_kernel, kind, dict(NEED_P1=True, NEED_P2=True, **flags), (80, 90))]
+            specs += [(_barlow_stats_kernel, "", dict(EPS=BARLOW_VARIANCE_EPS), (80, 90)),
+                      (_barlow_finish_kernel, "", {}, (80, 90))]
         if dtype == "fp32":  # C is float32 whatever the inputs
-            specs += [(_correlation_loss_kernel, "", {}), (_correlation_grad_kernel, "", {})]
-        for kernel, variant, constexprs in specs:
+            specs += [(_correlation_loss_kernel, "", {}, (80, 90)), (_correlation_grad_kernel, "", {}, (80, 90))]
+        for kernel, variant, constexprs, archs in specs:
             name = "_".join(part for part in ("regularizers", jit_function(kernel).fn.__name__.strip("_"),
                                               variant, dtype) if part)
-            cases.append(compile_case(name, kernel, kernel.configs[0], constexprs, pointers, scalars))
+            cases.append(compile_case(name, kernel, kernel.configs[0], constexprs, pointers, scalars, archs))
     return cases
