@@ -20,8 +20,9 @@ import triton.language as tl
 
 # Exponent range of the power-of-two scales below: 2**-100 .. 2**100, so that a scale and its
 # reciprocal are normal float32 numbers (exact, never flushed to zero) whatever the data.
-POW2_MIN = 2.0 ** -100
-POW2_MAX = 2.0 ** 100
+# (constexpr: kernels may read them)
+POW2_MIN = tl.constexpr(2.0 ** -100)
+POW2_MAX = tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
@@ -31,8 +32,7 @@ def pow2_scale(x):
     reciprocal is exact for normal results: rescaling by it keeps every rounding of a computation
     (docs/losses.md, "Precision") and only moves its range."""
     bits = x.to(tl.int32, bitcast=True) & 0x7F800000  # the exponent field: 2**e, or 0 / +inf
-    return tl.minimum(tl.maximum(bits.to(tl.float32, bitcast=True), 7.888609052210118e-31),
-                      1.2676506002282294e30)
+    return tl.minimum(tl.maximum(bits.to(tl.float32, bitcast=True), POW2_MIN), POW2_MAX)
 
 
 # ---------------------------------------------------------------------------------------------
