@@ -4,7 +4,7 @@
 #include <ATen/ops/to.h>
 
 #include "common.h"
-#include "infonce.h"
+#include "infonce_cpu.h"
 #ifdef PNR_KERNELS_WITH_CUDA
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>

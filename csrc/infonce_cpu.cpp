@@ -12,7 +12,7 @@
 //                                                  allocated when first used and added at the end)
 // Inputs are read in the compute dtype: float64 stays float64, float32/bfloat16/float16 are
 // computed in float32 (half inputs are converted once, O((rows + keys) x D) memory).
-#include "infonce.h"
+#include "infonce_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>

@@ -6,7 +6,7 @@ import torch
 from pnr_kernels import native
 
 from .helpers import make_inputs
-from .test_native_cpu import PUBLIC, check_against_reference, check_op_against_reference
+from .test_infonce_native_cpu import PUBLIC, check_against_reference, check_op_against_reference
 
 CUDA = torch.device("cuda")
 pytestmark = pytest.mark.skipif(
