@@ -59,6 +59,7 @@ struct Arguments {
 
 at::Tensor forward_cpu(at::TensorList rows, at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                        c10::ArrayRef<double> scales) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   return infonce_forward_cpu(args.rows, args.keys, args.exclude_diagonal, args.scales);
 }
@@ -67,6 +68,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_lse, const at::Tenso
                                      at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                                      c10::ArrayRef<double> scales, const c10::List<bool>& rows_need_grad,
                                      const c10::List<bool>& keys_need_grad) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   const auto rows_flags = to_vector(rows_need_grad), keys_flags = to_vector(keys_need_grad);
   check_gradient_inputs(grad_lse, lse, args.rows, args.keys, rows_flags, keys_flags);
@@ -101,9 +103,10 @@ InfoNCEKeyBlocks key_blocks(const Arguments& args) {
 
 at::Tensor forward_cuda(at::TensorList rows, at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                         c10::ArrayRef<double> scales) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   const at::Device device = args.rows[0].device();
-  const c10::DeviceGuard guard(device);
+  const c10::DeviceGuard device_guard(device);
   at::Tensor lse = at::empty({static_cast<int64_t>(args.rows.size()), args.rows[0].size(0)},
                              args.rows[0].options().dtype(at::kFloat));
   check_launch(infonce_forward_cuda(launch_dtype(args.rows[0].scalar_type()), row_sets(args), key_blocks(args),
@@ -116,11 +119,12 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_lse, const at::Tens
                                       at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                                       c10::ArrayRef<double> scales, const c10::List<bool>& rows_need_grad,
                                       const c10::List<bool>& keys_need_grad) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   const auto rows_flags = to_vector(rows_need_grad), keys_flags = to_vector(keys_need_grad);
   check_gradient_inputs(grad_lse, lse, args.rows, args.keys, rows_flags, keys_flags);
   const at::Device device = args.rows[0].device();
-  const c10::DeviceGuard guard(device);
+  const c10::DeviceGuard device_guard(device);
   const auto accumulator = args.rows[0].options().dtype(at::kFloat);
   const at::Tensor grad_lse_f = grad_lse.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
   std::vector<at::Tensor> rows_grad(args.rows.size()), keys_grad(args.keys.size());

@@ -159,3 +159,102 @@ def test_no_rows_by_keys_allocation():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth_mib = float(result.stdout.strip().splitlines()[-1])
     assert growth_mib < 48, f"peak RSS grew by {growth_mib:.1f} MiB"
+
+
+# --- Non-finite inputs (issue 9, item 1) -----------------------------------------------------------
+# Every NaN or Inf in any row set, key block or grad_lse entry gives exactly the non-finite pattern of
+# the float64 reference: a fused kernel must never skip a NaN (fmaxf does) or drop a gradient.
+
+def _nonfinite_op_inputs(dtype, device):
+    """Two row sets and two key blocks (one strided like a queue), unit-scale values."""
+    m, d = 70, 9
+    rows = [torch.randn(m, d, dtype=dtype, device=device) / 3 for _ in range(2)]
+    keys = [torch.randn(m, d, dtype=dtype, device=device) / 3,
+            (torch.randn(d, 90, dtype=dtype, device=device) / 3).t()]
+    return rows, keys, [True, False], [2.0, 0.5]
+
+
+def _positions():
+    return [("rows", 0), ("rows", 1), ("keys", 0), ("keys", 1)]
+
+
+def check_nonfinite_inputs_propagate(dtype, device, value):
+    for operand, index in _positions():
+        rows, keys, exclude, scales = _nonfinite_op_inputs(dtype, device)
+        target = (rows if operand == "rows" else keys)[index]
+        poisoned = target.clone()
+        poisoned[5, 3] = value
+        (rows if operand == "rows" else keys)[index] = poisoned
+        got = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+        want = reference.infonce_lse([r.double() for r in rows], [k.double() for k in keys], exclude, scales)
+        assert (~torch.isfinite(want)).any(), "the case must poison the reference"
+        assert torch.equal(torch.isfinite(got).cpu(), torch.isfinite(want).cpu()), (operand, index, value)
+
+
+def check_nonfinite_grad_propagates(dtype, device, value):
+    rows, keys, exclude, scales = _nonfinite_op_inputs(dtype, device)
+    lse = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+    for r in range(2):
+        grad = torch.rand_like(lse)
+        grad[r, 5] = value
+        got = torch.ops.pnr_kernels.infonce_lse_backward(grad, lse, rows, keys, exclude, scales, [True] * 2, [True] * 2)
+        exact_rows = [x.detach().double().requires_grad_() for x in rows]
+        exact_keys = [x.detach().double().requires_grad_() for x in keys]
+        want_lse = reference.infonce_lse(exact_rows, exact_keys, exclude, scales)
+        want = torch.autograd.grad((want_lse * grad.double()).sum(), exact_rows + exact_keys)
+        assert not all(torch.isfinite(w).all() for w in want), "the case must poison the reference"
+        for index, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(torch.isfinite(g).cpu(), torch.isfinite(w).cpu()), (r, index, value)
+
+
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[1])
+def test_nonfinite_inputs_propagate(dtype, value):
+    check_nonfinite_inputs_propagate(dtype, "cpu", value)
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[1])
+def test_nonfinite_grad_propagates(dtype, value):
+    check_nonfinite_grad_propagates(dtype, "cpu", value)
+
+
+def check_losses_nonfinite(loss, dtype, device):
+    """NaN or Inf in any input of any contrastive loss gives a non-finite loss."""
+    args, kwargs = make_inputs(loss, 5, 6, dtype, queue_size=11, device=device)
+    for position in range(len(args)):
+        for value in (float("nan"), float("inf")):
+            poisoned = [a.clone() for a in args]
+            poisoned[position][(1,) * poisoned[position].dim()] = value
+            got = PUBLIC[loss](*poisoned, **kwargs, backend="native")
+            assert not torch.isfinite(got), (loss, position, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("loss", sorted(PUBLIC))
+def test_losses_nonfinite_inputs(loss, dtype):
+    check_losses_nonfinite(loss, dtype, "cpu")
+
+
+def test_kernels_ignore_autocast():
+    """Under torch.autocast the kernels compute exactly what they compute outside it."""
+    rows, keys, exclude, scales = op_inputs(torch.float32)
+    want = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+    grad = torch.rand_like(want)
+    want_grads = torch.ops.pnr_kernels.infonce_lse_backward(grad, want, rows, keys, exclude, scales,
+                                                            [True] * 3, [True] * 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+        got_grads = torch.ops.pnr_kernels.infonce_lse_backward(grad, want, rows, keys, exclude, scales,
+                                                               [True] * 3, [True] * 3)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
