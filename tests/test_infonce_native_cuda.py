@@ -6,7 +6,9 @@ import torch
 from pnr_kernels import native
 
 from .helpers import make_inputs
-from .test_infonce_native_cpu import PUBLIC, check_against_reference, check_op_against_reference
+from .test_infonce_native_cpu import (PUBLIC, check_against_reference, check_losses_nonfinite,
+                                      check_nonfinite_grad_propagates, check_nonfinite_inputs_propagate,
+                                      check_op_against_reference, op_inputs)
 
 CUDA = torch.device("cuda")
 pytestmark = pytest.mark.skipif(
@@ -49,3 +51,61 @@ def test_kernels_run_on_the_current_stream():
 
 def test_float64_is_refused_with_a_reason():
     assert "float64" in native.unavailable_reason(CUDA, torch.float64)
+
+
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_nonfinite_inputs_propagate(dtype, value):
+    """A NaN anywhere used to be skipped by fmaxf (a NaN row gave lse = -inf)."""
+    check_nonfinite_inputs_propagate(dtype, "cuda", value)
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_nonfinite_grad_propagates(dtype, value):
+    """A NaN in grad_lse used to be dropped from the tile's g_max (and its gradients with it)."""
+    check_nonfinite_grad_propagates(dtype, "cuda", value)
+
+
+@pytest.mark.parametrize("loss", sorted(PUBLIC))
+def test_losses_nonfinite_inputs(loss):
+    check_losses_nonfinite(loss, torch.float32, "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_backward_is_deterministic(dtype):
+    """The backward owns what it writes (no atomics): two runs agree bit for bit."""
+    rows, keys, exclude, scales = op_inputs(dtype, "cuda")
+    lse = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+    grad = torch.rand_like(lse)
+    runs = [torch.ops.pnr_kernels.infonce_lse_backward(grad, lse, rows, keys, exclude, scales, [True] * 3, [True] * 3)
+            for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_kernels_ignore_autocast():
+    rows, keys, exclude, scales = op_inputs(torch.float32, "cuda")
+    want = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude, scales)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_a_device_other_than_the_current_one():
+    """The binding's DeviceGuard: tensors on cuda:1 while cuda:0 is current give cuda:0's results."""
+    args, kwargs = make_inputs("simclr_pnr", 70, 32, torch.float32, requires_grad=True, device="cuda:0")
+    moved = [a.detach().to("cuda:1").requires_grad_(a.requires_grad) for a in args]
+    with torch.cuda.device(0):
+        want = PUBLIC["simclr_pnr"](*args, **kwargs, backend="native")
+        got = PUBLIC["simclr_pnr"](*moved, **kwargs, backend="native")
+        want_grads = torch.autograd.grad(want, [a for a in args if a.requires_grad])
+        got_grads = torch.autograd.grad(got, [a for a in moved if a.requires_grad])
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=0, atol=0)

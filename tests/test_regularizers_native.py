@@ -178,3 +178,20 @@ def test_paired_terms_of_huge_rows():
     big_terms, big_norms = torch.ops.pnr_kernels.paired_terms_forward(*[t * 1e30 for t in x], "cosine")
     torch.testing.assert_close(big_terms, terms, rtol=1e-5, atol=0)
     torch.testing.assert_close(big_norms, norms * 1e30, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs and the CUDA part")
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_runs_on_a_device_other_than_the_current_one(loss):
+    """Every regulariser binding holds a DeviceGuard: tensors on cuda:1 while cuda:0 is current."""
+    x = [torch.randn(9, 40, device="cuda:0").requires_grad_(i < 2) for i in range(4)]
+    moved = [t.detach().to("cuda:1").requires_grad_(t.requires_grad) for t in x]
+    with torch.cuda.device(0):
+        want = _losses()[loss](*x, **_kwargs(loss))
+        got = _losses()[loss](*moved, **_kwargs(loss))
+        want_grads = torch.autograd.grad(want, x[:2])
+        got_grads = torch.autograd.grad(got, moved[:2])
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=0, atol=0)
