@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 import torch
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("reference", "triton", "native")  # see pnr_kernels.backends
 
 
 def check_embeddings(tensors: Mapping[str, torch.Tensor], *, batch_size: Optional[int] = None) -> tuple:
@@ -73,14 +74,30 @@ def check_queue(name: str, queue: torch.Tensor, *, dim: int, like_name: str, lik
     return queue.shape[1]
 
 
+# The smallest temperature whose reciprocal (the logits' scale) is finite in float32, the
+# precision every fused kernel accumulates in.
+MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+
+
 def check_positive_number(name: str, value) -> float:
-    """A finite, strictly positive real number (temperatures)."""
+    """A finite, strictly positive real number whose reciprocal is finite in float32
+    (temperatures: the logits are scaled by ``1 / temperature``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be at least {MIN_TEMPERATURE:.3g} so that 1/{name} is finite in "
+                         f"float32, got {value}")
     return value
+
+
+def check_backend(backend) -> str:
+    """'auto' or one of the backend names."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_weight(name: str, value) -> float:

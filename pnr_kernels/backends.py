@@ -1,63 +1,85 @@
 """Backend registry: which implementation of a loss runs for a given device and dtype.
 
-Every backend is a module exposing
+A fused backend is a module with one hookup (the same for every loss it runs):
 
     unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]
         None when the backend can run there, else why not and how to get it;
-    losses() -> dict
-        loss key (as ``pnr_kernels.reference.LOSSES``) -> function taking the validated,
-        frozen-detached inputs with the public keyword arguments.
+    kernels() -> dict
+        op family ("infonce", "regularizers"; see ``pnr_kernels.ops``) -> that family's kernel set.
 
-"auto" takes the first usable backend implementing the loss, in the order of ``AUTO_ORDER``
-(fastest first).
+A loss (``pnr_kernels.registry.LOSSES``) runs on a backend as its entry's ``fused`` composition
+over the backend's custom ops of the entry's family; on ``"reference"`` it is the entry's
+``reference`` function. ``"auto"`` takes the first usable backend in ``AUTO_ORDER`` (fastest
+first).
 """
 from __future__ import annotations
 
-import importlib
+import functools
 from typing import Callable, List, Optional, Union
 
 import torch
 
-BACKENDS = ("reference", "triton", "native")
+from . import native, ops, registry
+from . import triton as triton_backend
+from ._validation import BACKENDS, check_backend  # noqa: F401  (BACKENDS: re-exported)
+
 AUTO_ORDER = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
-_MODULES = {
-    "reference": "pnr_kernels._reference_backend",
-    "triton": "pnr_kernels.triton",
-    "native": "pnr_kernels.native",
-}
+_FUSED = {"triton": triton_backend, "native": native}
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this loss here; the message says why and what to do."""
 
 
-def _module(name: str):
-    return importlib.import_module(_MODULES[name])
-
-
 def unavailable_reason(name: str, loss: Optional[str], device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    module = _module(name)
+    """None when backend ``name`` can run ``loss`` (any loss when None) on ``device`` with
+    ``dtype``; else why not."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "this torch build sees no CUDA device (torch.cuda.is_available() is False)"
+    if name == "reference":
+        return None
+    module = _FUSED[name]
     reason = module.unavailable_reason(device, dtype)
-    if reason is None and loss is not None and loss not in module.losses():
+    if reason is None and loss is not None and registry.LOSSES[loss].family not in module.kernels():
         reason = f"it does not implement {loss}; use backend='reference' or 'auto'"
     return reason
 
 
+@torch.compiler.assume_constant_result
+def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend that runs ``loss`` for ``backend`` ("auto" or one of BACKENDS), with its
+    custom ops registered; raises when none can. Under ``torch.compile`` it runs once at trace
+    time and its answer is a constant of the graph (it may build the native extension)."""
+    check_backend(backend)
+    device = torch.device(device_type)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            if unavailable_reason(name, loss, device, dtype) is None:
+                backend = name
+                break
+        else:
+            raise BackendUnavailableError(f"no backend can run {loss} on {device_type} with {dtype}")
+    else:
+        reason = unavailable_reason(backend, loss, device, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot run {loss} on {device_type} with {dtype}: {reason}")
+    if backend != "reference":
+        ops.backend_ops(backend, registry.LOSSES[loss].family, _FUSED[backend].kernels)
+    return backend
+
+
+def loss_function(backend: str, loss: str) -> Callable:
+    """The function computing ``loss`` on the concrete ``backend`` returned by :func:`choose`."""
+    spec = registry.LOSSES[loss]
+    if backend == "reference":
+        return spec.reference
+    return functools.partial(spec.fused, ops.backend_ops(backend, spec.family, _FUSED[backend].kernels))
+
+
 def resolve(backend: str, loss: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The function computing ``loss`` with ``backend`` ("auto" or one of BACKENDS)."""
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, loss, device, dtype) is None:
-                return _module(name).losses()[loss]
-        raise BackendUnavailableError(f"no backend can run {loss} on {device.type} with {dtype}")
-    reason = unavailable_reason(backend, loss, device, dtype)
-    if reason is not None:
-        raise BackendUnavailableError(
-            f"backend {backend!r} cannot run {loss} on {device.type} with {dtype}: {reason}"
-        )
-    return _module(backend).losses()[loss]
+    return loss_function(choose(backend, loss, device.type, dtype), loss)
 
 
 def available_backends(device: Union[str, torch.device]) -> List[str]:

@@ -9,7 +9,7 @@ through /proc/self/clear_refs) over its resident set before the step, measured i
 subprocess per case (with glibc returning every allocation of 64 KiB or more to the system when
 freed) so that no earlier allocation hides it. Throughput is reported where a
 work model exists: GFLOP/s for the contrastive losses (the FLOP model of
-``pnr_kernels.ops.infonce.infonce_flops``) and GB/s for BYOL/VICReg-PNR (reading p1, p2, f1, f2 and
+``pnr_kernels.registry`` entries' work models) and GB/s for BYOL/VICReg-PNR (reading p1, p2, f1, f2 and
 writing two gradients once).
 """
 from __future__ import annotations
@@ -25,49 +25,13 @@ import time
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import backends
-from .losses import LOSS_FUNCTIONS
-from .ops.infonce import infonce_flops
+from .registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-# Which (B, D) embeddings of each loss are trainable; the others are frozen (f*, k*).
-TRAINABLE = {
-    "simclr_pnr": [True, True, True, True, False, False],
-    "nt_xent": [True, True],
-    "moco_pnr": [True, True, False, False, True, True, False, False],
-    "moco": [True, True, False, False],
-    "cassle_simclr": [True, True, False, False],
-    "byol_pnr": [True, True, False, False],
-    "vicreg_pnr": [True, True, False, False],
-    "barlow_pnr": [True, True, False, False],
-}
 PEERS = {"nt_xent": "pml"}  # third-party rows measured beside ours when installed
 PEER_MAX_BATCH = 256
-
-
-def make_inputs(loss: str, batch: int, dim: int, dtype: torch.dtype, *, device="cpu",
-                requires_grad: bool = False, queue_size: int = 5, temperature: float = 0.2):
-    """Positional and keyword arguments for the loss ``loss`` (a key of LOSS_FUNCTIONS): random
-    (B, D) embeddings, the frozen ones never requiring a gradient, and for MoCo(-PNR) one (two)
-    (2, K, D) queues of unit rows laid out as transposed views of (2, D, K) buffers (strided rows)."""
-    args = [
-        torch.randn(batch, dim, dtype=dtype, device=device).requires_grad_(requires_grad and trainable)
-        for trainable in TRAINABLE[loss]
-    ]
-    kwargs = {}
-    if loss in ("moco", "moco_pnr"):
-        for _ in range(1 if loss == "moco" else 2):
-            buffer = F.normalize(torch.randn(2, dim, queue_size, device=device), dim=1)
-            args.append(buffer.to(dtype).transpose(1, 2))
-        kwargs = dict(temperature=temperature)
-        if loss == "moco_pnr":
-            kwargs["distill_temperature"] = temperature * 1.5
-    elif loss in ("simclr_pnr", "nt_xent", "cassle_simclr"):
-        kwargs = dict(temperature=temperature)
-    return args, kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +45,14 @@ class Case:
 
 
 def work_model(case: Case):
-    """(unit, amount) of one forward + backward, or None: FLOPs of the fused contrastive op, or
-    the bytes a fused BYOL/VICReg-PNR must move."""
-    b, d = case.batch_size, case.dim
-    n = 2 * b
-    if case.loss == "simclr_pnr":
-        return "GFLOP/s", infonce_flops([n, n], [n, n], d, [True, True], [True, False])
-    if case.loss == "nt_xent":
-        return "GFLOP/s", infonce_flops([n], [n], d, [True], [True])
-    if case.loss == "cassle_simclr":
-        return "GFLOP/s", (infonce_flops([n], [n], d, [True], [False]) + infonce_flops([n], [n], d, [False], [True]))
-    if case.loss == "moco_pnr":
-        k = case.queue_size
-        return "GFLOP/s", 2 * infonce_flops([b, b], [k, k], d, [True, True], [False, False])
-    if case.loss == "moco":
-        return "GFLOP/s", 2 * infonce_flops([b], [case.queue_size], d, [True], [False])
-    if case.loss in ("byol_pnr", "vicreg_pnr"):
-        return "GB/s", 6 * b * d * torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    return None
+    """(throughput unit, amount) of one forward + backward from the loss's registry entry, or
+    None: GFLOP/s for the fused contrastive op's FLOPs, GB/s for bytes moved."""
+    spec = LOSSES[case.loss]
+    if spec.work is None:
+        return None
+    itemsize = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    amount = spec.work(case.batch_size, case.dim, case.queue_size, itemsize)
+    return {"FLOP": "GFLOP/s", "byte": "GB/s"}[spec.work_unit], amount
 
 
 def _sizes(device: str, quick: bool):
@@ -124,10 +78,10 @@ def _sizes(device: str, quick: bool):
             moco = [(256, 256, 65536)]
             regularizer = [(8192, 2048)]
     grid = []
-    for loss in LOSS_FUNCTIONS:
-        if loss in ("moco", "moco_pnr"):
+    for loss, spec in LOSSES.items():
+        if spec.kind == QUEUE:
             grid += [(loss, b, d, k, dtypes) for b, d, k in moco]
-        elif loss in ("simclr_pnr", "nt_xent", "cassle_simclr"):
+        elif spec.kind == CONTRASTIVE:
             grid += [(loss, b, d, None, dtypes) for b, d in contrastive]
         else:
             grid += [(loss, b, d, None, dtypes) for b, d in regularizer]
@@ -181,7 +135,7 @@ def _step_fn(case: Case, device: str):
                 a.grad = None
             criterion(torch.cat(args), labels).backward()
     else:
-        fn = LOSS_FUNCTIONS[case.loss]
+        fn = LOSSES[case.loss].function
 
         def step():
             for a in args:
@@ -301,7 +255,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pnr-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="one small size per loss (under 2 minutes on 2 CPU cores)")
-    parser.add_argument("--losses", nargs="+", choices=sorted(LOSS_FUNCTIONS), help="losses to run (default: all)")
+    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), help="losses to run (default: all)")
     parser.add_argument("--backends", nargs="+", help="backends to run (default: every usable one, plus peers)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3 quick, 7 full)")
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list to PATH")

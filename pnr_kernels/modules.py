@@ -7,20 +7,29 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import losses
+from . import losses, registry
+from ._validation import check_backend, check_weight
 
 
 class _LossModule(nn.Module):
-    """Calls ``function(*inputs, **options)``; subclasses name the function and the options."""
+    """Calls ``function(*inputs, **options)``; subclasses name the function and the options.
+
+    The options are validated at construction (a bad temperature, weight or backend fails here,
+    not at the first call); inputs may be passed by position or by name."""
 
     function = None
 
     def __init__(self, **options):
         super().__init__()
-        self.options = options
+        spec = next((s for s in registry.LOSSES.values() if s.module == type(self).__name__), None)
+        checks = spec.options if spec is not None else {}
+        self.options = {
+            name: check_backend(value) if name == "backend" else checks.get(name, check_weight)(name, value)
+            for name, value in options.items()
+        }
 
-    def forward(self, *inputs):
-        return type(self).function(*inputs, **self.options)
+    def forward(self, *inputs, **named_inputs):
+        return type(self).function(*inputs, **named_inputs, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -46,9 +46,9 @@ in one process share one build and one ``torch.ops.load_library``. ``python -m p
 ``pnr-kernels build`` console script) prebuilds and prints what it built and why any part was
 skipped.
 
-Ops (csrc/infonce_*): ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward``, the
-kernel pair of the fused InfoNCE op (see ``pnr_kernels.ops.infonce``), wired into the contrastive
-losses through the same autograd glue as the Triton backend.
+Ops: ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward`` (csrc/infonce_*) and the
+regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
+``pnr_kernels.ops`` through :func:`kernels`, this backend's one hookup.
 """
 from __future__ import annotations
 
@@ -504,32 +504,23 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return None
 
 
-def _infonce_forward(rows, keys, exclude_diagonal, scales):
-    return torch.ops.pnr_kernels.infonce_lse_forward(rows, keys, exclude_diagonal, scales)
-
-
-def _infonce_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad):
-    return torch.ops.pnr_kernels.infonce_lse_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales,
-                                                      rows_need_grad, keys_need_grad)
-
-
 @functools.lru_cache(maxsize=None)
-def infonce_op():
-    """The fused InfoNCE op of this backend, ``pnr_kernels::infonce_lse_native`` (builds and
-    loads the extension if that has not happened yet)."""
-    from .ops import infonce
+def kernels() -> dict:
+    """This backend's one hookup: its kernel set per op family (see ``pnr_kernels.ops``), the
+    extension's ops ``torch.ops.pnr_kernels.*`` (csrc/infonce_*, csrc/regularizers_*). Builds and
+    loads the extension if that has not happened yet."""
+    from .ops.infonce import InfoNCEKernels
+    from .ops.regularizers import RegularizerKernels
 
     if load()[0] is None:
         raise RuntimeError(load()[1])
-
-    return infonce.define_infonce_op("native", infonce.InfoNCEKernels(_infonce_forward, _infonce_backward))
-
-
-@functools.lru_cache(maxsize=None)  # looked up on every loss call by the backend registry
-def losses() -> dict:
-    from .ops import infonce, regularizers
-
-    return {**infonce.contrastive_losses(infonce_op()), **regularizers.regularizer_losses(regularizers.native_ops())}
+    ops = torch.ops.pnr_kernels
+    return {
+        "infonce": InfoNCEKernels(ops.infonce_lse_forward, ops.infonce_lse_backward),
+        "regularizers": RegularizerKernels(
+            ops.paired_terms_forward, ops.paired_terms_backward, ops.barlow_gram_forward,
+            ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

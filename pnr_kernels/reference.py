@@ -30,9 +30,24 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype(x.dtype))
 
 
+# Rows (or columns) whose largest magnitude exceeds this are divided by it before a norm or a
+# variance is taken, so that squares of huge values (fp32 rows near 1e20 and beyond) cannot
+# overflow. Below it nothing is rescaled, so ordinary inputs are computed exactly as
+# torch.nn.functional computes them (the authors' code).
+HUGE = 1e15
+
+
+def _overflow_guard(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``max |x|`` along ``dim`` where it exceeds HUGE, else 1; detached (every formula that
+    divides by it is invariant to the factor, up to an eps that is negligible at that scale)."""
+    scale = x.detach().abs().amax(dim=dim, keepdim=True)
+    return torch.where(scale > HUGE, scale, torch.ones_like(scale))
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise L2 normalisation, ``x / max(||x||, 1e-12)``; an all-zero row stays all zero."""
-    return F.normalize(x, dim=1, eps=NORMALIZE_EPS)
+    """Row-wise L2 normalisation, ``x / max(||x||, 1e-12)``; an all-zero row stays all zero.
+    Huge rows are scaled down first (see HUGE), which leaves the result unchanged."""
+    return F.normalize(x / _overflow_guard(x, 1), dim=1, eps=NORMALIZE_EPS)
 
 
 def _masked_diagonal(logits: torch.Tensor) -> torch.Tensor:
@@ -94,6 +109,14 @@ def nt_xent_loss(z1, z2, *, temperature: float = 0.2) -> torch.Tensor:
     return loss.mean().to(z1.dtype)
 
 
+def queue_poison(*queues: torch.Tensor) -> torch.Tensor:
+    """0, or NaN when any queue holds a NaN or an Inf. Queue rows enter the logits as given (they
+    are not normalised), and an Inf entry can make a logit -inf, which the log-sum-exp ignores;
+    adding this to a loss keeps the contract that non-finite inputs give a non-finite loss, in
+    one O(K D) read and without a host synchronisation."""
+    return sum(0 * q.detach().abs().amax().to(compute_dtype(q.dtype)) for q in queues)
+
+
 def _moco_ce(anchor, positive, queue, t):
     """``mean_i(-a_i.pos_i/t + LSE({a_i.pos_i/t} U {a_i.q/t : q in queue}))``."""
     pos = (anchor * positive).sum(1, keepdim=True) / t
@@ -115,7 +138,7 @@ def moco_pnr_loss(
         _moco_ce(q1, k2, keys_view1, t) + _moco_ce(p1, f1, keys_view1, td)
         + _moco_ce(q2, k1, keys_view0, t) + _moco_ce(p2, f2, keys_view0, td)
     ) / 2
-    return loss.to(dtype)
+    return (loss + queue_poison(key_queue, prev_queue)).to(dtype)
 
 
 def moco_loss(q1, q2, k1, k2, key_queue, *, temperature: float = 0.2) -> torch.Tensor:
@@ -125,7 +148,7 @@ def moco_loss(q1, q2, k1, k2, key_queue, *, temperature: float = 0.2) -> torch.T
     q1, q2, k1, k2 = (normalize(_up(x)) for x in (q1, q2, k1, k2))
     t = temperature
     loss = (_moco_ce(q1, k2, _up(key_queue[1]), t) + _moco_ce(q2, k1, _up(key_queue[0]), t)) / 2
-    return loss.to(dtype)
+    return (loss + queue_poison(key_queue)).to(dtype)
 
 
 def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2) -> torch.Tensor:
@@ -144,9 +167,16 @@ def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2) -> to
 # Non-contrastive regularisers (section 4) and the base losses a trainer needs
 # ---------------------------------------------------------------------------------------------
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``cos(a_i, b_i)``, each norm clamped at 1e-8, as
+    ``torch.nn.functional.cosine_similarity`` computes it (value and gradient); huge rows are
+    scaled down first (see HUGE), which leaves the result unchanged."""
+    return F.cosine_similarity(a / _overflow_guard(a, 1), b / _overflow_guard(b, 1), dim=1, eps=COSINE_EPS)
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``mean_i cos(a_i, b_i)`` with eps 1e-8 on the norm product."""
-    return F.cosine_similarity(a, b, dim=1, eps=COSINE_EPS).mean()
+    """``mean_i cos(a_i, b_i)`` with each norm clamped at 1e-8 (see :func:`cosine`)."""
+    return cosine(a, b).mean()
 
 
 def _byol_term(p, f):
@@ -161,7 +191,11 @@ def barlow_correlation(a, b) -> torch.Tensor:
     """``C = a^T b^ / B`` (D x D) of the column-standardised batches (section 4), averaged over
     ranks under DDP."""
     def standardise(x):
-        return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + BARLOW_VARIANCE_EPS)
+        # (x - mean) / sqrt(var + eps), on x / s with eps / s^2 (s: see _overflow_guard) so
+        # that the variance of huge columns does not overflow
+        s = _overflow_guard(x, 0)
+        y = x / s
+        return (y - y.mean(0)) / torch.sqrt(y.var(0, unbiased=False) + BARLOW_VARIANCE_EPS / s ** 2)
 
     c = standardise(a).T @ standardise(b) / a.shape[0]
     return distributed.all_reduce_mean(c)
@@ -242,15 +276,3 @@ def vicreg_loss(z1, z2, *, sim_weight=25.0, var_weight=25.0, cov_weight=1.0) -> 
 def barlow_twins_loss(z1, z2, *, off_diagonal_weight=5e-3, scale=0.1) -> torch.Tensor:
     """The Barlow Twins loss between the two current views (same formula as the PNR term)."""
     return barlow_loss(_up(z1), _up(z2), off_diagonal_weight=off_diagonal_weight, scale=scale).to(z1.dtype)
-
-
-LOSSES = {
-    "simclr_pnr": simclr_pnr_loss,
-    "nt_xent": nt_xent_loss,
-    "moco_pnr": moco_pnr_loss,
-    "moco": moco_loss,
-    "cassle_simclr": cassle_simclr_regularizer,
-    "byol_pnr": byol_pnr_regularizer,
-    "vicreg_pnr": vicreg_pnr_regularizer,
-    "barlow_pnr": barlow_pnr_regularizer,
-}

@@ -121,9 +121,3 @@ def barlow_pnr(p1, p2, f1, f2, distill_weight=1.0, negative_weight=1.0, off_diag
     def neg(p, f):
         return -_mean_cos(p, f)
     return _pnr(pos, neg, p1, p2, f1, f2, distill_weight, negative_weight)
-
-
-LOSSES = {
-    "simclr_pnr": simclr_pnr, "nt_xent": nt_xent, "moco_pnr": moco_pnr, "moco": moco, "cassle_simclr": cassle_simclr,
-    "byol_pnr": byol_pnr, "vicreg_pnr": vicreg_pnr, "barlow_pnr": barlow_pnr,
-}

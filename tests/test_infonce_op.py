@@ -6,8 +6,10 @@ import torch
 
 from pnr_kernels import reference
 from pnr_kernels.ops import infonce
+from pnr_kernels.registry import LOSSES as REGISTRY
+from pnr_kernels.testing import TOLERANCES, assert_close_relative, fused_losses, make_inputs
 
-from .helpers import make_inputs
+LOSS_TOL, GRAD_TOL = TOLERANCES[torch.float64]
 
 
 def _torch_forward(rows, keys, exclude_diagonal, scales):
@@ -30,7 +32,7 @@ def _torch_backward(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_ne
 
 
 OP = infonce.define_infonce_op("test_torch", infonce.InfoNCEKernels(_torch_forward, _torch_backward))
-LOSSES = infonce.contrastive_losses(OP)
+LOSSES = fused_losses("infonce", OP)
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
@@ -38,13 +40,13 @@ LOSSES = infonce.contrastive_losses(OP)
 def test_composition_matches_reference(loss, batch, dim):
     args, kwargs = make_inputs(loss, batch, dim, torch.float64, requires_grad=True)
     fused = LOSSES[loss](*args, **kwargs)
-    expected = reference.LOSSES[loss](*args, **kwargs)
-    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    expected = REGISTRY[loss].reference(*args, **kwargs)
+    assert_close_relative(fused, expected, LOSS_TOL, loss)
     trainable = [a for a in args if a.requires_grad]
     got = torch.autograd.grad(fused, trainable)
     want = torch.autograd.grad(expected, trainable)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert_close_relative(g, w, GRAD_TOL, f"{loss} gradient")
 
 
 def test_frozen_inputs_get_no_backward_work():
@@ -74,8 +76,8 @@ def test_composition_traces_under_torch_compile(loss):
     args, kwargs = make_inputs(loss, 4, 5, torch.float64, requires_grad=True)
     compiled = torch.compile(LOSSES[loss], backend="aot_eager", fullgraph=True)
     got = compiled(*args, **kwargs)
-    want = reference.LOSSES[loss](*args, **kwargs)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want = REGISTRY[loss].reference(*args, **kwargs)
+    assert_close_relative(got, want, LOSS_TOL, loss)
     trainable = [a for a in args if a.requires_grad]
     for g, w in zip(torch.autograd.grad(got, trainable), torch.autograd.grad(want, trainable)):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert_close_relative(g, w, GRAD_TOL, f"{loss} gradient")

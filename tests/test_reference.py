@@ -6,16 +6,20 @@ import torch
 
 import pnr_kernels
 from pnr_kernels import reference
-from pnr_kernels.losses import LOSS_FUNCTIONS
+from pnr_kernels.registry import LOSSES, REGULARIZER, make_inputs
 
 from . import loop_reference
-from .helpers import TRAINABLE, make_inputs
 
-ALL = sorted(LOSS_FUNCTIONS)
+ALL = sorted(LOSSES)
+TEMPERATURE_LOSSES = sorted(name for name, spec in LOSSES.items() if spec.kind != REGULARIZER)
 
 
 def _call(loss, args, kwargs, backend="reference"):
-    return LOSS_FUNCTIONS[loss](*args, **kwargs, backend=backend)
+    return LOSSES[loss].function(*args, **kwargs, backend=backend)
+
+
+def _trainable(loss):
+    return LOSSES[loss].trainable_mask
 
 
 @pytest.mark.parametrize("loss", ALL)
@@ -23,7 +27,7 @@ def _call(loss, args, kwargs, backend="reference"):
 def test_matches_loop_formulation(loss, batch, dim):
     args, kwargs = make_inputs(loss, batch, dim, torch.float64)
     got = _call(loss, args, kwargs).item()
-    want = loop_reference.LOSSES[loss](*(a.numpy() for a in args), **kwargs)
+    want = getattr(loop_reference, loss)(*(a.numpy() for a in args), **kwargs)
     assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
@@ -45,8 +49,8 @@ def test_gradcheck_fp64(loss):
 def test_batch_permutation_invariance(loss):
     args, kwargs = make_inputs(loss, 6, 5, torch.float64)
     perm = torch.randperm(6)
-    n_emb = len(TRAINABLE[loss])
-    permuted = [a[perm] for a in args[:n_emb]] + args[n_emb:]
+    queues = LOSSES[loss].queues
+    permuted = [a if name in queues else a[perm] for name, a in zip(LOSSES[loss].inputs, args)]
     torch.testing.assert_close(_call(loss, permuted, kwargs), _call(loss, args, kwargs), rtol=1e-12, atol=1e-12)
 
 
@@ -75,7 +79,7 @@ def test_frozen_inputs_get_no_gradient(loss):
     for a in args:
         a.requires_grad_(True)
     _call(loss, args, kwargs).backward()
-    for a, trainable in zip(args, TRAINABLE[loss] + [False, False]):
+    for a, trainable in zip(args, _trainable(loss)):
         assert (a.grad is not None) == trainable
 
 
@@ -93,17 +97,23 @@ def test_all_zero_rows_give_finite_loss_and_gradient(loss):
     # are all 0; cosine uses eps 1e-8 on the norm product. Nothing is NaN.
     args, kwargs = make_inputs(loss, 3, 4, torch.float64, requires_grad=True)
     with torch.no_grad():
-        for a in args[: len(TRAINABLE[loss])]:
-            a[0].zero_()
+        for name, a in zip(LOSSES[loss].inputs, args):
+            if name not in LOSSES[loss].queues:
+                a[0].zero_()
     out = _call(loss, args, kwargs)
     out.backward()
     assert torch.isfinite(out)
     assert all(torch.isfinite(a.grad).all() for a in args if a.grad is not None)
 
 
-@pytest.mark.parametrize("loss", ["simclr_pnr", "nt_xent", "moco_pnr", "moco", "cassle_simclr"])
+def tiny_temperatures(loss):
+    """Every temperature option of ``loss`` at 0.01 (the precision contract's smallest)."""
+    return {name: 0.01 for name in LOSSES[loss].options if name.endswith("temperature")}
+
+
+@pytest.mark.parametrize("loss", TEMPERATURE_LOSSES)
 def test_tiny_temperature_stays_finite(loss):
-    args, kwargs = make_inputs(loss, 4, 8, torch.float32, requires_grad=True, temperature=0.01)
+    args, kwargs = make_inputs(loss, 4, 8, torch.float32, requires_grad=True, options=tiny_temperatures(loss))
     out = _call(loss, args, kwargs)
     out.backward()
     assert torch.isfinite(out)
@@ -121,22 +131,14 @@ def test_low_precision_inputs_follow_fp64(loss, dtype):
     assert got.double().item() == pytest.approx(want.item(), rel=tol, abs=tol)
 
 
-def test_modules_match_functions():
-    cases = [
-        (pnr_kernels.SimCLRPNRLoss(temperature=0.3), "simclr_pnr", dict(temperature=0.3)),
-        (pnr_kernels.NTXentLoss(temperature=0.3), "nt_xent", dict(temperature=0.3)),
-        (pnr_kernels.MoCoPNRLoss(temperature=0.3, distill_temperature=0.4), "moco_pnr",
-         dict(temperature=0.3, distill_temperature=0.4)),
-        (pnr_kernels.MoCoLoss(temperature=0.3), "moco", dict(temperature=0.3)),
-        (pnr_kernels.CaSSLeSimCLRRegularizer(temperature=0.3), "cassle_simclr", dict(temperature=0.3)),
-        (pnr_kernels.BYOLPNRRegularizer(negative_weight=0.7), "byol_pnr", dict(negative_weight=0.7)),
-        (pnr_kernels.VICRegPNRRegularizer(distill_weight=2.0), "vicreg_pnr", dict(distill_weight=2.0)),
-        (pnr_kernels.BarlowPNRRegularizer(scale=0.2), "barlow_pnr", dict(scale=0.2)),
-    ]
-    for module, loss, kwargs in cases:
-        args, _ = make_inputs(loss, 3, 4, torch.float64)
-        assert module(*args).item() == LOSS_FUNCTIONS[loss](*args, **kwargs).item()
-        assert "=" in repr(module)
+@pytest.mark.parametrize("loss", ALL)
+def test_modules_match_functions(loss):
+    spec = LOSSES[loss]
+    module = getattr(pnr_kernels, spec.module)(**spec.example_options)
+    args, kwargs = make_inputs(loss, 3, 4, torch.float64)
+    assert module(*args).item() == spec.function(*args, **kwargs).item()
+    assert module(**dict(zip(spec.inputs, args))).item() == module(*args).item()  # inputs by name too
+    assert "=" in repr(module)
 
 
 def test_base_losses():
@@ -231,7 +233,12 @@ def test_backend_errors_say_why():
 
 def test_available_backends():
     assert pnr_kernels.available_backends("cpu")[-1] == "reference"
-    assert "reference" in pnr_kernels.available_backends(torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without a usable CUDA device")
+def test_available_backends_lists_nothing_for_cuda_without_a_gpu():
+    assert pnr_kernels.available_backends(torch.device("cuda")) == []
+    assert pnr_kernels.available_backends("cuda") == []
 
 
 def test_public_names():
@@ -239,4 +246,7 @@ def test_public_names():
                  "vicreg_pnr_regularizer", "barlow_pnr_regularizer", "cassle_simclr_regularizer",
                  "available_backends"]:
         assert callable(getattr(pnr_kernels, name))
-    assert reference.LOSSES.keys() == LOSS_FUNCTIONS.keys()
+    for spec in LOSSES.values():
+        assert getattr(pnr_kernels, spec.public) is spec.function
+        assert spec.public in pnr_kernels.__all__ and spec.module in pnr_kernels.__all__
+        assert spec.reference is getattr(reference, spec.public)

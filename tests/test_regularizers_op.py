@@ -7,8 +7,10 @@ import torch
 
 from pnr_kernels import reference
 from pnr_kernels.ops import regularizers
+from pnr_kernels.registry import LOSSES as REGISTRY
+from pnr_kernels.testing import TOLERANCES, assert_close_relative, fused_losses, make_inputs
 
-from .helpers import make_inputs
+LOSS_TOL, GRAD_TOL = TOLERANCES[torch.float64]
 
 PAIRS = ((0, 2), (1, 3), (0, 3), (1, 2))  # (p index, f index) in [p1, p2, f1, f2] per terms column
 EPS = reference.COSINE_EPS
@@ -77,23 +79,19 @@ def _correlation_loss_backward(grad_loss, c, l, s):
 OPS = regularizers.define_regularizer_ops("test_torch", regularizers.RegularizerKernels(
     _paired_forward, _paired_backward, _barlow_forward, _barlow_backward,
     _correlation_loss_forward, _correlation_loss_backward))
-LOSSES = regularizers.regularizer_losses(OPS)
+LOSSES = fused_losses("regularizers", OPS)
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("batch,dim", [(1, 3), (5, 7), (9, 4)])
 def test_composition_matches_reference(loss, batch, dim):
-    args, _ = make_inputs(loss, batch, dim, torch.float64, requires_grad=True)
-    args = [a * 2 + 0.5 for a in args]  # non-zero column means: the standardisation matters
-    kwargs = dict(distill_weight=1.3, negative_weight=0.7)
-    if loss == "barlow_pnr":
-        kwargs.update(off_diagonal_weight=0.05, scale=0.3)
+    args, kwargs = make_inputs(loss, batch, dim, torch.float64, requires_grad=True)
     fused = LOSSES[loss](*args, **kwargs)
-    expected = reference.LOSSES[loss](*args, **kwargs)
-    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    expected = REGISTRY[loss].reference(*args, **kwargs)
+    assert_close_relative(fused, expected, LOSS_TOL, loss)
     trainable = [a for a in args if a.requires_grad]
     for g, w in zip(torch.autograd.grad(fused, trainable), torch.autograd.grad(expected, trainable)):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert_close_relative(g, w, GRAD_TOL, f"{loss} gradient")
 
 
 def test_cosine_gradient_of_zero_and_tiny_rows_matches_torch():
@@ -106,7 +104,7 @@ def test_cosine_gradient_of_zero_and_tiny_rows_matches_torch():
     f1, f2 = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     fused = LOSSES["byol_pnr"](p1, p2, f1, f2, distill_weight=1.0, negative_weight=0.5)
     expected = reference.byol_pnr_regularizer(p1, p2, f1, f2)
-    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    assert_close_relative(fused, expected, LOSS_TOL, "byol_pnr")
     torch.testing.assert_close(torch.autograd.grad(fused, p1)[0], torch.autograd.grad(expected, p1)[0],
                                rtol=1e-10, atol=1e-6)
 
@@ -115,15 +113,8 @@ def test_only_trainable_inputs_get_gradients():
     p1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     p2, f1, f2 = (torch.randn(4, 3, dtype=torch.float64) for _ in range(3))
     for loss, fn in LOSSES.items():
-        (grad,) = torch.autograd.grad(fn(p1, p2, f1, f2, **_defaults(loss)), [p1])
+        (grad,) = torch.autograd.grad(fn(p1, p2, f1, f2, **REGISTRY[loss].defaults), [p1])
         assert grad.shape == p1.shape and torch.isfinite(grad).all()
-
-
-def _defaults(loss):
-    kwargs = dict(distill_weight=1.0, negative_weight=0.5)
-    if loss == "barlow_pnr":
-        kwargs.update(off_diagonal_weight=5e-3, scale=0.1)
-    return kwargs
 
 
 def test_ops_trace_under_torch_compile_fake_tensors():
@@ -137,46 +128,3 @@ def test_ops_trace_under_torch_compile_fake_tensors():
     assert terms.shape == (6, 4) and norms.shape == (6, 4)
     assert loss.shape == () and stats.shape == (5, 5) and gram.shape == (6, 6)
     assert correlation_loss.shape == ()
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared by the backend test files: one backend's regulariser against the float64 reference.
-# ---------------------------------------------------------------------------------------------
-
-TOLERANCES = {  # docs/losses.md, "Precision": (loss, gradients), relative
-    torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-2, 5e-2),
-}
-
-
-def _assert_relative(got, want, tol, what):
-    got, want = got.detach().cpu().double(), want.detach().cpu().double()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = want.abs().max().clamp_min(1e-30)
-    error = ((got - want).abs().max() / scale).item()
-    assert error <= tol, f"{what}: max error {error:.3g} of the largest magnitude, tolerance {tol:g}"
-
-
-def check_against_reference(losses, loss, batch, dim, dtype, *, device="cpu", transposed=False, **kwargs):
-    """Loss and both trainable gradients of ``losses[loss]`` on ``dtype`` inputs on ``device``
-    against the reference on the same values in float64 (on the CPU). ``transposed``: p1 and f2
-    are column-major views."""
-    args, _ = make_inputs(loss, batch, dim, torch.float64)
-    args = [a * 1.5 + 0.3 for a in args]  # non-zero column means
-    args[2], args[3] = 0.8 * args[0] + 0.6 * args[2], 0.8 * args[1] + 0.6 * args[3]  # f close to p
-    if transposed:
-        args[0], args[3] = args[0].T.contiguous().T, args[3].T.contiguous().T
-    low = [a.to(dtype=dtype, device=device).requires_grad_(trainable)
-           for a, trainable in zip(args, (True, True, False, False))]
-    exact = [a.detach().cpu().double().requires_grad_(trainable)
-             for a, trainable in zip(low, (True, True, False, False))]
-    got = losses[loss](*low, **kwargs)
-    want = reference.LOSSES[loss](*exact, **kwargs)
-    assert got.dtype == dtype and got.shape == ()
-    loss_tol, grad_tol = TOLERANCES[dtype]
-    _assert_relative(got, want, loss_tol, f"{loss} value")
-    got_grads = torch.autograd.grad(got, low[:2])
-    want_grads = torch.autograd.grad(want, exact[:2])
-    for name, g, w in zip(("p1", "p2"), got_grads, want_grads):
-        assert g.dtype == dtype and g.shape == w.shape
-        _assert_relative(g, w, grad_tol, f"{loss} grad {name}")

@@ -26,7 +26,9 @@ from typing import Callable, List, Sequence
 
 import torch
 
-from ..reference import compute_dtype, normalize
+from .._autocast import autocast_disabled
+from ..reference import compute_dtype, normalize, queue_poison
+from ._common import first_order_only
 
 # forward(rows, keys, exclude_diagonal, scales) -> lse (R, M)
 ForwardKernel = Callable[[List[torch.Tensor], List[torch.Tensor], List[bool], List[float]], torch.Tensor]
@@ -62,7 +64,8 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
     @torch.library.custom_op(name, mutates_args=())
     def forward(rows: List[torch.Tensor], keys: List[torch.Tensor], exclude_diagonal: List[bool],
                 scales: List[float]) -> torch.Tensor:
-        return kernels.forward(rows, keys, exclude_diagonal, scales)
+        with autocast_disabled(rows[0].device.type):
+            return kernels.forward(rows, keys, exclude_diagonal, scales)
 
     @forward.register_fake
     def _(rows, keys, exclude_diagonal, scales):
@@ -72,8 +75,9 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
     def backward(grad_lse: torch.Tensor, lse: torch.Tensor, rows: List[torch.Tensor],
                  keys: List[torch.Tensor], exclude_diagonal: List[bool], scales: List[float],
                  rows_need_grad: List[bool], keys_need_grad: List[bool]) -> List[torch.Tensor]:
-        return kernels.backward(grad_lse.contiguous(), lse, rows, keys, exclude_diagonal, scales,
-                                rows_need_grad, keys_need_grad)
+        with autocast_disabled(grad_lse.device.type):
+            return kernels.backward(grad_lse.contiguous(), lse, rows, keys, exclude_diagonal, scales,
+                                    rows_need_grad, keys_need_grad)
 
     @backward.register_fake
     def _(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad):
@@ -99,6 +103,7 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
         return rows_grad, keys_grad, None, None
 
     forward.register_autograd(backward_autograd, setup_context=setup_context)
+    first_order_only(backward, backend)
     return forward
 
 
@@ -150,7 +155,7 @@ def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
     for q, k, p, f, v in ((q1, k2, p1, f1, 1), (q2, k1, p2, f2, 0)):
         lse = op([q, p], [key_queue[v], prev_queue[v]], [False, False], [1.0 / t, 1.0 / td])
         total = total + _queue_ce(lse[0], q, k, t) + _queue_ce(lse[1], p, f, td)
-    return (total / 2).to(q1.dtype)
+    return (total / 2 + queue_poison(key_queue, prev_queue)).to(q1.dtype)
 
 
 def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
@@ -159,7 +164,7 @@ def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
     total = 0.0
     for q, k, v in ((q1, k2, 1), (q2, k1, 0)):
         total = total + _queue_ce(op([q], [key_queue[v]], [False], [1.0 / t])[0], q, k, t)
-    return (total / 2).to(q1.dtype)
+    return (total / 2 + queue_poison(key_queue)).to(q1.dtype)
 
 
 def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature):
@@ -169,16 +174,3 @@ def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature):
     d_pf = op([p], [f], [False], [1.0 / t])[0] - pos
     d_fp = op([f], [p], [False], [1.0 / t])[0] - pos
     return ((d_pf.mean() + d_fp.mean()) / 2).to(p1.dtype)
-
-
-def contrastive_losses(op) -> dict:
-    """The contrastive losses of one backend, keyed as ``pnr_kernels.reference.LOSSES``."""
-    import functools
-
-    return {
-        "simclr_pnr": functools.partial(simclr_pnr_loss, op),
-        "nt_xent": functools.partial(nt_xent_loss, op),
-        "moco_pnr": functools.partial(moco_pnr_loss, op),
-        "moco": functools.partial(moco_loss, op),
-        "cassle_simclr": functools.partial(cassle_simclr_regularizer, op),
-    }

@@ -46,14 +46,15 @@ reduces it in one read, without the ``C**2`` and diagonal temporaries of the ref
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
 import torch
 
 from .. import distributed, reference
+from .._autocast import autocast_disabled
 from ..reference import compute_dtype
+from ._common import first_order_only
 
 KINDS = ("cosine", "squared_distance")
 
@@ -102,7 +103,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     @torch.library.custom_op(f"{prefix}paired_terms_{backend}", mutates_args=())
     def paired_terms(p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
                      kind: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        return kernels.paired_forward(p1, p2, f1, f2, kind)
+        with autocast_disabled(p1.device.type):
+            return kernels.paired_forward(p1, p2, f1, f2, kind)
 
     @paired_terms.register_fake
     def _(p1, p2, f1, f2, kind):
@@ -113,8 +115,9 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     def paired_backward(grad_terms: torch.Tensor, terms: torch.Tensor, norms: torch.Tensor,
                         p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
                         kind: str, p1_needs_grad: bool, p2_needs_grad: bool) -> List[torch.Tensor]:
-        return kernels.paired_backward(grad_terms.contiguous(), terms, norms, p1, p2, f1, f2, kind,
-                                       p1_needs_grad, p2_needs_grad)
+        with autocast_disabled(p1.device.type):
+            return kernels.paired_backward(grad_terms.contiguous(), terms, norms, p1, p2, f1, f2, kind,
+                                           p1_needs_grad, p2_needs_grad)
 
     @paired_backward.register_fake
     def _(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad):
@@ -139,7 +142,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     @torch.library.custom_op(f"{prefix}barlow_gram_loss_{backend}", mutates_args=())
     def barlow_gram_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal_weight: float,
                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return kernels.barlow_forward(a, b, off_diagonal_weight, scale)
+        with autocast_disabled(a.device.type):
+            return kernels.barlow_forward(a, b, off_diagonal_weight, scale)
 
     @barlow_gram_loss.register_fake
     def _(a, b, off_diagonal_weight, scale):
@@ -149,7 +153,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     @torch.library.custom_op(f"{prefix}barlow_gram_loss_{backend}_backward", mutates_args=())
     def barlow_backward(grad_loss: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
                         gram_b: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
-        return kernels.barlow_backward(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale)
+        with autocast_disabled(a.device.type):
+            return kernels.barlow_backward(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale)
 
     @barlow_backward.register_fake
     def _(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale):
@@ -171,7 +176,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
 
     @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}", mutates_args=())
     def correlation_loss(c: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
-        return kernels.correlation_loss_forward(c, off_diagonal_weight, scale)
+        with autocast_disabled(c.device.type):
+            return kernels.correlation_loss_forward(c, off_diagonal_weight, scale)
 
     @correlation_loss.register_fake
     def _(c, off_diagonal_weight, scale):
@@ -180,7 +186,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}_backward", mutates_args=())
     def correlation_loss_backward(grad_loss: torch.Tensor, c: torch.Tensor, off_diagonal_weight: float,
                                   scale: float) -> torch.Tensor:
-        return kernels.correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale)
+        with autocast_disabled(c.device.type):
+            return kernels.correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale)
 
     @correlation_loss_backward.register_fake
     def _(grad_loss, c, off_diagonal_weight, scale):
@@ -196,6 +203,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         return correlation_loss_backward(grad_loss, c, *ctx.weights), None, None
 
     correlation_loss.register_autograd(correlation_autograd, setup_context=correlation_setup)
+    for op in (paired_backward, barlow_backward, correlation_loss_backward):
+        first_order_only(op, backend)
     return RegularizerOps(paired_terms, barlow_gram_loss, correlation_loss)
 
 
@@ -234,23 +243,3 @@ def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
     neg = -ops.paired_terms(p1, p2, f1, f2, "cosine")[0][:, 2:].mean(0)
     pos = (barlow(p1, f1), barlow(p2, f2))
     return _combine(pos, neg, distill_weight, negative_weight).to(p1.dtype)
-
-
-def regularizer_losses(ops: RegularizerOps) -> dict:
-    """The regularisers of one backend, keyed as ``pnr_kernels.reference.LOSSES``."""
-    return {
-        "byol_pnr": functools.partial(byol_pnr_regularizer, ops),
-        "vicreg_pnr": functools.partial(vicreg_pnr_regularizer, ops),
-        "barlow_pnr": functools.partial(barlow_pnr_regularizer, ops),
-    }
-
-
-@functools.lru_cache(maxsize=None)
-def native_ops() -> RegularizerOps:
-    """The ops over the native extension's kernels (csrc/regularizers_*); the extension must be
-    loaded (pnr_kernels.native does it)."""
-    kernels = torch.ops.pnr_kernels
-    return define_regularizer_ops("native", RegularizerKernels(
-        kernels.paired_terms_forward, kernels.paired_terms_backward,
-        kernels.barlow_gram_forward, kernels.barlow_gram_backward,
-        kernels.barlow_correlation_loss_forward, kernels.barlow_correlation_loss_backward))

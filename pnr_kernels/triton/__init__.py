@@ -37,13 +37,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def losses():
-    """The losses this backend implements (imports the kernels on first use)."""
-    from ..ops.infonce import contrastive_losses, define_infonce_op
-    from .infonce import KERNELS
-    from .regularizers import LOSSES as REGULARIZER_LOSSES
+def kernels():
+    """This backend's one hookup: its kernel set per op family (see ``pnr_kernels.ops``). Imports
+    the kernel modules on first use."""
+    from .infonce import KERNELS as INFONCE
+    from .regularizers import KERNELS as REGULARIZERS
 
-    return {**contrastive_losses(define_infonce_op("triton", KERNELS)), **REGULARIZER_LOSSES}
+    return {"infonce": INFONCE, "regularizers": REGULARIZERS}
 
 
 @dataclass(frozen=True)

@@ -403,8 +403,6 @@ def correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale):
 
 KERNELS = regularizers.RegularizerKernels(paired_forward, paired_backward, barlow_forward, barlow_backward,
                                           correlation_loss_forward, correlation_loss_backward)
-OPS = regularizers.define_regularizer_ops("triton", KERNELS)
-LOSSES = regularizers.regularizer_losses(OPS)
 
 
 def _compile_cases() -> List:

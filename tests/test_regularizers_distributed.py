@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from pnr_kernels import backends, losses, reference
 
-from .test_regularizers_op import TOLERANCES, _assert_relative
+from pnr_kernels.testing import TOLERANCES, assert_close_relative
 
 WORLD, BATCH, DIM = 2, 6, 11
 WEIGHTS = dict(distill_weight=1.3, negative_weight=0.7, off_diagonal_weight=0.05, scale=0.2)
@@ -62,9 +62,9 @@ def _worker(rank, port, names):
             p2.requires_grad_(True)
             got = losses.barlow_pnr_regularizer(p1, p2, f1, f2, backend=name, **WEIGHTS)
             loss_tol, grad_tol = TOLERANCES[dtype]
-            _assert_relative(got, want_loss, loss_tol, f"{name} rank {rank} loss")
+            assert_close_relative(got, want_loss, loss_tol, f"{name} rank {rank} loss")
             for label, g, w in zip(("p1", "p2"), torch.autograd.grad(got, [p1, p2]), want_grads):
-                _assert_relative(g, w, grad_tol, f"{name} rank {rank} grad {label}")
+                assert_close_relative(g, w, grad_tol, f"{name} rank {rank} grad {label}")
     finally:
         dist.destroy_process_group()
 

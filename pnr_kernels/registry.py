@@ -1,0 +1,211 @@
+"""The loss registry: one description per loss, the only table in the library that names a loss.
+
+Everything that needs "every loss" derives it from :data:`LOSSES`: the public functions validate
+and dispatch through their entry (``pnr_kernels.losses``), every backend finds the composition it
+runs (``pnr_kernels.backends``), the benchmark runner takes its inputs, sizes and work model from
+it (``pnr_kernels.bench``), and the tests parametrise over it. Adding a loss is one entry here,
+its reference function, its fused composition over an op family (``pnr_kernels/ops/``), its public
+function and module twin, and its docs section: docs/adding-a-loss.md lists the steps.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._validation import check_positive_number, check_weight
+from .ops import infonce, regularizers
+
+# Kinds of loss: which op family a fused backend runs them on, and how the bench sizes them.
+CONTRASTIVE, QUEUE, REGULARIZER = "contrastive", "queue", "regularizer"
+
+# Work of one forward + backward at batch ``b`` (per view), width ``d``, queue length ``k`` and
+# element size ``itemsize``, in the entry's ``work_unit``.
+WorkModel = Callable[[int, int, Optional[int], int], float]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything the library knows about one loss besides its kernels and its docs.
+
+    name: the key (``"simclr_pnr"``), used by ``backend=...`` errors, the bench and the tests.
+    public: the public function's name in ``pnr_kernels`` (its signature gives the input names,
+        the options and their defaults); module: the ``nn.Module`` twin's name.
+    reference: the plain PyTorch statement (``pnr_kernels.reference``), the ground truth.
+    family / fused: the op family (``"infonce"`` or ``"regularizers"``) and the composition over a
+        backend's ops of that family, ``fused(ops, *inputs, **options)``.
+    kind: CONTRASTIVE, QUEUE (MoCo: rows against (2, K, D) queues) or REGULARIZER.
+    trainable: the (B, D) inputs that receive a gradient; the other (B, D) inputs and every queue
+        are frozen (detached before dispatch).
+    queues: the names of the (2, K, D) queue inputs.
+    options: a check per keyword option (it validates and converts the user's value).
+    example_options: option values that differ from the defaults, so that a test or a benchmark
+        notices an option a backend ignores.
+    work, work_unit: the work model of one forward + backward (bench throughput), or None, and
+        its unit ("FLOP": 2 per multiply-add of the products; "byte": memory traffic).
+    docs: where the mathematics is (docs/losses.md section).
+    """
+    name: str
+    public: str
+    module: str
+    reference: Callable
+    family: str
+    fused: Callable
+    kind: str
+    trainable: Tuple[str, ...]
+    docs: str
+    queues: Tuple[str, ...] = ()
+    options: Dict[str, Callable] = field(default_factory=dict)
+    example_options: Dict[str, float] = field(default_factory=dict)
+    work: Optional[WorkModel] = None
+    work_unit: str = "FLOP"
+
+    @property
+    def function(self) -> Callable:
+        """The public function (``pnr_kernels.<public>``)."""
+        from . import losses
+
+        return getattr(losses, self.public)
+
+    @property
+    def inputs(self) -> Tuple[str, ...]:
+        """Positional input names, in order: the (B, D) embeddings, then the queues."""
+        return tuple(name for name, p in inspect.signature(self.function).parameters.items()
+                     if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    @property
+    def embeddings(self) -> Tuple[str, ...]:
+        return tuple(name for name in self.inputs if name not in self.queues)
+
+    @property
+    def defaults(self) -> Dict[str, float]:
+        """The options' default values, from the public signature."""
+        return {name: p.default for name, p in inspect.signature(self.function).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
+
+    @property
+    def trainable_mask(self) -> Tuple[bool, ...]:
+        """Per positional input, whether it receives a gradient."""
+        return tuple(name in self.trainable for name in self.inputs)
+
+
+flops = infonce.infonce_flops
+
+
+def _simclr_pnr_work(b, d, k, itemsize):
+    """Rows Z, P against keys Z, F (N = 2B each); Z gets row and key gradients, P row gradients."""
+    return flops([2 * b] * 2, [2 * b] * 2, d, [True, True], [True, False])
+
+
+def _nt_xent_work(b, d, k, itemsize):
+    return flops([2 * b], [2 * b], d, [True], [True])
+
+
+def _moco_pnr_work(b, d, k, itemsize):
+    """Per view: rows q, p against both queues (K keys each), row gradients only."""
+    return 2 * flops([b, b], [k, k], d, [True, True], [False, False])
+
+
+def _moco_work(b, d, k, itemsize):
+    return 2 * flops([b], [k], d, [True], [False])
+
+
+def _cassle_simclr_work(b, d, k, itemsize):
+    """d(P, F): P rows with gradients; d(F, P): P keys with gradients."""
+    return flops([2 * b], [2 * b], d, [True], [False]) + flops([2 * b], [2 * b], d, [False], [True])
+
+
+def _paired_bytes(b, d, k, itemsize):
+    """A fused BYOL/VICReg-PNR reads p1, p2, f1, f2 and writes two gradients once."""
+    return 6 * b * d * itemsize
+
+
+_TEMPERATURE = {"temperature": check_positive_number}
+_PNR_WEIGHTS = {"distill_weight": check_weight, "negative_weight": check_weight}
+_PNR_EXAMPLE = {"distill_weight": 1.3, "negative_weight": 0.7}
+
+LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
+    LossSpec(
+        "simclr_pnr", "simclr_pnr_loss", "SimCLRPNRLoss", reference.simclr_pnr_loss,
+        "infonce", infonce.simclr_pnr_loss, CONTRASTIVE, trainable=("z1", "z2", "p1", "p2"),
+        docs="docs/losses.md section 1", options=_TEMPERATURE, example_options={"temperature": 0.3},
+        work=_simclr_pnr_work,
+    ),
+    LossSpec(
+        "nt_xent", "nt_xent_loss", "NTXentLoss", reference.nt_xent_loss,
+        "infonce", infonce.nt_xent_loss, CONTRASTIVE, trainable=("z1", "z2"),
+        docs="docs/losses.md section 2", options=_TEMPERATURE, example_options={"temperature": 0.3},
+        work=_nt_xent_work,
+    ),
+    LossSpec(
+        "moco_pnr", "moco_pnr_loss", "MoCoPNRLoss", reference.moco_pnr_loss,
+        "infonce", infonce.moco_pnr_loss, QUEUE, trainable=("q1", "q2", "p1", "p2"),
+        queues=("key_queue", "prev_queue"), docs="docs/losses.md section 3",
+        options={"temperature": check_positive_number, "distill_temperature": check_positive_number},
+        example_options={"temperature": 0.3, "distill_temperature": 0.45},
+        work=_moco_pnr_work,
+    ),
+    LossSpec(
+        "moco", "moco_loss", "MoCoLoss", reference.moco_loss,
+        "infonce", infonce.moco_loss, QUEUE, trainable=("q1", "q2"),
+        queues=("key_queue",), docs="docs/losses.md section 3", options=_TEMPERATURE,
+        example_options={"temperature": 0.3},
+        work=_moco_work,
+    ),
+    LossSpec(
+        "cassle_simclr", "cassle_simclr_regularizer", "CaSSLeSimCLRRegularizer",
+        reference.cassle_simclr_regularizer, "infonce", infonce.cassle_simclr_regularizer, CONTRASTIVE,
+        trainable=("p1", "p2"), docs="docs/losses.md section 5", options=_TEMPERATURE,
+        example_options={"temperature": 0.3},
+        work=_cassle_simclr_work,
+    ),
+    LossSpec(
+        "byol_pnr", "byol_pnr_regularizer", "BYOLPNRRegularizer", reference.byol_pnr_regularizer,
+        "regularizers", regularizers.byol_pnr_regularizer, REGULARIZER, trainable=("p1", "p2"),
+        docs="docs/losses.md section 4", options=_PNR_WEIGHTS, example_options=_PNR_EXAMPLE,
+        work=_paired_bytes, work_unit="byte",
+    ),
+    LossSpec(
+        "vicreg_pnr", "vicreg_pnr_regularizer", "VICRegPNRRegularizer", reference.vicreg_pnr_regularizer,
+        "regularizers", regularizers.vicreg_pnr_regularizer, REGULARIZER, trainable=("p1", "p2"),
+        docs="docs/losses.md section 4", options=_PNR_WEIGHTS, example_options=_PNR_EXAMPLE,
+        work=_paired_bytes, work_unit="byte",
+    ),
+    LossSpec(
+        "barlow_pnr", "barlow_pnr_regularizer", "BarlowPNRRegularizer", reference.barlow_pnr_regularizer,
+        "regularizers", regularizers.barlow_pnr_regularizer, REGULARIZER, trainable=("p1", "p2"),
+        docs="docs/losses.md section 4",
+        options={**_PNR_WEIGHTS, "off_diagonal_weight": check_weight, "scale": check_weight},
+        example_options={**_PNR_EXAMPLE, "off_diagonal_weight": 0.05, "scale": 0.2},
+    ),
+)}
+
+
+def make_inputs(loss: str, batch: int, dim: int, dtype: torch.dtype, *, device="cpu",
+                requires_grad: bool = False, queue_size: int = 5, options: Optional[dict] = None):
+    """Positional inputs and keyword options for ``loss``: random (B, D) embeddings (only the
+    trainable ones require a gradient, when ``requires_grad``; for the regularisers with
+    non-zero column means and each f close to its p), and (2, K, D) queues of unit rows laid out
+    as transposed views of (2, D, K) buffers (strided rows, as a trainer keeps them). The options
+    are the entry's ``example_options`` updated with ``options``."""
+    spec = LOSSES[loss]
+    values = {}
+    for name in spec.inputs:
+        if name in spec.queues:
+            buffer = F.normalize(torch.randn(2, dim, queue_size, device=device), dim=1)
+            values[name] = buffer.to(dtype).transpose(1, 2)
+        else:
+            values[name] = torch.randn(batch, dim, dtype=torch.float64, device=device)
+    if spec.kind == REGULARIZER:
+        # non-zero column means (Barlow's standardisation matters) and f close to p of its view
+        # (cosines and differences of realistic size, not of independent noise)
+        values = {name: 1.5 * x + 0.3 for name, x in values.items()}
+        values["f1"] = 0.8 * values["p1"] + 0.6 * values["f1"]
+        values["f2"] = 0.8 * values["p2"] + 0.6 * values["f2"]
+    args = [x if name in spec.queues else x.to(dtype).requires_grad_(requires_grad and name in spec.trainable)
+            for name, x in values.items()]
+    return args, {**spec.example_options, **(options or {})}
