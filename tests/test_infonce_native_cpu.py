@@ -9,57 +9,22 @@ import textwrap
 import pytest
 import torch
 
-from pnr_kernels import losses, native, reference
-
-from .helpers import make_inputs
+from pnr_kernels import native, reference
+from pnr_kernels.ops import backend_ops
+from pnr_kernels.registry import LOSSES
+from pnr_kernels.testing import TOLERANCES, check_against_reference, make_inputs, relative_error
 
 pytestmark = pytest.mark.skipif(
     native.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
     reason=f"native backend unavailable: {native.unavailable_reason(torch.device('cpu'), torch.float32)}",
 )
 
-PUBLIC = {
-    "simclr_pnr": losses.simclr_pnr_loss,
-    "nt_xent": losses.nt_xent_loss,
-    "moco_pnr": losses.moco_pnr_loss,
-    "moco": losses.moco_loss,
-    "cassle_simclr": losses.cassle_simclr_regularizer,
-}
-# (loss tolerance, gradient tolerance), relative, from SPEC.md section 6; float64 is computed in
-# float64, so it is held to near machine precision.
-TOLERANCES = {
-    torch.float64: (1e-12, 1e-10),
-    torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (2e-2, 5e-2),
-    torch.float16: (2e-2, 5e-2),
-}
+PUBLIC = {name: spec.function for name, spec in LOSSES.items() if spec.family == "infonce"}
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in float64 (want nonzero)."""
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm()).item()
-
-
-def _upcast(args):
-    return [a.detach().double().requires_grad_(a.requires_grad) for a in args]
-
-
-def check_against_reference(loss, args, kwargs, dtype):
-    got = PUBLIC[loss](*args, **kwargs, backend="native")
-    assert got.dtype == dtype
-    exact = _upcast(args)
-    want = reference.LOSSES[loss](*exact, **kwargs)
-    loss_tol, grad_tol = TOLERANCES[dtype]
-    assert relative_error(got, want) <= loss_tol
-    trainable = [a for a in args if a.requires_grad]
-    grads = torch.autograd.grad(got, trainable)
-    want_grads = torch.autograd.grad(want, [a for a in exact if a.requires_grad])
-    for index, (g, w) in enumerate(zip(grads, want_grads)):
-        assert g.dtype == dtype and g.shape == w.shape
-        assert torch.isfinite(g).all()
-        error = relative_error(g, w)
-        assert error <= grad_tol, f"gradient {index} of {loss}: relative error {error:.2e} > {grad_tol:.0e}"
+def infonce_op():
+    """The fused InfoNCE custom op over the native kernels."""
+    return backend_ops("native", "infonce", native.kernels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -68,15 +33,15 @@ def check_against_reference(loss, args, kwargs, dtype):
 @pytest.mark.parametrize("batch,dim,queue", [(3, 5, 7), (133, 37, 517)])
 def test_losses_match_reference(loss, dtype, batch, dim, queue):
     args, kwargs = make_inputs(loss, batch, dim, dtype, requires_grad=True, queue_size=queue)
-    check_against_reference(loss, args, kwargs, dtype)
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr"])
 def test_low_temperature_stays_finite_and_exact(loss):
-    """SPEC.md section 6: no NaN or Inf down to tau = 0.01 with unit rows."""
-    args, kwargs = make_inputs(loss, 70, 16, torch.float32, requires_grad=True, queue_size=300,
-                               temperature=0.01)
-    check_against_reference(loss, args, kwargs, torch.float32)
+    """No NaN or Inf down to tau = 0.01 with unit rows (docs/losses.md, Precision)."""
+    tiny = {name: 0.01 for name in LOSSES[loss].options if name.endswith("temperature")}
+    args, kwargs = make_inputs(loss, 70, 16, torch.float32, requires_grad=True, queue_size=300, options=tiny)
+    check_against_reference(loss, "native", args, kwargs)
 
 
 def op_inputs(dtype, device="cpu"):
@@ -93,7 +58,7 @@ def check_op_against_reference(dtype, device="cpu"):
     rows[0].requires_grad_()
     rows[2].requires_grad_()
     keys[2].requires_grad_()  # rows[1] and keys[1] stay frozen; keys[0] is rows[0]
-    got = native.infonce_op()(rows, keys, exclude, scales)
+    got = infonce_op()(rows, keys, exclude, scales)
     exact_rows = [r.detach().double().requires_grad_(r.requires_grad) for r in rows]
     exact_keys = [exact_rows[0]] + [k.detach().double().requires_grad_(k.requires_grad) for k in keys[1:]]
     want = reference.infonce_lse(exact_rows, exact_keys, exclude, scales)
@@ -129,7 +94,7 @@ def test_backward_returns_only_the_needed_gradients():
 
 def test_frozen_inputs_get_no_gradient():
     args, kwargs = make_inputs("simclr_pnr", 20, 8, torch.float32, requires_grad=True)
-    losses.simclr_pnr_loss(*args, **kwargs, backend="native").backward()
+    PUBLIC["simclr_pnr"](*args, **kwargs, backend="native").backward()
     for arg, trainable in zip(args, [True, True, True, True, False, False]):
         assert (arg.grad is not None) == trainable
 

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from pnr_kernels import native
+from pnr_kernels.registry import LOSSES
 
-from .helpers import make_inputs
-from .test_infonce_native_cpu import (PUBLIC, check_against_reference, check_losses_nonfinite,
+from pnr_kernels.testing import check_against_reference, make_inputs
+
+from .test_infonce_native_cpu import (PUBLIC, check_losses_nonfinite,
                                       check_nonfinite_grad_propagates, check_nonfinite_inputs_propagate,
                                       check_op_against_reference, op_inputs)
 
@@ -16,6 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a GPU and the CUDA part of the native extension",
 )
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PUBLIC_OPTIONS = {name: LOSSES[name].options for name in PUBLIC}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
@@ -23,14 +26,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("batch,dim,queue", [(3, 5, 7), (133, 37, 517), (300, 128, 4099)])
 def test_losses_match_reference(loss, dtype, batch, dim, queue):
     args, kwargs = make_inputs(loss, batch, dim, dtype, requires_grad=True, queue_size=queue, device="cuda")
-    check_against_reference(loss, args, kwargs, dtype)
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr"])
 def test_low_temperature_stays_finite_and_exact(loss):
-    args, kwargs = make_inputs(loss, 70, 16, torch.float32, requires_grad=True, queue_size=300,
-                               temperature=0.01, device="cuda")
-    check_against_reference(loss, args, kwargs, torch.float32)
+    tiny = {name: 0.01 for name in PUBLIC_OPTIONS[loss] if name.endswith("temperature")}
+    args, kwargs = make_inputs(loss, 70, 16, torch.float32, requires_grad=True, queue_size=300, options=tiny,
+                               device="cuda")
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])

@@ -247,34 +247,6 @@ def test_first_use_from_several_threads_builds_and_loads_once():
     assert out.stdout.split() == ["1", "1", "8", "1", "None"]
 
 
-def test_first_loss_from_several_threads():
-    """4 threads making the first native loss call at once in a fresh process (build, load and
-    custom-op registration all race) all get the reference's value."""
-    _loaded()
-    out = _run_python("""
-        import threading, torch
-        from pnr_kernels import losses
-        z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
-        want = losses.nt_xent_loss(z1, z2, backend="reference")
-        barrier = threading.Barrier(4)
-        outcomes = []
-        def first_use():
-            barrier.wait()
-            try:
-                outcomes.append(bool(torch.allclose(losses.nt_xent_loss(z1, z2, backend="native"), want)))
-            except Exception as exc:
-                outcomes.append(repr(exc))
-        threads = [threading.Thread(target=first_use) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        print(outcomes)
-    """)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[True, True, True, True]"
-
-
 def test_missing_compiler_makes_the_backend_unavailable_with_a_reason(tmp_path):
     out = _run_python("""
         import torch

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import pnr_kernels
-from pnr_kernels import native, reference
-
-from .test_regularizers_op import check_against_reference
+from pnr_kernels import native
+from pnr_kernels.ops import backend_ops
+from pnr_kernels.registry import LOSSES as REGISTRY
+from pnr_kernels.testing import TOLERANCES, check_against_reference, fused_losses, make_inputs, relative_error, restride
 
 REASON = native.unavailable_reason(torch.device("cpu"), torch.float32)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
@@ -24,21 +25,26 @@ CASES = [("cpu", dtype) for dtype in DTYPES] + [("cuda", dtype) for dtype in DTY
 
 
 def _losses():
-    return native.losses()
+    """The regularisers composed over the native ops (the kernels, without the public layer)."""
+    return fused_losses("regularizers", backend_ops("native", "regularizers", native.kernels))
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
 @pytest.mark.parametrize("device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530), (70, 66)])
 def test_matches_reference(loss, device, dtype, batch, dim):
-    check_against_reference(_losses(), loss, batch, dim, dtype, device=device, **WEIGHTS[loss])
+    args, kwargs = make_inputs(loss, batch, dim, dtype, device=device, requires_grad=True, options=WEIGHTS[loss])
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), ("cpu", torch.bfloat16)]
                          + [("cuda", torch.float32)] * CUDA, ids=str)
 def test_strided_inputs(loss, device, dtype):
-    check_against_reference(_losses(), loss, 6, 33, dtype, device=device, transposed=True, **WEIGHTS[loss])
+    args, kwargs = make_inputs(loss, 6, 33, dtype, device=device, options=WEIGHTS[loss])
+    args = [restride(a, "transposed").requires_grad_(i < 2) for i, a in enumerate(args)]
+    assert args[0].stride(0) == 1
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
@@ -81,7 +87,7 @@ def test_traces_under_torch_compile(loss):
     p1, p2 = (torch.randn(8, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
     f1, f2 = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
     got = fn(p1, p2, f1, f2, **WEIGHTS[loss])
-    want = reference.LOSSES[loss](p1, p2, f1, f2, **WEIGHTS[loss])
+    want = REGISTRY[loss].reference(p1, p2, f1, f2, **WEIGHTS[loss])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for g, w in zip(torch.autograd.grad(got, [p1, p2]), torch.autograd.grad(want, [p1, p2])):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
@@ -124,7 +130,7 @@ def check_nonfinite(loss, dtype, device):
             x = [t.requires_grad_(i < 2) for i, t in enumerate(x)]
             got = _losses()[loss](*x, **_kwargs(loss))
             exact = [t.detach().double().requires_grad_(t.requires_grad) for t in x]
-            want = reference.LOSSES[loss](*exact, **_kwargs(loss))
+            want = REGISTRY[loss].reference(*exact, **_kwargs(loss))
             assert not torch.isfinite(want)
             assert not torch.isfinite(got), (loss, dtype, position, value)
     x = [torch.randn(6, 10, dtype=dtype, device=device).requires_grad_(i < 2) for i in range(4)]
@@ -152,15 +158,13 @@ def check_scaled(loss, dtype, device, scale):
     x = [(t * scale).to(dtype).to(device).requires_grad_(i < 2) for i, t in enumerate(unit)]
     got = _losses()[loss](*x, **_kwargs(loss))
     exact = [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in x]
-    want = reference.LOSSES[loss](*exact, **_kwargs(loss))
+    want = REGISTRY[loss].reference(*exact, **_kwargs(loss))
     assert torch.isfinite(want)
-    loss_tol, grad_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4),
-                          torch.bfloat16: (2e-2, 5e-2)}[dtype]
-    assert abs(got.item() - want.item()) <= loss_tol * abs(want.item()), (got.item(), want.item())
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert relative_error(got, want) <= loss_tol, (got.item(), want.item())
     for g, w in zip(torch.autograd.grad(got, x[:2]), torch.autograd.grad(want, exact[:2])):
         assert torch.isfinite(g).all()
-        error = ((g.double().cpu() - w).norm() / w.norm()).item()
-        assert error <= grad_tol, error
+        assert relative_error(g, w) <= grad_tol
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e30, 1e-20], ids=str)
