@@ -3,14 +3,16 @@
 // Each (row tile x key tile) block of logits is built in shared memory from kChunk-wide slices of
 // the embedding dimension: with WMMA tensor-core fragments (16x16x16, float32 accumulation) for
 // bfloat16/float16, with float32 FMAs for float32.
-//   forward:  one thread block owns a tile of kTileRows rows of one row set (grid: row tiles x row
-//             sets) and walks every key tile of every key block with an online log-sum-exp per row
-//             (two threads per row, combined with a warp shuffle);
+//   forward:  one thread block owns a tile of kTileRows rows of one row set and one key split
+//             (grid: row tiles x row sets x splits) and walks its split's key tiles of every key
+//             block with an online log-sum-exp per row (two threads per row, combined with a warp
+//             shuffle), writing a partial lse per split;
 //   backward: two kernels, each owning what it writes, so that no atomics are needed and the
 //             gradients are bitwise reproducible run to run (like the Triton backward):
-//             rows kernel (grid: row tiles x row sets): walks every key tile of every key block,
-//               recomputes the logits tile, turns it into W = g * exp(scale * logit - lse) (masked
-//               entries 0) and accumulates  d rows tile += scale * W @ keys tile;
+//             rows kernel (grid: row tiles x row sets x splits): walks its split's key tiles of
+//               every key block, recomputes the logits tile, turns it into W = g * exp(scale *
+//               logit - lse) (masked entries 0) and accumulates  d rows tile += scale * W @ keys
+//               tile  into its split's partial gradient;
 //             keys kernel (grid: key tiles x key blocks): walks every row tile of every row set,
 //               recomputes the tile and W the same way and accumulates  d keys tile += scale *
 //               W^T @ rows tile.
@@ -22,6 +24,12 @@
 //             scale * g_max. A non-finite g stays non-finite in W.
 // Non-finite values: every max propagates NaN (nan_max; fmaxf would drop it), so a NaN logit
 // gives a NaN lse and a NaN or Inf in g non-finite gradients, exactly where the reference has them.
+// Key splits (infonce_key_splits): with few rows against many keys (MoCo-PNR: 256 rows against 2 x
+// 65536 queue entries would be 8 blocks) the key tiles of every key block are split across blocks,
+// flash-decoding style, as the Triton forward and dRow do: split s walks tiles [s t, (s + 1) t) of
+// each block (t = ceil(tiles / splits)); the binding merges the partial lse with logsumexp and sums
+// the partial row gradients, both in a fixed order (deterministic). One split when the row tiles
+// alone fill the GPU.
 // Nothing of size rows x keys exists outside shared memory.
 #include <mma.h>
 
@@ -138,10 +146,23 @@ __device__ __forceinline__ bool counts(int c, int tn, bool exclude_diagonal, int
   return c < tn && !(exclude_diagonal && i0 + row == j0 + c);
 }
 
+// Keys [first, last) of a key block of `count` keys that split `split` of `splits` walks: whole
+// tiles, as evenly as they go (trailing splits may get none).
+struct KeyRange {
+  int64_t first, last;
+};
+__host__ __device__ __forceinline__ KeyRange split_range(int64_t count, int split, int splits) {
+  const int64_t per_split = ceil_div(ceil_div(count, kTileKeys), splits) * kTileKeys;
+  const int64_t first = split * per_split;
+  return {first, first + per_split < count ? first + per_split : count};
+}
+
+// lse: (splits, R, M); split blockIdx.z writes its partial lse (-inf where it has no key).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(InfoNCERowSets rows, InfoNCEKeyBlocks keys, float* lse) {
   __shared__ TileStorage<T> storage;
   const int r = blockIdx.y;
+  lse += static_cast<int64_t>(blockIdx.z) * rows.count * rows.set[0].rows;
   const StridedMatrix a = rows.set[r];
   const float scale = rows.scale[r];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -151,7 +172,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InfoNCERowSets rows, 
   for (int k = 0; k < keys.count; ++k) {
     const StridedMatrix b = keys.block[k];
     const bool exclude = keys.exclude_diagonal[k];
-    for (int64_t j0 = 0; j0 < b.rows; j0 += kTileKeys) {
+    const KeyRange range = split_range(b.rows, blockIdx.z, gridDim.z);
+    for (int64_t j0 = range.first; j0 < range.last; j0 += kTileKeys) {
       const int tn = tile_extent(b.rows, j0, kTileKeys);
       tile_logits(storage, a, i0, tm, b, j0, tn);
       float tile_max = -INFINITY;
@@ -177,6 +199,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InfoNCERowSets rows, 
       __syncthreads();  // the next tile overwrites storage.logits
     }
   }
+  // running_sum == 0 (no key in this split, or all masked): -inf + log(0) = -inf
   if (first_col == 0 && row < tm) lse[r * a.rows + i0 + row] = running_max + logf(running_sum);
 }
 
@@ -321,7 +344,8 @@ __device__ void tile_weights(TileStorage<T>& storage, WeightStorage<T>& weights,
   __syncthreads();
 }
 
-// Row gradients: the block owns rows i0 .. i0 + kTileRows of row set blockIdx.y.
+// Row gradients: the block owns rows i0 .. i0 + kTileRows of row set blockIdx.y in the partial
+// gradient of split blockIdx.z (grads.rows[r] is (splits, M, D)).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_rows_kernel(InfoNCERowSets rows, InfoNCEKeyBlocks keys,
                                                                  const float* grad_lse, const float* lse,
@@ -332,6 +356,7 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(InfoNCERowSets 
   float* row_grad = grads.rows[r];
   if (row_grad == nullptr) return;
   const StridedMatrix a = rows.set[r];
+  row_grad += static_cast<int64_t>(blockIdx.z) * a.rows * a.cols;
   const float scale = rows.scale[r];
   const int64_t dim = a.cols;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -342,7 +367,8 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(InfoNCERowSets 
   const float factor = scale * g_max;
   for (int k = 0; k < keys.count; ++k) {
     const StridedMatrix b = keys.block[k];
-    for (int64_t j0 = 0; j0 < b.rows; j0 += kTileKeys) {
+    const KeyRange range = split_range(b.rows, blockIdx.z, gridDim.z);
+    for (int64_t j0 = range.first; j0 < range.last; j0 += kTileKeys) {
       const int tn = tile_extent(b.rows, j0, kTileKeys);
       tile_weights(storage, weights, a, i0, tm, b, j0, tn, keys.exclude_diagonal[k], scale, tile_g,
                    lse + r * a.rows + i0, g_max);
@@ -401,10 +427,24 @@ __global__ void __launch_bounds__(kThreads) backward_keys_kernel(InfoNCERowSets 
 
 }  // namespace
 
-const char* infonce_forward_cuda(DType dtype, const InfoNCERowSets& rows, const InfoNCEKeyBlocks& keys, float* lse,
-                                 void* stream) {
+int infonce_key_splits(const InfoNCERowSets& rows, const InfoNCEKeyBlocks& keys) {
+  int device = 0, processors = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // clear the error: one split is always correct
+    return 1;
+  }
+  int64_t key_tiles = 0;
+  for (int k = 0; k < keys.count; ++k) key_tiles = std::max(key_tiles, ceil_div(keys.block[k].rows, kTileKeys));
+  const int64_t blocks = ceil_div(rows.set[0].rows, kTileRows) * rows.count;
+  const int64_t wanted = ceil_div(2 * static_cast<int64_t>(processors), std::max<int64_t>(blocks, 1));
+  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, key_tiles, kMaxInfoNCEKeySplits})));
+}
+
+const char* infonce_forward_cuda(DType dtype, const InfoNCERowSets& rows, const InfoNCEKeyBlocks& keys, int splits,
+                                 float* lse, void* stream) {
   if (rows.set[0].rows == 0) return nullptr;
-  const dim3 grid(static_cast<unsigned>(ceil_div(rows.set[0].rows, kTileRows)), rows.count);
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows.set[0].rows, kTileRows)), rows.count, splits);
   return dispatch_dtype(dtype, [&](auto element) {
     using T = decltype(element);
     forward_kernel<T><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(rows, keys, lse);
@@ -412,7 +452,7 @@ const char* infonce_forward_cuda(DType dtype, const InfoNCERowSets& rows, const 
   });
 }
 
-const char* infonce_backward_cuda(DType dtype, const InfoNCERowSets& rows, const InfoNCEKeyBlocks& keys,
+const char* infonce_backward_cuda(DType dtype, const InfoNCERowSets& rows, const InfoNCEKeyBlocks& keys, int splits,
                                   const float* grad_lse, const float* lse, const InfoNCEGrads& grads, void* stream) {
   if (rows.set[0].rows == 0) return nullptr;  // no rows: every gradient is the zeros it starts as
   bool any_rows = false, any_keys = false;
@@ -427,7 +467,7 @@ const char* infonce_backward_cuda(DType dtype, const InfoNCERowSets& rows, const
   return dispatch_dtype(dtype, [&](auto element) -> const char* {
     using T = decltype(element);
     if (any_rows) {
-      const dim3 grid(static_cast<unsigned>(ceil_div(rows.set[0].rows, kTileRows)), rows.count);
+      const dim3 grid(static_cast<unsigned>(ceil_div(rows.set[0].rows, kTileRows)), rows.count, splits);
       backward_rows_kernel<T><<<grid, kThreads, 0, s>>>(rows, keys, grad_lse, lse, grads);
       if (const char* error = launch_error()) return error;
     }
