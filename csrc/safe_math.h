@@ -25,7 +25,7 @@ PNR_HOST_DEVICE T nan_max(T a, T b) {
 
 template <typename T>
 PNR_HOST_DEVICE bool is_finite(T x) {
-  return x - x == x - x;  // NaN for +-inf and NaN, 0 otherwise; immune to -ffast-math's isfinite
+  return std::isfinite(x);
 }
 
 // e with 2^(e-1) <= max_abs < 2^e for a finite max_abs > 0; 0 (no scaling) for 0, Inf or NaN, so
