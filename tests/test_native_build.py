@@ -126,6 +126,20 @@ def test_plans_for_arch_lists_never_raise_and_keep_the_cpu_part(monkeypatch):
     assert plan.cuda_skipped.startswith("no arch of TORCH_CUDA_ARCH_LIST='7.0;bogus' can be built")
 
 
+def test_nvcc_of_another_cuda_major_skips_the_cuda_part(monkeypatch):
+    """A CUDA 12 torch with nvcc 13 would load a second CUDA runtime: the plan builds the CPU part
+    alone and says why (unavailable_reason for CUDA tensors then quotes it)."""
+    monkeypatch.delenv("PNR_KERNELS_CUDA", raising=False)
+    nvcc, _ = native._find_nvcc()
+    if nvcc is None or native.nvcc_cuda_version(nvcc) is None:
+        pytest.skip("no nvcc")
+    major = int(native.nvcc_cuda_version(nvcc).split(".")[0])
+    monkeypatch.setattr(torch.version, "cuda", f"{major - 1}.8")
+    plan, why_not = native.make_plan()
+    assert why_not is None and plan.nvcc is None and "-DPNR_KERNELS_WITH_CUDA" not in plan.cxx_flags
+    assert plan.cuda_skipped == native.cuda_mismatch(native.nvcc_cuda_version(nvcc), f"{major - 1}.8")
+
+
 def _fake_cuda(monkeypatch, capability, name="Fake GPU"):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
