@@ -1,4 +1,4 @@
-// CPU kernels of the fused InfoNCE op (contract: infonce.h, pnr_kernels/ops/infonce.py).
+// CPU kernels of the fused InfoNCE op (contract: infonce_cpu.h, pnr_kernels/ops/infonce.py).
 //
 // Work is split into units of one row tile of one row set; at::parallel_for hands contiguous
 // ranges of units to the threads. A unit walks every key tile of every key block with the online
