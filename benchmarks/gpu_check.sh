@@ -24,7 +24,7 @@ export TRITON_INTERPRET=0
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-"$PY" -m pnr_kernels.native build 2>&1 | tee "$OUT/native_build.txt"
+"$PY" -c "from pnr_kernels.native import main; raise SystemExit(main(['build']))" 2>&1 | tee "$OUT/native_build.txt"
 
 timeout 240 "$PY" -m pytest tests -q --durations=10 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
@@ -32,7 +32,7 @@ tests_rc=${PIPESTATUS[0]}
 # The hand-written CUDA kernels under compute-sanitizer (out-of-bounds and misaligned accesses),
 # on the small cases only.
 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x \
-    tests/test_native_cuda.py -k "op_matches or 3-5-7" 2>&1 | tail -30 | tee "$OUT/memcheck.log"
+    tests/test_infonce_native_cuda.py tests/test_regularizers_native.py -k "op_matches or 3-5-7 or cuda" 2>&1 | tail -30 | tee "$OUT/memcheck.log"
 
 timeout 160 "$PY" -m pnr_kernels.bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}

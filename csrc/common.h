@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -13,6 +14,14 @@
 #include "launch.h"
 
 namespace pnr_kernels {
+
+// Held by every op implementation for its whole run. The kernels choose their compute dtypes
+// themselves (float32 accumulation, float64 for float64), so the ATen ops they call (at::mm for the
+// Gram matrices, conversions) must not be autocast when the caller is inside torch.autocast: the
+// autocast dispatch keys are excluded on this thread.
+struct KernelGuard {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 // Every tensor of `tensors` is a 2-D matrix on `device` with dtype `dtype` and `cols` columns.
 inline void check_matrices(const std::vector<at::Tensor>& tensors, const char* name, const at::Device& device,

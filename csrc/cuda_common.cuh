@@ -36,7 +36,7 @@ __device__ __forceinline__ T load_element(const StridedMatrix& m, int64_t i, int
   return static_cast<const T*>(m.data)[i * m.row_stride + j * m.col_stride];
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // nullptr if the last launch succeeded, else its error string.
 inline const char* launch_error() {

@@ -4,9 +4,11 @@
 #include <ATen/ops/to.h>
 
 #include "common.h"
-#include "infonce.h"
+#include "infonce_cpu.h"
 #ifdef PNR_KERNELS_WITH_CUDA
 #include <ATen/ops/empty.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include "infonce_cuda.h"
@@ -59,6 +61,7 @@ struct Arguments {
 
 at::Tensor forward_cpu(at::TensorList rows, at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                        c10::ArrayRef<double> scales) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   return infonce_forward_cpu(args.rows, args.keys, args.exclude_diagonal, args.scales);
 }
@@ -67,6 +70,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_lse, const at::Tenso
                                      at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                                      c10::ArrayRef<double> scales, const c10::List<bool>& rows_need_grad,
                                      const c10::List<bool>& keys_need_grad) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   const auto rows_flags = to_vector(rows_need_grad), keys_flags = to_vector(keys_need_grad);
   check_gradient_inputs(grad_lse, lse, args.rows, args.keys, rows_flags, keys_flags);
@@ -101,33 +105,42 @@ InfoNCEKeyBlocks key_blocks(const Arguments& args) {
 
 at::Tensor forward_cuda(at::TensorList rows, at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                         c10::ArrayRef<double> scales) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   const at::Device device = args.rows[0].device();
-  const c10::DeviceGuard guard(device);
-  at::Tensor lse = at::empty({static_cast<int64_t>(args.rows.size()), args.rows[0].size(0)},
-                             args.rows[0].options().dtype(at::kFloat));
-  check_launch(infonce_forward_cuda(launch_dtype(args.rows[0].scalar_type()), row_sets(args), key_blocks(args),
-                                    lse.data_ptr<float>(), current_stream(device)),
+  const c10::DeviceGuard device_guard(device);
+  const InfoNCERowSets sets = row_sets(args);
+  const InfoNCEKeyBlocks blocks = key_blocks(args);
+  const int splits = infonce_key_splits(sets, blocks);
+  at::Tensor partial = at::empty({splits, static_cast<int64_t>(args.rows.size()), args.rows[0].size(0)},
+                                 args.rows[0].options().dtype(at::kFloat));
+  check_launch(infonce_forward_cuda(launch_dtype(args.rows[0].scalar_type()), sets, blocks, splits,
+                                    partial.data_ptr<float>(), current_stream(device)),
                "infonce_forward_cuda");
-  return lse;
+  // The splits' partial lse merged in a fixed order (NaN propagates, -inf splits drop out).
+  return splits == 1 ? partial[0] : at::logsumexp(partial, {0});
 }
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_lse, const at::Tensor& lse, at::TensorList rows,
                                       at::TensorList keys, const c10::List<bool>& exclude_diagonal,
                                       c10::ArrayRef<double> scales, const c10::List<bool>& rows_need_grad,
                                       const c10::List<bool>& keys_need_grad) {
+  const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
   const auto rows_flags = to_vector(rows_need_grad), keys_flags = to_vector(keys_need_grad);
   check_gradient_inputs(grad_lse, lse, args.rows, args.keys, rows_flags, keys_flags);
   const at::Device device = args.rows[0].device();
-  const c10::DeviceGuard guard(device);
+  const c10::DeviceGuard device_guard(device);
   const auto accumulator = args.rows[0].options().dtype(at::kFloat);
   const at::Tensor grad_lse_f = grad_lse.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
+  const InfoNCERowSets sets = row_sets(args);
+  const InfoNCEKeyBlocks blocks = key_blocks(args);
+  const int splits = infonce_key_splits(sets, blocks);
   std::vector<at::Tensor> rows_grad(args.rows.size()), keys_grad(args.keys.size());
   InfoNCEGrads grads{};
   for (size_t r = 0; r < args.rows.size(); ++r) {
-    if (rows_flags[r]) {
-      rows_grad[r] = at::zeros(args.rows[r].sizes(), accumulator);
+    if (rows_flags[r]) {  // one partial gradient per key split, summed below
+      rows_grad[r] = at::zeros({splits, args.rows[r].size(0), args.rows[r].size(1)}, accumulator);
       grads.rows[r] = rows_grad[r].data_ptr<float>();
     }
   }
@@ -137,13 +150,16 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_lse, const at::Tens
       grads.keys[k] = keys_grad[k].data_ptr<float>();
     }
   }
-  check_launch(infonce_backward_cuda(launch_dtype(args.rows[0].scalar_type()), row_sets(args), key_blocks(args),
+  check_launch(infonce_backward_cuda(launch_dtype(args.rows[0].scalar_type()), sets, blocks, splits,
                                      grad_lse_f.data_ptr<float>(), lse_f.data_ptr<float>(), grads,
                                      current_stream(device)),
                "infonce_backward_cuda");
   std::vector<at::Tensor> out;
   for (size_t r = 0; r < args.rows.size(); ++r) {
-    if (rows_flags[r]) out.push_back(rows_grad[r].to(args.rows[r].scalar_type()));
+    if (rows_flags[r]) {
+      const at::Tensor total = splits == 1 ? rows_grad[r][0] : rows_grad[r].sum(0);
+      out.push_back(total.to(args.rows[r].scalar_type()));
+    }
   }
   for (size_t k = 0; k < args.keys.size(); ++k) {
     if (keys_flags[k]) out.push_back(keys_grad[k].to(args.keys[k].scalar_type()));

@@ -1,4 +1,4 @@
-// CPU kernels of the fused InfoNCE op (contract: infonce.h, pnr_kernels/ops/infonce.py).
+// CPU kernels of the fused InfoNCE op (contract: infonce_cpu.h, pnr_kernels/ops/infonce.py).
 //
 // Work is split into units of one row tile of one row set; at::parallel_for hands contiguous
 // ranges of units to the threads. A unit walks every key tile of every key block with the online
@@ -12,7 +12,7 @@
 //                                                  allocated when first used and added at the end)
 // Inputs are read in the compute dtype: float64 stays float64, float32/bfloat16/float16 are
 // computed in float32 (half inputs are converted once, O((rows + keys) x D) memory).
-#include "infonce.h"
+#include "infonce_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>

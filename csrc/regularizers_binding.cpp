@@ -62,12 +62,14 @@ void check_correlation(const at::Tensor& c) {
 }
 
 at::Tensor correlation_loss_forward_cpu(const at::Tensor& c, double off_diagonal_weight, double scale) {
+  const KernelGuard kernel_guard;
   check_correlation(c);
   return barlow_correlation_loss_forward_cpu(c, off_diagonal_weight, scale);
 }
 
 at::Tensor correlation_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& c, double off_diagonal_weight,
                                          double scale) {
+  const KernelGuard kernel_guard;
   check_correlation(c);
   check_saved(grad_loss, "grad_loss", c, {});
   return barlow_correlation_loss_backward_cpu(grad_loss, c, off_diagonal_weight, scale);
@@ -76,6 +78,7 @@ at::Tensor correlation_loss_backward_cpu(const at::Tensor& grad_loss, const at::
 std::tuple<at::Tensor, at::Tensor> paired_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
                                                       const at::Tensor& f1, const at::Tensor& f2,
                                                       const std::string& kind) {
+  const KernelGuard kernel_guard;
   const bool cosine = is_cosine(kind);
   check_embeddings({p1, p2, f1, f2}, "paired inputs");
   return paired_terms_forward_cpu(p1, p2, f1, f2, cosine);
@@ -85,6 +88,7 @@ std::vector<at::Tensor> paired_backward_cpu(const at::Tensor& grad_terms, const 
                                             const at::Tensor& norms, const at::Tensor& p1, const at::Tensor& p2,
                                             const at::Tensor& f1, const at::Tensor& f2, const std::string& kind,
                                             bool p1_needs_grad, bool p2_needs_grad) {
+  const KernelGuard kernel_guard;
   const bool cosine = is_cosine(kind);
   check_paired_backward(grad_terms, terms, norms, {p1, p2, f1, f2}, cosine);
   return paired_terms_backward_cpu(grad_terms, terms, norms, p1, p2, f1, f2, cosine, p1_needs_grad, p2_needs_grad);
@@ -92,6 +96,7 @@ std::vector<at::Tensor> paired_backward_cpu(const at::Tensor& grad_terms, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_cpu(const at::Tensor& a, const at::Tensor& b,
                                                                   double off_diagonal_weight, double scale) {
+  const KernelGuard kernel_guard;
   check_embeddings({a, b}, "barlow inputs");
   return barlow_gram_forward_cpu(a, b, off_diagonal_weight, scale);
 }
@@ -99,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_cpu(const at::Tens
 at::Tensor barlow_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& a, const at::Tensor& b,
                                const at::Tensor& stats, const at::Tensor& gram_b, double off_diagonal_weight,
                                double scale) {
+  const KernelGuard kernel_guard;
   check_barlow_backward(grad_loss, a, b, stats, gram_b);
   return barlow_gram_backward_cpu(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale);
 }
@@ -107,9 +113,10 @@ at::Tensor barlow_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& a,
 std::tuple<at::Tensor, at::Tensor> paired_forward_cuda(const at::Tensor& p1, const at::Tensor& p2,
                                                        const at::Tensor& f1, const at::Tensor& f2,
                                                        const std::string& kind) {
+  const KernelGuard kernel_guard;
   const bool cosine = is_cosine(kind);
   check_embeddings({p1, p2, f1, f2}, "paired inputs");
-  const c10::DeviceGuard guard(p1.device());
+  const c10::DeviceGuard device_guard(p1.device());
   const auto options = p1.options().dtype(at::kFloat);
   at::Tensor terms = at::empty({p1.size(0), 4}, options);
   at::Tensor norms = at::empty({p1.size(0), cosine ? 4 : 0}, options);
@@ -124,9 +131,10 @@ std::vector<at::Tensor> paired_backward_cuda(const at::Tensor& grad_terms, const
                                              const at::Tensor& norms, const at::Tensor& p1, const at::Tensor& p2,
                                              const at::Tensor& f1, const at::Tensor& f2, const std::string& kind,
                                              bool p1_needs_grad, bool p2_needs_grad) {
+  const KernelGuard kernel_guard;
   const bool cosine = is_cosine(kind);
   check_paired_backward(grad_terms, terms, norms, {p1, p2, f1, f2}, cosine);
-  const c10::DeviceGuard guard(p1.device());
+  const c10::DeviceGuard device_guard(p1.device());
   at::Tensor g1 = at::empty({p1_needs_grad ? p1.size(0) : 0, p1.size(1)}, p1.options());
   at::Tensor g2 = at::empty({p2_needs_grad ? p2.size(0) : 0, p2.size(1)}, p2.options());
   const at::Tensor grad = grad_terms.contiguous(), saved = terms.contiguous(), row_norms = norms.contiguous();
@@ -154,8 +162,9 @@ at::Tensor standardised_cuda(const at::Tensor& x, const at::Tensor& stats, int m
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_cuda(const at::Tensor& a, const at::Tensor& b,
                                                                    double off_diagonal_weight, double scale) {
+  const KernelGuard kernel_guard;
   check_embeddings({a, b}, "barlow inputs");
-  const c10::DeviceGuard guard(a.device());
+  const c10::DeviceGuard device_guard(a.device());
   const int64_t rows = a.size(0);
   at::Tensor stats = at::empty({5, a.size(1)}, a.options().dtype(at::kFloat));
   check_launch(launch_barlow_stats(strided_matrix(a), strided_matrix(b), launch_dtype(a.scalar_type()),
@@ -174,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_cuda(const at::Ten
 at::Tensor barlow_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& a, const at::Tensor& b,
                                 const at::Tensor& stats_in, const at::Tensor& gram_b, double off_diagonal_weight,
                                 double scale) {
+  const KernelGuard kernel_guard;
   check_barlow_backward(grad_loss, a, b, stats_in, gram_b);
-  const c10::DeviceGuard guard(a.device());
+  const c10::DeviceGuard device_guard(a.device());
   const at::Tensor stats = stats_in.contiguous(), grad = grad_loss.contiguous();
   const at::Tensor a_std = standardised_cuda(a, stats, 0);
   at::Tensor grad_std = at::mm(gram_b, a_std);
@@ -194,8 +204,9 @@ at::Tensor barlow_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& a
 }
 
 at::Tensor correlation_loss_forward_cuda(const at::Tensor& c_in, double off_diagonal_weight, double scale) {
+  const KernelGuard kernel_guard;
   check_correlation(c_in);
-  const c10::DeviceGuard guard(c_in.device());
+  const c10::DeviceGuard device_guard(c_in.device());
   const at::Tensor c = c_in.contiguous();
   at::Tensor partial = at::empty({correlation_loss_blocks(c.size(0))}, c.options());
   check_launch(launch_correlation_loss(c.data_ptr<float>(), c.size(0), off_diagonal_weight, partial.data_ptr<float>(),
@@ -206,9 +217,10 @@ at::Tensor correlation_loss_forward_cuda(const at::Tensor& c_in, double off_diag
 
 at::Tensor correlation_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& c_in,
                                           double off_diagonal_weight, double scale) {
+  const KernelGuard kernel_guard;
   check_correlation(c_in);
   check_saved(grad_loss, "grad_loss", c_in, {});
-  const c10::DeviceGuard guard(c_in.device());
+  const c10::DeviceGuard device_guard(c_in.device());
   const at::Tensor c = c_in.contiguous(), grad = grad_loss.contiguous();
   at::Tensor out = at::empty(c.sizes(), c.options());
   check_launch(launch_correlation_grad(grad.data_ptr<float>(), c.data_ptr<float>(), c.size(0), off_diagonal_weight,

@@ -7,6 +7,10 @@
 // (standardisation, diagonal, loss, standardisation backward) in fused loops, O(B D).
 // Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
+// Huge magnitudes: where a row's (cosine) or column's (Barlow statistics) sums overflow, that row or
+// column is summed again divided by a power of two near its largest magnitude (safe_math.h), so
+// inputs scaled by up to ~1e37 give the unit-scale cosines and standardisation; at ordinary scales
+// nothing changes. NaN and Inf inputs propagate (the rescaled sums are non-finite again).
 #include "regularizers_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +22,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+
+#include "safe_math.h"
 
 namespace pnr_kernels {
 namespace {
@@ -77,6 +83,38 @@ struct Rows {
   const scalar_t* row(int k, int64_t i) const { return data[k] + i * stride[k]; }
 };
 
+// The cosine terms and norms of one row of p1, p2, f1, f2 whose sums overflow: each row is divided by
+// the power of two above its largest magnitude before summing (safe_math.h).
+template <typename scalar_t>
+void scaled_cosines(const scalar_t* p1, const scalar_t* p2, const scalar_t* f1, const scalar_t* f2, int64_t D,
+                    at::opmath_type<scalar_t>* terms, at::opmath_type<scalar_t>* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x[4] = {p1, p2, f1, f2};
+  int e[4];
+  acc_t inv[4];
+  for (int k = 0; k < 4; ++k) {
+    acc_t largest = 0;
+    for (int64_t d = 0; d < D; ++d) largest = nan_max(largest, std::abs(static_cast<acc_t>(x[k][d])));
+    e[k] = scale_exponent(largest);
+    inv[k] = inverse_scale<acc_t>(e[k]);
+  }
+  const auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
+    const acc_t u1 = static_cast<acc_t>(p1[d]) * inv[0], u2 = static_cast<acc_t>(p2[d]) * inv[1];
+    const acc_t v1 = static_cast<acc_t>(f1[d]) * inv[2], v2 = static_cast<acc_t>(f2[d]) * inv[3];
+    return std::array<acc_t, 8>{u1 * v1, u2 * v2, u1 * v2, u2 * v1, u1 * u1, u2 * u2, v1 * v1, v2 * v2};
+  });
+  acc_t r[4];
+  for (int k = 0; k < 4; ++k) {
+    const acc_t scaled_norm = std::sqrt(s[4 + k]);
+    norms[k] = std::ldexp(scaled_norm, e[k]);
+    r[k] = scaled_inverse_clamped_norm(scaled_norm, e[k], static_cast<acc_t>(kCosineEps));
+  }
+  terms[0] = s[0] * r[0] * r[2];
+  terms[1] = s[1] * r[1] * r[3];
+  terms[2] = s[2] * r[0] * r[3];
+  terms[3] = s[3] * r[1] * r[2];
+}
+
 template <typename scalar_t>
 void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, at::Tensor& terms,
                            at::Tensor& norms) {
@@ -87,20 +125,24 @@ void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool c
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t *p1 = x.row(0, i), *p2 = x.row(1, i), *f1 = x.row(2, i), *f2 = x.row(3, i);
       if (cosine) {
-        const auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
+        auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
           const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
           return std::array<acc_t, 8>{u1 * v1, u2 * v2, u1 * v2, u2 * v1, u1 * u1, u2 * u2, v1 * v1, v2 * v2};
         });
-        acc_t norm[4], clamped[4];
-        for (int k = 0; k < 4; ++k) {
-          norm[k] = std::sqrt(s[4 + k]);
-          clamped[k] = std::max(norm[k], static_cast<acc_t>(kCosineEps));
-          n[i * 4 + k] = norm[k];
+        if (std::all_of(s.begin(), s.end(), [](acc_t v) { return is_finite(v); })) {
+          acc_t norm[4], clamped[4];
+          for (int k = 0; k < 4; ++k) {
+            norm[k] = std::sqrt(s[4 + k]);
+            clamped[k] = nan_max(norm[k], static_cast<acc_t>(kCosineEps));
+            n[i * 4 + k] = norm[k];
+          }
+          t[i * 4 + 0] = s[0] / (clamped[0] * clamped[2]);
+          t[i * 4 + 1] = s[1] / (clamped[1] * clamped[3]);
+          t[i * 4 + 2] = s[2] / (clamped[0] * clamped[3]);
+          t[i * 4 + 3] = s[3] / (clamped[1] * clamped[2]);
+        } else {
+          scaled_cosines<scalar_t>(p1, p2, f1, f2, D, t + i * 4, n + i * 4);
         }
-        t[i * 4 + 0] = s[0] / (clamped[0] * clamped[2]);
-        t[i * 4 + 1] = s[1] / (clamped[1] * clamped[3]);
-        t[i * 4 + 2] = s[2] / (clamped[0] * clamped[3]);
-        t[i * 4 + 3] = s[3] / (clamped[1] * clamped[2]);
       } else {
         const auto s = row_sums<acc_t, 4>(D, [&](int64_t d) {
           const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
@@ -113,13 +155,15 @@ void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool c
   });
 }
 
-// d p = c_f1 * f1 + c_f2 * f2 + c_p * p for one row of p1 or p2.
+// d p = k * (c_f1 * f1 + c_f2 * f2 + c_p * p) for one row of p1 or p2. For cosines k = 1 / max(|p|,
+// eps) and the c's carry 1 / |f| and 1 / |p|: each product in the parentheses is O(|g|) whatever the
+// rows' scale, so nothing underflows for huge rows (k * c_f1 would: 1e-30 * 1e-30 in float32).
 template <typename scalar_t, typename acc_t>
 void write_row_gradient(scalar_t* out, const scalar_t* p, const scalar_t* f1, const scalar_t* f2, int64_t D,
-                        acc_t c_f1, acc_t c_f2, acc_t c_p) {
+                        acc_t k, acc_t c_f1, acc_t c_f2, acc_t c_p) {
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(c_f1 * static_cast<acc_t>(f1[d]) + c_f2 * static_cast<acc_t>(f2[d]) +
-                                   c_p * static_cast<acc_t>(p[d]));
+    out[d] = static_cast<scalar_t>(k * (c_f1 * static_cast<acc_t>(f1[d]) + c_f2 * static_cast<acc_t>(f2[d]) +
+                                        c_p * static_cast<acc_t>(p[d])));
   }
 }
 
@@ -135,26 +179,59 @@ void paired_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& term
   at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t g11 = g[i * 4], g22 = g[i * 4 + 1], g12 = g[i * 4 + 2], g21 = g[i * 4 + 3];
-      acc_t a11, a12, b1, a21, a22, b2;  // d p1 = a11 f1 + a12 f2 + b1 p1;  d p2 = a21 f1 + a22 f2 + b2 p2
+      // d p1 = k1 (a11 f1 + a12 f2 + b1 p1);  d p2 = k2 (a21 f1 + a22 f2 + b2 p2)
+      acc_t k1 = 1, k2 = 1, a11, a12, b1, a21, a22, b2;
       if (cosine) {
         const acc_t* row_norms = n + i * 4;
-        const acc_t inv_p1 = 1 / std::max(row_norms[0], eps), inv_p2 = 1 / std::max(row_norms[1], eps);
-        const acc_t inv_f1 = 1 / std::max(row_norms[2], eps), inv_f2 = 1 / std::max(row_norms[3], eps);
-        const acc_t unit_p1 = row_norms[0] > 0 ? 1 / row_norms[0] : 0;
-        const acc_t unit_p2 = row_norms[1] > 0 ? 1 / row_norms[1] : 0;
+        k1 = 1 / nan_max(row_norms[0], eps), k2 = 1 / nan_max(row_norms[1], eps);
+        const acc_t inv_f1 = 1 / nan_max(row_norms[2], eps), inv_f2 = 1 / nan_max(row_norms[3], eps);
+        const acc_t unit_p1 = row_norms[0] > 0 ? 1 / row_norms[0] : (row_norms[0] == 0 ? 0 : row_norms[0]);
+        const acc_t unit_p2 = row_norms[1] > 0 ? 1 / row_norms[1] : (row_norms[1] == 0 ? 0 : row_norms[1]);
         const acc_t* c = t + i * 4;
-        a11 = inv_p1 * g11 * inv_f1, a12 = inv_p1 * g12 * inv_f2;
-        a21 = inv_p2 * g21 * inv_f1, a22 = inv_p2 * g22 * inv_f2;
-        b1 = -inv_p1 * unit_p1 * (g11 * c[0] + g12 * c[2]);
-        b2 = -inv_p2 * unit_p2 * (g22 * c[1] + g21 * c[3]);
+        a11 = g11 * inv_f1, a12 = g12 * inv_f2;
+        a21 = g21 * inv_f1, a22 = g22 * inv_f2;
+        b1 = -unit_p1 * (g11 * c[0] + g12 * c[2]);
+        b2 = -unit_p2 * (g22 * c[1] + g21 * c[3]);
       } else {
         a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
         a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
       }
-      if (g1 != nullptr) write_row_gradient(g1 + i * D, x.row(0, i), x.row(2, i), x.row(3, i), D, a11, a12, b1);
-      if (g2 != nullptr) write_row_gradient(g2 + i * D, x.row(1, i), x.row(2, i), x.row(3, i), D, a21, a22, b2);
+      if (g1 != nullptr) write_row_gradient(g1 + i * D, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1);
+      if (g2 != nullptr) write_row_gradient(g2 + i * D, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2);
     }
   });
+}
+
+// The statistics of one column (a[r * sa], b[r * sb]) whose sums overflow, written to stats[k * D]:
+// each column is divided by the power of two above its largest magnitude (safe_math.h).
+template <typename scalar_t>
+void scaled_column_stats(const scalar_t* a, int64_t sa, const scalar_t* b, int64_t sb, int64_t B, int64_t D,
+                         at::opmath_type<scalar_t>* stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t largest_a = 0, largest_b = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    largest_a = nan_max(largest_a, std::abs(static_cast<acc_t>(a[r * sa])));
+    largest_b = nan_max(largest_b, std::abs(static_cast<acc_t>(b[r * sb])));
+  }
+  const int ea = scale_exponent(largest_a), eb = scale_exponent(largest_b);
+  const acc_t inv_a = inverse_scale<acc_t>(ea), inv_b = inverse_scale<acc_t>(eb);
+  acc_t mean_a = 0, mean_b = 0, sq_a = 0, sq_b = 0, cross = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    mean_a += static_cast<acc_t>(a[r * sa]) * inv_a, mean_b += static_cast<acc_t>(b[r * sb]) * inv_b;
+  }
+  mean_a /= B, mean_b /= B;
+  for (int64_t r = 0; r < B; ++r) {
+    const acc_t xa = static_cast<acc_t>(a[r * sa]) * inv_a - mean_a, xb = static_cast<acc_t>(b[r * sb]) * inv_b - mean_b;
+    sq_a += xa * xa, sq_b += xb * xb, cross += xa * xb;
+  }
+  const acc_t eps = static_cast<acc_t>(kBarlowVarianceEps);
+  const acc_t rstd_a = scaled_rstd(sq_a / B, ea, eps), rstd_b = scaled_rstd(sq_b / B, eb, eps);
+  stats[0] = std::ldexp(mean_a, ea);
+  stats[D] = rstd_a;
+  stats[2 * D] = std::ldexp(mean_b, eb);
+  stats[3 * D] = rstd_b;
+  // diag = (2^(ea+eb) cross / B) rstd_a rstd_b, with the powers of two folded into the rstds
+  stats[4 * D] = cross == 0 ? acc_t(0) : cross / B * std::ldexp(rstd_a, ea) * std::ldexp(rstd_b, eb);
 }
 
 // Column mean, 1/std (biased variance + eps) of a and b and diag(C), written to stats (5, D).
@@ -178,6 +255,11 @@ void barlow_stats_kernel(const scalar_t* a, int64_t sa, const scalar_t* b, int64
       }
     }
     for (int64_t c = 0; c < w; ++c) {
+      if (!is_finite(mean_a[c]) || !is_finite(mean_b[c]) || !is_finite(sq_a[c]) || !is_finite(sq_b[c]) ||
+          !is_finite(cross[c])) {
+        scaled_column_stats(a + c0 + c, sa, b + c0 + c, sb, B, D, stats + c0 + c);
+        continue;
+      }
       const acc_t rstd_a = 1 / std::sqrt(sq_a[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
       const acc_t rstd_b = 1 / std::sqrt(sq_b[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
       stats[c0 + c] = mean_a[c];

@@ -109,6 +109,14 @@ def nt_xent_loss(z1, z2, *, temperature: float = 0.2) -> torch.Tensor:
     return loss.mean().to(z1.dtype)
 
 
+def queue_poison(*queues: torch.Tensor) -> torch.Tensor:
+    """0, or NaN when any queue holds a NaN or an Inf. Queue rows enter the logits as given (they
+    are not normalised), and an Inf entry can make a logit -inf, which the log-sum-exp ignores;
+    adding this to a loss keeps the contract that non-finite inputs give a non-finite loss, in
+    one O(K D) read and without a host synchronisation."""
+    return sum(0 * q.detach().abs().amax().to(compute_dtype(q.dtype)) for q in queues)
+
+
 def _moco_ce(anchor, positive, queue, t):
     """``mean_i(-a_i.pos_i/t + LSE({a_i.pos_i/t} U {a_i.q/t : q in queue}))``."""
     pos = (anchor * positive).sum(1, keepdim=True) / t
@@ -130,7 +138,7 @@ def moco_pnr_loss(
         _moco_ce(q1, k2, keys_view1, t) + _moco_ce(p1, f1, keys_view1, td)
         + _moco_ce(q2, k1, keys_view0, t) + _moco_ce(p2, f2, keys_view0, td)
     ) / 2
-    return loss.to(dtype)
+    return (loss + queue_poison(key_queue, prev_queue)).to(dtype)
 
 
 def moco_loss(q1, q2, k1, k2, key_queue, *, temperature: float = 0.2) -> torch.Tensor:
@@ -140,7 +148,7 @@ def moco_loss(q1, q2, k1, k2, key_queue, *, temperature: float = 0.2) -> torch.T
     q1, q2, k1, k2 = (normalize(_up(x)) for x in (q1, q2, k1, k2))
     t = temperature
     loss = (_moco_ce(q1, k2, _up(key_queue[1]), t) + _moco_ce(q2, k1, _up(key_queue[0]), t)) / 2
-    return loss.to(dtype)
+    return (loss + queue_poison(key_queue)).to(dtype)
 
 
 def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2) -> torch.Tensor:

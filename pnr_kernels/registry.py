@@ -71,10 +71,18 @@ class LossSpec:
 
         return getattr(losses, self.public)
 
+    def _signature(self) -> Dict[str, inspect.Parameter]:
+        """The public function's parameters, read once (a plain memo in the instance dict:
+        functools.cached_property takes a lock that torch.compile cannot trace on Python 3.11)."""
+        parameters = self.__dict__.get("_parameters")
+        if parameters is None:
+            parameters = self.__dict__["_parameters"] = dict(inspect.signature(self.function).parameters)
+        return parameters
+
     @property
     def inputs(self) -> Tuple[str, ...]:
         """Positional input names, in order: the (B, D) embeddings, then the queues."""
-        return tuple(name for name, p in inspect.signature(self.function).parameters.items()
+        return tuple(name for name, p in self._signature().items()
                      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
     @property
@@ -84,7 +92,7 @@ class LossSpec:
     @property
     def defaults(self) -> Dict[str, float]:
         """The options' default values, from the public signature."""
-        return {name: p.default for name, p in inspect.signature(self.function).parameters.items()
+        return {name: p.default for name, p in self._signature().items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
 
     @property

@@ -37,13 +37,15 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
 }
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """``||got - want|| / ||want||`` in float64; ``||got||`` where want is exactly zero (an
-    analytically zero gradient is compared absolutely)."""
+def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """``||got - want|| / max(||want||, floor)`` in float64; ``||got - want||`` where both are
+    zero. ``floor`` is the size below which ``want`` counts as zero: an analytically zero
+    gradient (say of a normalised width-1 input) is then compared absolutely against it instead
+    of relatively against its rounding noise."""
     got = got.detach().to("cpu", torch.float64)
     want = want.detach().to("cpu", torch.float64)
     difference = (got - want).norm().item()
-    scale = want.norm().item()
+    scale = max(want.norm().item(), floor)
     return difference / scale if scale > 0 else difference
 
 
@@ -62,12 +64,14 @@ def where_it_differs(got: torch.Tensor, want: torch.Tensor) -> str:
             f"({far} of {difference.numel()} elements differ by more than 1e-3 of the largest |want|)")
 
 
-def assert_close_relative(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> None:
-    """``relative_error(got, want) <= tolerance`` and got finite, with a message saying where not."""
+def assert_close_relative(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str,
+                          floor: float = 0.0) -> None:
+    """``relative_error(got, want, floor) <= tolerance`` and got finite, with a message saying
+    where not."""
     if not torch.isfinite(got.detach()).all():
         bad = (~torch.isfinite(got.detach())).nonzero()[:3].tolist()
         raise AssertionError(f"{what}: non-finite values (first at {bad}); {where_it_differs(got, want)}")
-    error = relative_error(got, want)
+    error = relative_error(got, want, floor)
     if not error <= tolerance:
         raise AssertionError(f"{what}: relative error {error:.3g} > {tolerance:g}; {where_it_differs(got, want)}")
 
@@ -86,12 +90,13 @@ class Comparison:
 
 
 def check_against_reference(loss: str, backend: str, args: Sequence[torch.Tensor], options: dict, *,
-                            tolerances: Optional[Tuple[float, float]] = None,
+                            tolerances: Optional[Tuple[float, float]] = None, gradient_floor: float = 0.0,
                             assert_close: bool = True) -> Comparison:
     """Compute ``loss`` with ``backend`` on ``args`` (the trainable ones requiring a gradient),
     and the reference on float64 copies (on the CPU); compare the loss and the gradient of every
     input that requires one. Raises AssertionError past the tolerances (``TOLERANCES`` of the
-    inputs' dtype unless given) when ``assert_close``; returns the errors either way."""
+    inputs' dtype unless given) when ``assert_close``; returns the errors either way.
+    ``gradient_floor``: see :func:`relative_error`."""
     spec = LOSSES[loss]
     dtype = args[0].dtype
     tolerances = tolerances or TOLERANCES[dtype]
@@ -104,14 +109,14 @@ def check_against_reference(loss: str, backend: str, args: Sequence[torch.Tensor
     got_grads: List[torch.Tensor] = list(torch.autograd.grad(got, trainable)) if trainable else []
     want_grads = list(torch.autograd.grad(want, [a for a in exact if a.requires_grad])) if trainable else []
     comparison = Comparison(relative_error(got, want),
-                            {n: relative_error(g, w) for n, g, w in zip(names, got_grads, want_grads)},
+                            {n: relative_error(g, w, gradient_floor) for n, g, w in zip(names, got_grads, want_grads)},
                             tolerances)
     if assert_close:
         what = f"{loss} on {backend} ({dtype})"
         assert_close_relative(got, want, tolerances[0], f"{what} loss")
         for name, g, w, a in zip(names, got_grads, want_grads, trainable):
             assert g.dtype == a.dtype and g.shape == a.shape, f"{what} grad {name}: {g.dtype} {tuple(g.shape)}"
-            assert_close_relative(g, w, tolerances[1], f"{what} grad {name}")
+            assert_close_relative(g, w, tolerances[1], f"{what} grad {name}", gradient_floor)
     return comparison
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import pnr_kernels
-from pnr_kernels import native, reference
-
-from .test_regularizers_op import check_against_reference
+from pnr_kernels import native
+from pnr_kernels.ops import backend_ops
+from pnr_kernels.registry import LOSSES as REGISTRY
+from pnr_kernels.testing import TOLERANCES, check_against_reference, fused_losses, make_inputs, relative_error, restride
 
 REASON = native.unavailable_reason(torch.device("cpu"), torch.float32)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
@@ -24,21 +25,26 @@ CASES = [("cpu", dtype) for dtype in DTYPES] + [("cuda", dtype) for dtype in DTY
 
 
 def _losses():
-    return native.losses()
+    """The regularisers composed over the native ops (the kernels, without the public layer)."""
+    return fused_losses("regularizers", backend_ops("native", "regularizers", native.kernels))
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
 @pytest.mark.parametrize("device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("batch,dim", [(1, 5), (7, 70), (37, 530), (70, 66)])
 def test_matches_reference(loss, device, dtype, batch, dim):
-    check_against_reference(_losses(), loss, batch, dim, dtype, device=device, **WEIGHTS[loss])
+    args, kwargs = make_inputs(loss, batch, dim, dtype, device=device, requires_grad=True, options=WEIGHTS[loss])
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), ("cpu", torch.bfloat16)]
                          + [("cuda", torch.float32)] * CUDA, ids=str)
 def test_strided_inputs(loss, device, dtype):
-    check_against_reference(_losses(), loss, 6, 33, dtype, device=device, transposed=True, **WEIGHTS[loss])
+    args, kwargs = make_inputs(loss, 6, 33, dtype, device=device, options=WEIGHTS[loss])
+    args = [restride(a, "transposed").requires_grad_(i < 2) for i, a in enumerate(args)]
+    assert args[0].stride(0) == 1
+    check_against_reference(loss, "native", args, kwargs)
 
 
 @pytest.mark.parametrize("loss", sorted(WEIGHTS))
@@ -81,7 +87,115 @@ def test_traces_under_torch_compile(loss):
     p1, p2 = (torch.randn(8, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
     f1, f2 = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
     got = fn(p1, p2, f1, f2, **WEIGHTS[loss])
-    want = reference.LOSSES[loss](p1, p2, f1, f2, **WEIGHTS[loss])
+    want = REGISTRY[loss].reference(p1, p2, f1, f2, **WEIGHTS[loss])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for g, w in zip(torch.autograd.grad(got, [p1, p2]), torch.autograd.grad(want, [p1, p2])):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+
+
+def _kwargs(loss):
+    return WEIGHTS[loss]
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_kernels_ignore_autocast(loss):
+    """Under torch.autocast("cpu", bfloat16) the kernels compute exactly what they compute outside
+    it (the Barlow kernel's at::mm used to be autocast: "expected scalar type Float but found
+    BFloat16")."""
+    p1, p2 = (torch.randn(8, 16, requires_grad=True) for _ in range(2))
+    f1, f2 = torch.randn(8, 16), torch.randn(8, 16)
+    want = _losses()[loss](p1, p2, f1, f2, **_kwargs(loss))
+    want_grads = torch.autograd.grad(want, [p1, p2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _losses()[loss](p1, p2, f1, f2, **_kwargs(loss))
+        got_grads = torch.autograd.grad(got, [p1, p2])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_value, stats, gram = torch.ops.pnr_kernels.barlow_gram_forward(p1, f1, 5e-3, 0.1)
+    assert loss_value.dtype == stats.dtype == gram.dtype == torch.float32
+
+
+# --- Non-finite inputs (issue 9, item 1) -----------------------------------------------------------
+
+def check_nonfinite(loss, dtype, device):
+    """NaN or Inf in any element position of any input gives a non-finite loss, and a NaN upstream
+    gradient non-finite input gradients, wherever the float64 reference has them."""
+    for position in range(4):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            x = [torch.randn(6, 10, dtype=dtype, device=device) for _ in range(4)]
+            x[position][2, 3] = value
+            x = [t.requires_grad_(i < 2) for i, t in enumerate(x)]
+            got = _losses()[loss](*x, **_kwargs(loss))
+            exact = [t.detach().double().requires_grad_(t.requires_grad) for t in x]
+            want = REGISTRY[loss].reference(*exact, **_kwargs(loss))
+            assert not torch.isfinite(want)
+            assert not torch.isfinite(got), (loss, dtype, position, value)
+    x = [torch.randn(6, 10, dtype=dtype, device=device).requires_grad_(i < 2) for i in range(4)]
+    got = _losses()[loss](*x, **_kwargs(loss))
+    for g in torch.autograd.grad(got, x[:2], torch.tensor(float("nan"), dtype=got.dtype, device=device)):
+        assert torch.isnan(g).all()
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+@pytest.mark.parametrize("device,dtype", CASES, ids=str)
+def test_nonfinite_inputs_propagate(loss, device, dtype):
+    check_nonfinite(loss, dtype, device)
+
+
+# --- Huge finite magnitudes (issue 9, item 2) ------------------------------------------------------
+
+SCALED = ["byol_pnr", "barlow_pnr"]  # scale-invariant losses (VICReg grows with the scale squared)
+
+
+def check_scaled(loss, dtype, device, scale):
+    """Inputs multiplied by ``scale`` (1e19 to 1e30: their squares overflow float32) give the loss
+    of the unit-scale inputs and gradients 1/scale times theirs, as the float64 reference does."""
+    torch.manual_seed(1)
+    unit = [torch.randn(7, 12, dtype=torch.float64) for _ in range(4)]
+    x = [(t * scale).to(dtype).to(device).requires_grad_(i < 2) for i, t in enumerate(unit)]
+    got = _losses()[loss](*x, **_kwargs(loss))
+    exact = [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in x]
+    want = REGISTRY[loss].reference(*exact, **_kwargs(loss))
+    assert torch.isfinite(want)
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert relative_error(got, want) <= loss_tol, (got.item(), want.item())
+    for g, w in zip(torch.autograd.grad(got, x[:2]), torch.autograd.grad(want, exact[:2])):
+        assert torch.isfinite(g).all()
+        assert relative_error(g, w) <= grad_tol
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e-20], ids=str)
+@pytest.mark.parametrize("loss", SCALED)
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16)]
+                         + [("cuda", torch.float32)] * CUDA, ids=str)
+def test_huge_magnitudes_give_the_unit_scale_loss(loss, device, dtype, scale):
+    check_scaled(loss, dtype, device, scale)
+
+
+def test_paired_terms_of_huge_rows():
+    """The cosine terms of rows scaled by 1e30 are those of the unit rows; the saved norms scale."""
+    x = [torch.randn(5, 33) for _ in range(4)]
+    terms, norms = torch.ops.pnr_kernels.paired_terms_forward(*x, "cosine")
+    big_terms, big_norms = torch.ops.pnr_kernels.paired_terms_forward(*[t * 1e30 for t in x], "cosine")
+    torch.testing.assert_close(big_terms, terms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(big_norms, norms * 1e30, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs and the CUDA part")
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_runs_on_a_device_other_than_the_current_one(loss):
+    """Every regulariser binding holds a DeviceGuard: tensors on cuda:1 while cuda:0 is current."""
+    x = [torch.randn(9, 40, device="cuda:0").requires_grad_(i < 2) for i in range(4)]
+    moved = [t.detach().to("cuda:1").requires_grad_(t.requires_grad) for t in x]
+    with torch.cuda.device(0):
+        want = _losses()[loss](*x, **_kwargs(loss))
+        got = _losses()[loss](*moved, **_kwargs(loss))
+        want_grads = torch.autograd.grad(want, x[:2])
+        got_grads = torch.autograd.grad(got, moved[:2])
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=0, atol=0)

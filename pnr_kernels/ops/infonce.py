@@ -27,7 +27,7 @@ from typing import Callable, List, Sequence
 import torch
 
 from .._autocast import autocast_disabled
-from ..reference import compute_dtype, normalize
+from ..reference import compute_dtype, normalize, queue_poison
 from ._common import first_order_only
 
 # forward(rows, keys, exclude_diagonal, scales) -> lse (R, M)
@@ -155,7 +155,7 @@ def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
     for q, k, p, f, v in ((q1, k2, p1, f1, 1), (q2, k1, p2, f2, 0)):
         lse = op([q, p], [key_queue[v], prev_queue[v]], [False, False], [1.0 / t, 1.0 / td])
         total = total + _queue_ce(lse[0], q, k, t) + _queue_ce(lse[1], p, f, td)
-    return (total / 2).to(q1.dtype)
+    return (total / 2 + queue_poison(key_queue, prev_queue)).to(q1.dtype)
 
 
 def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
@@ -164,7 +164,7 @@ def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
     total = 0.0
     for q, k, v in ((q1, k2, 1), (q2, k1, 0)):
         total = total + _queue_ce(op([q], [key_queue[v]], [False], [1.0 / t])[0], q, k, t)
-    return (total / 2).to(q1.dtype)
+    return (total / 2 + queue_poison(key_queue)).to(q1.dtype)
 
 
 def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature):
