@@ -108,7 +108,7 @@ def test_every_gpu_gets_every_infonce_kernel_and_config_at_its_widest_blocking()
     configs = {"fwd": infonce.FWD_CONFIGS, "drow": infonce.DROW_CONFIGS, "dkey": infonce.DKEY_CONFIGS}
     for arch, limit in SHARED_MEMORY_LIMIT.items():
         for dtype, element_size in (("bf16", 2), ("fp32", 4)):
-            width = infonce.resident_d(element_size, limit)
+            width = infonce.resident_d(element_size, limit, arch)
             for kind, table in configs.items():
                 for bm, bn, warps, stages in table:
                     case_id = f"infonce_{kind}_{dtype}_resident_contiguous_d{width}_m{bm}n{bn}w{warps}s{stages}@sm_{arch}"

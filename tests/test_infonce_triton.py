@@ -144,22 +144,24 @@ SM_80, SM_86, SM_90 = 166912, 101376, 232448  # opt-in shared memory per block, 
 
 
 def test_d_blocking_follows_the_shared_memory_of_the_device():
-    """bf16/fp16 rows up to D = 256 stay resident where the widest configs' 160 KiB fit (sm_80,
-    sm_90, the interpreter); on sm_86/sm_89 (99 KiB) D in (128, 256] is walked in chunks and
-    written in 128-wide slices instead; fp32 (64 wide, 80 KiB) stays resident everywhere."""
+    """bf16/fp16 rows up to D = 256 stay resident where the widest configs fit (sm_80: 160 KiB of
+    163; sm_90: 192 of 227; the interpreter); on sm_86/sm_89 (99 KiB) D in (128, 256] is walked
+    in chunks and written in 128-wide slices instead; fp32 (64 wide, 81 KiB) stays resident."""
     resident = dict(SINGLE_CHUNK=True, BLOCK_D=256, BLOCK_DV=256)
-    for limit in (SM_80, SM_90, None):
-        assert triton_infonce.d_blocking(200, 2, limit) == resident
-    assert triton_infonce.d_blocking(200, 2, SM_86) == dict(SINGLE_CHUNK=False, BLOCK_D=64, BLOCK_DV=128)
-    assert triton_infonce.d_blocking(128, 2, SM_86) == dict(SINGLE_CHUNK=True, BLOCK_D=128, BLOCK_DV=128)
-    assert triton_infonce.d_blocking(300, 2, SM_86) == dict(SINGLE_CHUNK=False, BLOCK_D=64, BLOCK_DV=128)
-    assert triton_infonce.d_blocking(60, 4, SM_86) == dict(SINGLE_CHUNK=True, BLOCK_D=64, BLOCK_DV=64)
+    for limit, arch in ((SM_80, 80), (SM_90, 90), (None, None)):
+        assert triton_infonce.d_blocking(200, 2, limit, arch) == resident
+    assert triton_infonce.d_blocking(200, 2, SM_86, 86) == dict(SINGLE_CHUNK=False, BLOCK_D=64, BLOCK_DV=128)
+    assert triton_infonce.d_blocking(128, 2, SM_86, 86) == dict(SINGLE_CHUNK=True, BLOCK_D=128, BLOCK_DV=128)
+    assert triton_infonce.d_blocking(300, 2, SM_86, 86) == dict(SINGLE_CHUNK=False, BLOCK_D=64, BLOCK_DV=128)
+    assert triton_infonce.d_blocking(60, 4, SM_86, 86) == dict(SINGLE_CHUNK=True, BLOCK_D=64, BLOCK_DV=64)
+    # a Hopper-class GPU with a consumer's 99 KiB (sm_120): its pipelines need more, still halved
+    assert triton_infonce.d_blocking(200, 2, SM_86, 120)["BLOCK_DV"] == 128
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_op_with_the_blocking_of_a_99_kib_device(monkeypatch, dtype):
     """D = 200 as an sm_86 launches it: 64-wide logit chunks, two 128-wide gradient slices."""
-    monkeypatch.setattr(triton_infonce, "shared_memory_limit", lambda device: SM_86)
+    monkeypatch.setattr(triton_infonce, "gpu_shared_memory", lambda device: (SM_86, 86))
     rows, keys = _op_inputs(2, [KEYS], 200, dtype=dtype)
     assert triton_infonce._common_flags(rows, keys, False)["BLOCK_DV"] == 128
     _check_op(rows, keys, [True, False], [5.0, 5.0], [True, True], [True, True], tol=TOLERANCES[dtype])

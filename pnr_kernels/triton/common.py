@@ -76,23 +76,23 @@ def fp32_matmul_precision() -> str:
 
 # Opt-in shared memory per block (bytes) by CUDA compute capability: A100 (sm_80) 163 KiB; consumer
 # Ampere and Ada, L4, L40 (sm_86, sm_89) 99 KiB; H100/H200 (sm_90) 227 KiB. The compile test checks
-# every kernel against these; shared_memory_limit reads the real value of a device.
+# every kernel against these; gpu_shared_memory reads a device's own value.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 @functools.lru_cache(maxsize=None)
-def shared_memory_limit(device: torch.device) -> Optional[int]:
-    """Opt-in shared memory per block of ``device`` in bytes (sm_80: 166912, sm_86/89: 101376,
-    sm_90: 232448); None for CPU tensors (the interpreter has no limit)."""
+def gpu_shared_memory(device: torch.device) -> Tuple[Optional[int], Optional[int]]:
+    """(opt-in shared memory per block in bytes, compute capability as 80 for sm_80) of
+    ``device``; (None, None) for CPU tensors (the interpreter has no limit)."""
     if device.type != "cuda":
-        return None
+        return None, None
     properties = torch.cuda.get_device_properties(device)
     limit = getattr(properties, "shared_memory_per_block_optin", None)
     if limit is None:  # older torch: ask Triton's driver
         from triton.runtime import driver
 
         limit = driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
-    return int(limit)
+    return int(limit), 10 * properties.major + properties.minor
 
 
 # ---------------------------------------------------------------------------------------------

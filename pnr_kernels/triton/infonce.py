@@ -61,7 +61,7 @@ import triton.language as tl
 from ..ops.infonce import InfoNCEKernels
 from . import interpreting
 from .common import (SHARED_MEMORY_LIMIT, compile_case, fp32_matmul_precision, jit_function, launch, pow2_scale,
-                     shared_memory_limit, strides)
+                     gpu_shared_memory, strides)
 
 MAX_ROW_SETS = 2
 MAX_KEY_BLOCKS = 2
@@ -75,10 +75,12 @@ LOG2E = math.log2(math.e)  # the kernels work in base 2 (exp2/log2) and write na
 RESIDENT_D = {2: 256, 4: 64}
 CHUNK_D = {2: 64, 4: 32}
 # Shared memory (bytes) of the most demanding autotune config at the full RESIDENT_D, by element
-# size (compiled: fp16 dKey on sm_90, 64 x 64 tiles; fp32 dKey): devices with less (sm_86/sm_89:
-# 99 KiB) get half the resident width, and so on (``resident_d``). tests/test_compile_triton.py
-# compiles every config at the blocking each GPU gets and checks it against that GPU's limit.
-RESIDENT_SHARED_MEMORY = {2: 164864, 4: 82944}
+# size, as compiled for sm_80-sm_89 (fwd, 128 x 64 tiles: 163840 for bf16/fp16 D = 256; fp32 dKey:
+# 82944 for D = 64) and for sm_90 and later (its pipelines use more: 196608; 98304). Devices with
+# less get half the resident width, and so on (``resident_d``): bf16/fp16 on sm_86/sm_89 (99 KiB).
+# tests/test_compile_triton.py compiles every config at the blocking each GPU gets and checks it
+# against that GPU's limit.
+RESIDENT_SHARED_MEMORY = {False: {2: 163840, 4: 82944}, True: {2: 196608, 4: 98304}}  # by "sm_90 or later"
 MIN_BLOCK = 16
 
 
@@ -464,24 +466,26 @@ def _infonce_dkey_kernel(
              mask=mask_n[:, None] & mask_dv[None, :])
 
 
-def resident_d(element_size: int, shared_memory: Optional[int]) -> int:
-    """The widest D kept resident on a device with ``shared_memory`` bytes per block (None: no
-    limit, the interpreter): RESIDENT_D, halved while the most demanding config would not fit
-    (its shared memory scales with the width; RESIDENT_SHARED_MEMORY), never below CHUNK_D."""
+def resident_d(element_size: int, shared_memory: Optional[int], arch: Optional[int] = None) -> int:
+    """The widest D kept resident on a GPU of compute capability ``arch`` (80 for sm_80) with
+    ``shared_memory`` bytes per block (None: no limit, the interpreter): RESIDENT_D, halved while
+    the most demanding config would not fit (its shared memory scales with the width;
+    RESIDENT_SHARED_MEMORY), never below CHUNK_D."""
     width = RESIDENT_D[element_size]
-    need = RESIDENT_SHARED_MEMORY[element_size]
+    need = RESIDENT_SHARED_MEMORY[arch is not None and arch >= 90][element_size]
     while shared_memory is not None and need > shared_memory and width > CHUNK_D[element_size]:
         width, need = width // 2, need // 2
     return width
 
 
-def d_blocking(dim: int, element_size: int, shared_memory: Optional[int] = None) -> Dict[str, object]:
+def d_blocking(dim: int, element_size: int, shared_memory: Optional[int] = None,
+               arch: Optional[int] = None) -> Dict[str, object]:
     """SINGLE_CHUNK, BLOCK_D (logits) and BLOCK_DV (gradient output slice) for width ``dim`` on a
-    device with ``shared_memory`` bytes per block: one chunk covering D up to ``resident_d``
-    (then BLOCK_DV = BLOCK_D: the gradient products reuse the logits' tiles), else CHUNK_D chunks
-    and ``resident_d`` slices (each slice's program recomputes the logits: D / resident_d times
-    the logit work in backward)."""
-    resident = resident_d(element_size, shared_memory)
+    GPU of compute capability ``arch`` with ``shared_memory`` bytes per block: one chunk covering
+    D up to ``resident_d`` (then BLOCK_DV = BLOCK_D: the gradient products reuse the logits'
+    tiles), else CHUNK_D chunks and ``resident_d`` slices (each slice's program recomputes the
+    logits: D / resident_d times the logit work in backward)."""
+    resident = resident_d(element_size, shared_memory, arch)
     covering = max(MIN_BLOCK, triton.next_power_of_2(dim))
     if covering <= resident:
         return dict(SINGLE_CHUNK=True, BLOCK_D=covering, BLOCK_DV=covering)
@@ -505,7 +509,7 @@ def _common_flags(rows: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], fo
         INT64=force_int64 or needs_int64(*rows, *keys),
         UPCAST=interpreting() and dtype == torch.bfloat16,
         PRECISION=fp32_matmul_precision() if dtype == torch.float32 else "tf32",
-        **d_blocking(rows[0].shape[1], rows[0].element_size(), shared_memory_limit(rows[0].device)),
+        **d_blocking(rows[0].shape[1], rows[0].element_size(), *gpu_shared_memory(rows[0].device)),
     )
 
 
@@ -680,7 +684,7 @@ def compile_cases() -> List:
         element_size = 4 if dtype == "fp32" else 2
         blockings = {}  # (BLOCK_D, BLOCK_DV) -> the archs that launch it
         for arch in archs:
-            resident = resident_d(element_size, SHARED_MEMORY_LIMIT[arch])
+            resident = resident_d(element_size, SHARED_MEMORY_LIMIT[arch], arch)
             blocking = {"resident": (resident, resident), "chunked": (CHUNK_D[element_size], resident),
                         "narrow": (MIN_BLOCK, MIN_BLOCK)}[layout]
             blockings.setdefault(blocking, []).append(arch)
