@@ -45,6 +45,15 @@ across programs, flash-decoding style: each split writes a partial LSE (merged w
 ``torch.logsumexp``, O(splits x M)) or fp32 partial row gradients (summed, O(splits x M x D),
 a few MB at that shape). With many rows (SimCLR-PNR at N = 8192) there are 1-2 splits.
 
+Strides: any. MoCo's queues are transposed views ((K, D) with stride 1 along the keys) and are
+read in place, not copied. Compiled for that specialisation (bf16, contiguous rows; cuobjdump
+-res-usage), the forward and dRow kernels spill nothing at D = 128 (the forward's two configs
+use 154 and 149 registers on sm_90, 128 and 114 with contiguous keys); at D = 256 only the
+forward's 64 x 64 config does (88 bytes of stack on sm_80, 56 on sm_90, against 0 and 24 with
+contiguous keys; the 128 x 64 config has none). A contiguous copy would read and write the four
+(K, D) queue views of every MoCo-PNR call (64 MB each way for bf16, K = 65536, D = 128: ~30 us
+at 4.3 TB/s) and keep them for the backward (64 MB more memory).
+
 Offsets switch to int64 when any tensor's largest element offset reaches 2**31 (``needs_int64``).
 """
 from __future__ import annotations
@@ -663,24 +672,26 @@ def compile_cases() -> List:
     the D blocking each GPU gets (``d_blocking`` with its shared memory): bf16 and fp32 at their
     widest resident D on contiguous, aligned tensors (what a training step launches; the most
     shared memory) for sm_80, sm_86, sm_89 and sm_90, and the chunked loop sm_86/sm_89 run just
-    past their resident width; bf16 resident with general strides and int64 offsets; the
+    past their resident width; MoCo's launch (contiguous rows, queue keys that are transposed
+    views); bf16 resident with general strides and int64 offsets; the
     chunked-D loop of each dtype; bf16 at the narrowest tiles (tl.dot's minimum shapes); and
     fp16's rescaled key-gradient weights (``_weighted_mma``), the only code fp16 does not share
     with bf16."""
     every_gpu = tuple(SHARED_MEMORY_LIMIT)
-    variants = [  # dtype, layout ("resident", "chunked", "narrow"), INT64, contiguous, archs
-        ("bf16", "resident", False, True, every_gpu),
-        ("fp32", "resident", False, True, every_gpu),
-        ("bf16", "chunked", False, True, (86, 89)),
-        ("bf16", "resident", True, False, (90,)),
-        ("bf16", "chunked", True, False, (90,)),
-        ("fp32", "chunked", True, False, (80,)),
-        ("bf16", "narrow", False, False, (80,)),
-        ("fp16", "resident", False, True, every_gpu),
+    variants = [  # dtype, layout ("resident", "chunked", "narrow"), INT64, strides, archs
+        ("bf16", "resident", False, "contiguous", every_gpu),
+        ("fp32", "resident", False, "contiguous", every_gpu),
+        ("bf16", "chunked", False, "contiguous", (86, 89)),
+        ("bf16", "resident", False, "queue", (80, 90)),
+        ("bf16", "resident", True, "strided", (90,)),
+        ("bf16", "chunked", True, "strided", (90,)),
+        ("fp32", "chunked", True, "strided", (80,)),
+        ("bf16", "narrow", False, "strided", (80,)),
+        ("fp16", "resident", False, "contiguous", every_gpu),
     ]
     scalars = {"scale0_log2": "fp32", "scale1_log2": "fp32"}
     cases = []
-    for dtype, layout, int64, contiguous, archs in variants:
+    for dtype, layout, int64, layout_of_strides, archs in variants:
         element_size = 4 if dtype == "fp32" else 2
         blockings = {}  # (BLOCK_D, BLOCK_DV) -> the archs that launch it
         for arch in archs:
@@ -705,14 +716,21 @@ def compile_cases() -> List:
             ]
             if dtype == "fp16":
                 specs = [spec for spec in specs if spec[0] == "dkey"]
-            shape = ("chunked" if layout == "chunked" else "resident") + ("_contiguous" if contiguous else "_strided")
+            if layout_of_strides == "queue":  # frozen queues get no key gradient
+                specs = [spec for spec in specs if spec[0] != "dkey"]
+            shape = ("chunked" if layout == "chunked" else "resident") + "_" + layout_of_strides
             for kind, kernel, table, constexprs in specs:
                 names = list(inspect.signature(jit_function(kernel).fn).parameters)
-                unit = [n for n in names if n.endswith("_s1")] if contiguous else []
-                divisible = [n for n in names if n.endswith(("_ptr", "_s0")) or n in ("D", "M", "MK", "MK0", "MK1")]
+                strides_ = [n for n in names if n.endswith(("_s0", "_s1"))]
+                unit = {"contiguous": [n for n in strides_ if n.endswith("_s1")], "strided": [],
+                        # MoCo: contiguous rows against queue keys laid out as (D, K) transposed
+                        "queue": [n for n in strides_ if n.endswith("_s1" if n.startswith("r") else "_s0")],
+                        }[layout_of_strides]
+                divisible = [n for n in names if n.endswith("_ptr") or n in ("D", "M", "MK", "MK0", "MK1")
+                             or (n in strides_ and n not in unit)] if layout_of_strides != "strided" else []
                 for (bm, bn, warps, stages), config in zip(table, launch_configs(table, interpret=False)):
                     name = (f"infonce_{kind}_{dtype}_{shape}_d{d_block}"
                             f"{f'v{dv_block}' if dv_block != d_block else ''}_m{bm}n{bn}w{warps}s{stages}")
                     cases.append(compile_case(name, kernel, config, constexprs, pointers, scalars, tuple(block_archs),
-                                              unit, divisible if contiguous else []))
+                                              unit, divisible))
     return cases
