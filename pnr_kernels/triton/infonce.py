@@ -50,9 +50,11 @@ read in place, not copied. Compiled for that specialisation (bf16, contiguous ro
 -res-usage), the forward and dRow kernels spill nothing at D = 128 (the forward's two configs
 use 154 and 149 registers on sm_90, 128 and 114 with contiguous keys); at D = 256 only the
 forward's 64 x 64 config does (88 bytes of stack on sm_80, 56 on sm_90, against 0 and 24 with
-contiguous keys; the 128 x 64 config has none). A contiguous copy would read and write the four
-(K, D) queue views of every MoCo-PNR call (64 MB each way for bf16, K = 65536, D = 128: ~30 us
-at 4.3 TB/s) and keep them for the backward (64 MB more memory).
+contiguous keys; the 128 x 64 config has none). The 1.1-1.9 KB of stack cuobjdump shows belong to
+the variant with no unit stride at all and int64 offsets, which MoCo does not launch. A
+contiguous copy would read and write the four (K, D) queue views of every MoCo-PNR call (64 MB
+each way for bf16, K = 65536, D = 128: ~30 us at 4.3 TB/s) and keep them for the backward (64 MB
+more memory).
 
 Offsets switch to int64 when any tensor's largest element offset reaches 2**31 (``needs_int64``).
 """
