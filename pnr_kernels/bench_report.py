@@ -461,9 +461,13 @@ def render_docs(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = Non
 
 
 def render_readme(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = None, device: str = "cpu") -> str:
-    """The README's generated results: per loss on ``device``, the largest batch where the reference
-    and a fused backend both ran, and one figure (the first loss's)."""
+    """The README's generated results: per loss on ``device`` (the machine measured last), the
+    largest batch where the reference and a fused backend both ran, and one figure (the first
+    loss's)."""
     drows = [r for r in rows if r["device"] == device]
+    if drows:
+        latest = max(drows, key=lambda r: r.get("timestamp", ""))["device_name"]
+        drows = [r for r in drows if r["device_name"] == latest]
     groups = _by_group(drows)
     out = []
     table = []

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Regenerate every committed CPU benchmark result from one command, from anywhere:
+#
+#     benchmarks/regenerate_cpu.sh [--sweep-only] [--replace]
+#
+# 1. pnr-bench --sweep --quick for SimCLR-PNR and NT-Xent (reference, native, torch_compile, pml
+#    where its memory allows; 3 batch sizes), upserted into benchmarks/data/cpu.csv;
+# 2. unless --sweep-only: the default grid of every loss (pnr-bench --device cpu, peers included),
+#    upserted into the same CSV;
+# 3. pnr-bench report: docs/figures/*.png, the generated tables of docs/benchmarks.md and the
+#    generated results of README.md, from the CSV alone.
+#
+# Rows are keyed by (CPU name, loss, backend, dtype, D, K, batch, mode, metric): a re-run on the
+# same machine replaces them, a run on another machine adds a section; --replace starts the CSV
+# afresh. Measure on a quiet machine: every row records the 1-minute load average, and the docs say
+# when it exceeded the core count. PYTHON overrides the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+CSV=benchmarks/data/cpu.csv
+sweep_only=0
+for arg in "$@"; do
+    case "$arg" in
+        --sweep-only) sweep_only=1 ;;
+        --replace) rm -f "$CSV" ;;
+        *) echo "usage: $0 [--sweep-only] [--replace]" >&2; exit 2 ;;
+    esac
+done
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+"$PY" -m pnr_kernels.bench --device cpu --sweep --quick --losses simclr_pnr nt_xent \
+    --json "$tmp/sweep.json" --csv "$CSV" --plot "$tmp/sweep_figures"
+if [ "$sweep_only" -eq 0 ]; then
+    "$PY" -m pnr_kernels.bench --device cpu --json "$tmp/grid.json" --csv "$CSV"
+fi
+"$PY" -m pnr_kernels.bench report --csv "$CSV" --docs docs/benchmarks.md --readme README.md --plot docs/figures
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
