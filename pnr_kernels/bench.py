@@ -351,6 +351,7 @@ def base_record(case: Case, device: str) -> dict:
     record["device"] = device
     record["device_name"] = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     record["loadavg"] = list(os.getloadavg())
+    record["threads"] = torch.get_num_threads()
     return record
 
 
@@ -388,6 +389,9 @@ def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
         times = time_phases(forward, inputs, device, repeats, max(0, warmup - 1))
     except Exception as error:  # noqa: BLE001  (a failed case is a record, not a crash)
         status = OOM if _is_oom(error) else FAILED
+        if device == "cuda":  # what the failed step held goes back before the next case
+            forward = inputs = step = None
+            torch.cuda.empty_cache()
         if case.backend == "torch_compile" and status == FAILED:
             error_text = f"compile or run failed: {_first_line(error)}"
         else:

@@ -227,6 +227,12 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def plain_log_ticks(axis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -260,6 +266,7 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
                            (ax_m, "peak extra memory, MB (floor 0.1)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
             ax.set_xlabel("batch size B (per view)")
             ax.set_ylabel(ylabel)
             if xs_all:
@@ -290,13 +297,13 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(speedups) * max(1, len(names)) / 2 + 2), 4.4))
         width = 0.8 / len(names)
         labels = [_title(g).replace(f" ({dtype}, ", " (") for g in speedups]
-        top = 1.0
+        top, bottom = 1.0, 1.0
         for i, name in enumerate(names):
             for j, (group, s) in enumerate(speedups.items()):
                 if name not in s:
                     continue
                 value, x = s[name]
-                top = max(top, value)
+                top, bottom = max(top, value), min(bottom, value)
                 bar = ax.bar(j + (i - (len(names) - 1) / 2) * width, value, width, color=colors.get(name),
                              label=name if j == min(k for k, g in enumerate(speedups) if name in speedups[g]) else None)
                 ax.annotate(f"{value:.2g}x\nB={x}", (bar[0].get_x() + bar[0].get_width() / 2, value),
@@ -305,11 +312,16 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=9)
         ax.set_ylabel("speed-up over reference (fwd+bwd p50)")
-        ax.set_ylim(0, top * 1.3)
+        if top / bottom > 30:  # a peer far slower than the reference: a log axis keeps every bar visible
+            ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
+            ax.set_ylim(bottom / 3, top * 4)
+        else:
+            ax.set_ylim(0, top * 1.3)
         ax.set_title(f"speed-up over the reference at the largest batch both ran\n{dtype} on {device_name}",
                      fontsize=10)
-        ax.legend(fontsize=9, loc="upper left", frameon=False, ncol=len(names))
-        fig.tight_layout()
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         path = os.path.join(out_dir, f"{device}_speedup_{dtype}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -523,7 +535,16 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="DIR", help="write the PNG figures to DIR")
     parser.add_argument("--docs", metavar="MD", help="rewrite the generated part of this file (docs/benchmarks.md)")
     parser.add_argument("--readme", metavar="MD", help="rewrite the generated results of this README")
+    parser.add_argument("--json", nargs="+", metavar="PATH",
+                        help="first upsert the records of these pnr-bench --json files (a run cut short keeps "
+                             "its JSON) into the first CSV")
     args = parser.parse_args(argv)
+    if args.json:
+        import json
+
+        records = [record for path in args.json for record in json.load(open(path))]
+        upsert_csv(args.csv[0], records_to_rows(records))
+        print(f"upserted {len(records)} records from {' '.join(args.json)} into {args.csv[0]}")
     rows = [row for path in args.csv for row in read_csv(path)]
     if not rows:
         parser.error(f"no rows in {' '.join(args.csv)}")

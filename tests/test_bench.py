@@ -289,3 +289,14 @@ def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
     bench.main(["report", "--csv", str(csv_path), "--docs", str(docs)])  # idempotent markers
     assert docs.read_text().count(bench_report.DOCS_BEGIN) == 1 and again.count(bench_report.DOCS_END) == 1
     assert "](docs/figures/cpu_nt_xent_float32_d128.png)" in readme.read_text()
+
+
+def test_report_upserts_a_json_of_records_first(tmp_path):
+    records = [_record("native", 256, 10.0), bench.failed_record(
+        bench.Case("nt_xent", "reference", "float32", 512, 128), "cpu", bench.OOM, "out of memory")]
+    (tmp_path / "run.json").write_text(json.dumps(records))
+    csv_path = tmp_path / "cpu.csv"
+    assert bench.main(["report", "--json", str(tmp_path / "run.json"), "--csv", str(csv_path)]) == 0
+    rows = bench_report.read_csv(str(csv_path))
+    assert {(r["backend"], r["x_value"], r["status"]) for r in rows} == {("native", "256", "ok"),
+                                                                          ("reference", "512", "out of memory")}
