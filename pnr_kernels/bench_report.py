@@ -333,6 +333,16 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
 # Tables
 
 
+def _fmt(value: float) -> str:
+    """3 to 4 significant digits, never an exponent: 0.0123, 1.23, 12.3, 123, 1,234, 12,345."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    digits = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{digits}f}"
+
+
 def _short_status(status: str) -> str:
     """A few words for a failed or skipped case's status."""
     if status.startswith("skipped"):
@@ -355,9 +365,9 @@ def _cell(time_row, memory_row) -> str:
         return "-"
     if _value(time_row) is None:
         return _short_status(time_row["status"])
-    text = f"{_value(time_row):.4g} ms"
+    text = f"{_fmt(_value(time_row))} ms"
     if memory_row is not None and _value(memory_row) is not None:
-        text += f", {_value(memory_row):.3g} MB"
+        text += f", {_fmt(_value(memory_row))} MB"
     return text
 
 
@@ -412,11 +422,11 @@ def group_tables(group, grows) -> List[str]:
             tp = throughput[n].get(x)
             detail.append([
                 str(x), n,
-                *(f"{_value(phase[m]):.4g}" if phase[m] is not None and _value(phase[m]) is not None else "-"
+                *(_fmt(_value(phase[m])) if phase[m] is not None and _value(phase[m]) is not None else "-"
                   for m in ("forward", "backward")),
-                f"{_value(t):.4g} ({_value(t, 'p20'):.4g}-{_value(t, 'p80'):.4g})",
-                f"{_value(memory[n][x]):.3g}" if x in memory[n] and _value(memory[n][x]) is not None else "-",
-                f"{_value(tp):.4g} {tp['unit']}" if tp is not None and _value(tp) is not None else "-",
+                f"{_fmt(_value(t))} ({_fmt(_value(t, 'p20'))}-{_fmt(_value(t, 'p80'))})",
+                _fmt(_value(memory[n][x])) if x in memory[n] and _value(memory[n][x]) is not None else "-",
+                f"{_fmt(_value(tp))} {tp['unit']}" if tp is not None and _value(tp) is not None else "-",
                 _pct(percent[n].get(x)),
             ])
     lines += _table(["B", "backend", "forward ms", "backward ms", "full ms", "peak MB", "throughput",
