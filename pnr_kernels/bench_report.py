@@ -166,6 +166,14 @@ def _value(row: Dict[str, str], q: str = "p50") -> Optional[float]:
     return float(row[q]) if row.get(q) not in (None, "") else None
 
 
+def _loss_order(loss: str):
+    """Registry order (SimCLR-PNR first), unknown losses after it by name."""
+    from .registry import LOSSES
+
+    names = list(LOSSES)
+    return (names.index(loss) if loss in names else len(names), loss)
+
+
 def _group_key(row):
     return (row["device"], row["device_name"], row["loss"], row["dtype"], int(row["dim"] or 0),
             int(row["queue_size"] or 0))
@@ -175,7 +183,8 @@ def _by_group(rows: Sequence[Dict[str, str]]):
     groups = defaultdict(list)
     for row in rows:
         groups[_group_key(row)].append(row)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2], kv[0][4], kv[0][5])))
+    return dict(sorted(groups.items(),
+                       key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], _loss_order(kv[0][2]), kv[0][4], kv[0][5])))
 
 
 def _ordered_backends(names: Iterable[str]) -> List[str]:
@@ -187,6 +196,11 @@ def _series(rows, backend, mode="full", metric="time"):
     """{x: row} of one backend's (mode, metric) rows."""
     return {int(float(r["x_value"])): r for r in rows
             if r["backend"] == backend and r["mode"] == mode and r["metric"] == metric}
+
+
+def _has_scaling(grows) -> bool:
+    """Whether a group has two batch sizes or more (a figure against the batch)."""
+    return len({r["x_value"] for r in grows}) >= 2
 
 
 def _slug(group) -> str:
@@ -239,6 +253,8 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
     groups = _by_group(rows)
     colors = {name: f"C{i}" for i, name in enumerate(BACKEND_ORDER)}
     for group, grows in groups.items():
+        if not _has_scaling(grows):
+            continue
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.6))
         xs_all = set()
         for backend in _ordered_backends({r["backend"] for r in grows}):
@@ -294,9 +310,9 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
         names = _ordered_backends({b for s in speedups.values() for b in s})
         if not names:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(speedups) * max(1, len(names)) / 2 + 2), 4.4))
+        fig, ax = plt.subplots(figsize=(min(13, max(6, 0.5 * len(speedups) * len(names) + 2)), 4.6))
         width = 0.8 / len(names)
-        labels = [_title(g).replace(f" ({dtype}, ", " (") for g in speedups]
+        labels = [_title(g).replace(f" ({dtype}, ", "\n(") for g in speedups]
         top, bottom = 1.0, 1.0
         for i, name in enumerate(names):
             for j, (group, s) in enumerate(speedups.items()):
@@ -306,7 +322,7 @@ def plot_rows(rows: Sequence[Dict[str, str]], out_dir: str) -> List[str]:
                 top, bottom = max(top, value), min(bottom, value)
                 bar = ax.bar(j + (i - (len(names) - 1) / 2) * width, value, width, color=colors.get(name),
                              label=name if j == min(k for k, g in enumerate(speedups) if name in speedups[g]) else None)
-                ax.annotate(f"{value:.2g}x\nB={x}", (bar[0].get_x() + bar[0].get_width() / 2, value),
+                ax.annotate(f"{_fmt(value) if value < 100 else f'{value:.0f}'}x\nB={x}", (bar[0].get_x() + bar[0].get_width() / 2, value),
                             ha="center", va="bottom", fontsize=7.5, xytext=(0, 2), textcoords="offset points")
         ax.axhline(1.0, color="0.3", linewidth=0.8)
         ax.set_xticks(range(len(labels)))
@@ -380,7 +396,10 @@ def _ratio(numerator_row, denominator_row) -> str:
     if numerator_row is None or denominator_row is None:
         return "-"
     a, b = _value(numerator_row), _value(denominator_row)
-    return f"{a / b:.2f}x" if a is not None and b is not None else "-"
+    if a is None or b is None:
+        return "-"
+    ratio = a / b
+    return f"{ratio:.2f}x" if ratio < 10 else (f"{ratio:.1f}x" if ratio < 100 else f"{ratio:.0f}x")
 
 
 def _pct(row) -> str:
@@ -452,11 +471,13 @@ def _conditions(rows) -> List[str]:
     peaks = defaultdict(dict)
     for r in rows:
         if r["metric"] == "machine_peak" and _value(r) is not None:
-            peaks[(r["dtype"], int(r["dim"]), r["unit"])][_value(r)] = r["note"]
+            dim = int(r["dim"]) if r["unit"] == "GFLOP/s" else 0  # a copy's bandwidth has no D
+            peaks[(r["dtype"], dim, r["unit"])][_value(r)] = r["note"]
     for (dtype, dim, unit), measured in sorted(peaks.items()):
         low, high = min(measured), max(measured)
         value = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f} to {high:.0f}"
-        lines.append(f"- machine peak for {dtype}, D={dim}: {value} {unit} ({measured[high]})")
+        what = f"matmul peak for {dtype}, D={dim}" if dim else f"copy bandwidth for {dtype}"
+        lines.append(f"- machine {what}: {value} {unit} ({measured[high]})")
     return [line for line in lines if line]
 
 
@@ -476,7 +497,7 @@ def render_docs(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = Non
                 lines += [f"![speed-up over the reference, {dtype}]({figures_rel}/{device}_speedup_{dtype}.png)", ""]
         for group, grows in groups.items():
             lines += [f"#### {_title(group)}", ""]
-            if figures_rel:
+            if figures_rel and _has_scaling(grows):
                 lines += [f"![{_title(group)}: time and memory vs batch]({figures_rel}/{_slug(group)}.png)", ""]
             lines += group_tables(group, grows) + [""]
     return "\n".join(lines).rstrip() + "\n"
@@ -512,7 +533,7 @@ def render_readme(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = N
                       _cell(tc, memory.get("torch_compile", {}).get(x)) or "-",
                       _cell(times[f][x], memory[f].get(x)) + (f" ({_pct(pct)} of peak)" if pct is not None else ""),
                       _ratio(tc, times[f][x]), _ratio(times["reference"][x], times[f][x])])
-        if figures_rel and not out:
+        if figures_rel and not out and _has_scaling(grows):
             out += [f"![{_title(group)}: time and memory vs batch on CPU]({figures_rel}/{_slug(group)}.png)", ""]
     if table:
         out = _table(["loss", "size", "reference", "torch_compile", "native", "native vs torch_compile",
