@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pnr_kernels import bench
+from pnr_kernels import bench, bench_report
 from pnr_kernels.registry import LOSSES
 
 
@@ -32,9 +32,13 @@ def test_cli_writes_records(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "pnr_kernels.bench", "--device", "cpu", "--quick", "--losses", "nt_xent", "byol_pnr",
-         "--backends", "reference", "--repeats", "1", "--json", str(out)],
+         "--backends", "reference", "--repeats", "1", "--json", str(out), "--csv", str(tmp_path / "cpu.csv")],
         capture_output=True, text=True, check=True)
     records = json.loads(out.read_text())
+    rows = bench_report.read_csv(str(tmp_path / "cpu.csv"))
+    assert {(r["loss"], r["metric"]) for r in rows} >= {("nt_xent", "time"), ("nt_xent", "percent_of_peak"),
+                                                        ("byol_pnr", "memory")}
+    assert "percent_of_peak against: torch.mm float32" in run.stdout
     assert {r["loss"] for r in records} == {"nt_xent", "byol_pnr"}
     for r in records:
         for key in ("loss", "backend", "device", "dtype", "batch_size", "dim", "fwd_bwd_ms", "peak_memory_mb",
@@ -62,7 +66,6 @@ def test_pml_peer_computes_the_same_nt_xent():
 
 # --- sweep, peers, percentiles, CSV, plots -------------------------------------------------------
 
-from pnr_kernels import bench_report  # noqa: E402
 
 
 def _record(backend="native", batch=256, ms=10.0, memory=4.0, loss="nt_xent", **extra):
