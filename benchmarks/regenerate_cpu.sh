@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Regenerate every committed CPU benchmark result from one command, from anywhere:
 #
-#     benchmarks/regenerate_cpu.sh [--sweep-only] [--replace]
+#     benchmarks/regenerate_cpu.sh [--sweep-only] [--full-sweep] [--replace]
 #
 # 1. pnr-bench --sweep --quick for SimCLR-PNR and NT-Xent (reference, native, torch_compile, pml
-#    where its memory allows; 3 batch sizes), upserted into benchmarks/data/cpu.csv;
+#    where its memory allows; batches 256, 512, 1024), upserted into benchmarks/data/cpu.csv;
+#    with --full-sweep, the full sweep instead (batches 256 to 16384, each backend stopped at its
+#    memory or time budget; about half an hour on 2 quiet cores);
 # 2. unless --sweep-only: the default grid of every loss (pnr-bench --device cpu, peers included),
 #    upserted into the same CSV;
 # 3. pnr-bench report: docs/figures/*.png, the generated tables of docs/benchmarks.md and the
@@ -20,18 +22,20 @@ PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CSV=benchmarks/data/cpu.csv
 sweep_only=0
+quick=--quick
 for arg in "$@"; do
     case "$arg" in
         --sweep-only) sweep_only=1 ;;
+        --full-sweep) quick= ;;
         --replace) rm -f "$CSV" ;;
-        *) echo "usage: $0 [--sweep-only] [--replace]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--sweep-only] [--full-sweep] [--replace]" >&2; exit 2 ;;
     esac
 done
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$PY" -m pnr_kernels.bench --device cpu --sweep --quick --losses simclr_pnr nt_xent \
+"$PY" -m pnr_kernels.bench --device cpu --sweep $quick --losses simclr_pnr nt_xent \
     --json "$tmp/sweep.json" --csv "$CSV" --plot "$tmp/sweep_figures"
 if [ "$sweep_only" -eq 0 ]; then
     "$PY" -m pnr_kernels.bench --device cpu --json "$tmp/grid.json" --csv "$CSV"
