@@ -687,6 +687,11 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU and a CUDA build of torch")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib (pip install matplotlib)")
     repeats = args.repeats or (5 if args.quick else 10)
     warmup = 2
     notes: List[str] = []
