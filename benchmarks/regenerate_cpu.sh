@@ -14,8 +14,9 @@
 #
 # Rows are keyed by (CPU name, loss, backend, dtype, D, K, batch, mode, metric): a re-run on the
 # same machine replaces them, a run on another machine adds a section; --replace starts the CSV
-# afresh. Measure on a quiet machine: every row records the 1-minute load average, and the docs say
-# when it exceeded the core count. PYTHON overrides the interpreter.
+# afresh. DTYPES="float32 bfloat16" measures both dtypes (default float32). Measure on a quiet
+# machine: every row records the 1-minute load average, and the docs say when it exceeded the
+# core count. PYTHON overrides the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -35,10 +36,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$PY" -m pnr_kernels.bench --device cpu --sweep $quick --losses simclr_pnr nt_xent \
+dtypes=${DTYPES:-float32}
+"$PY" -m pnr_kernels.bench --device cpu --sweep $quick --losses simclr_pnr nt_xent --dtypes $dtypes \
     --json "$tmp/sweep.json" --csv "$CSV" --plot "$tmp/sweep_figures"
 if [ "$sweep_only" -eq 0 ]; then
-    "$PY" -m pnr_kernels.bench --device cpu --json "$tmp/grid.json" --csv "$CSV"
+    "$PY" -m pnr_kernels.bench --device cpu --dtypes $dtypes --json "$tmp/grid.json" --csv "$CSV"
 fi
 "$PY" -m pnr_kernels.bench report --csv "$CSV" --docs docs/benchmarks.md --readme README.md --plot docs/figures
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -190,9 +190,9 @@ def _peer_available(name: str, loss: str = "nt_xent", device: str = "cpu") -> bo
 
 
 def make_cases(device: str, quick: bool, losses=None, backend_names=None, *, sweep: bool = False,
-               notes: Optional[List[str]] = None) -> List[Case]:
-    """The cases to run, smallest batch first within each loss; ``notes`` (when given) collects
-    why a backend or peer is left out."""
+               notes: Optional[List[str]] = None, dtypes: Optional[Sequence[str]] = None) -> List[Case]:
+    """The cases to run, smallest batch first within each loss; ``dtypes`` replaces the device's
+    default dtypes; ``notes`` (when given) collects why a backend or peer is left out."""
     dev = torch.device(device)
     cases = []
     said = set()
@@ -202,10 +202,10 @@ def make_cases(device: str, quick: bool, losses=None, backend_names=None, *, swe
             said.add(text)
             notes.append(text)
 
-    for loss, b, d, k, dtypes in (_sweep_sizes if sweep else _sizes)(device, quick):
+    for loss, b, d, k, grid_dtypes in (_sweep_sizes if sweep else _sizes)(device, quick):
         if losses and loss not in losses:
             continue
-        for dtype in dtypes:
+        for dtype in dtypes or grid_dtypes:
             names = []
             for name in backends.BACKENDS:
                 reason = backends.unavailable_reason(name, loss, dev, DTYPES[dtype])
@@ -638,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), help="losses to run (default: all)")
     parser.add_argument("--backends", nargs="+",
                         help=f"backends and peers to run (default: every usable one; peers: {', '.join(PEERS)})")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
+                        help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 5 quick, 10 full)")
     parser.add_argument("--case-timeout", type=float, default=600.0, metavar="S",
                         help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
@@ -695,7 +697,8 @@ def main(argv=None) -> int:
     repeats = args.repeats or (5 if args.quick else 10)
     warmup = 2
     notes: List[str] = []
-    cases = make_cases(args.device, args.quick, args.losses, args.backends, sweep=args.sweep, notes=notes)
+    cases = make_cases(args.device, args.quick, args.losses, args.backends, sweep=args.sweep, notes=notes,
+                       dtypes=args.dtypes)
     if not cases:
         parser.error("no case matches the requested losses and backends on this device")
     memory_mb = args.max_memory_gb * 1024 if args.max_memory_gb else _default_memory_mb(args.device)

@@ -528,7 +528,7 @@ def render_readme(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = N
         x = common[-1]
         pct = _series(grows, f, metric="percent_of_peak").get(x)
         tc = times.get("torch_compile", {}).get(x)
-        size = f"B {x}, D {group[4]}" + (f", K {group[5]}" if group[5] else "")
+        size = f"B {x}, D {group[4]}" + (f", K {group[5]}" if group[5] else "") + f", {group[3]}"
         table.append([group[2], size, _cell(times["reference"][x], memory["reference"].get(x)),
                       _cell(tc, memory.get("torch_compile", {}).get(x)) or "-",
                       _cell(times[f][x], memory[f].get(x)) + (f" ({_pct(pct)} of peak)" if pct is not None else ""),

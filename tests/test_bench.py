@@ -113,6 +113,8 @@ def test_sweep_cases_carry_the_peers():
     assert any(n.startswith("infcl skipped for nt_xent") for n in notes)  # CPU: stated, not silent
     # the grid without --sweep keeps pml to its small sizes
     assert all(c.batch_size <= bench.PEER_MAX_BATCH for c in bench.make_cases("cpu", False) if c.backend == "pml")
+    assert {c.dtype for c in bench.make_cases("cpu", True, ["nt_xent"], sweep=True, dtypes=["bfloat16"])} == \
+        {"bfloat16"}
     assert {c.backend for c in bench.make_cases("cpu", True, ["byol_pnr"], sweep=True)} >= {"torch_compile"}
     assert "pml" not in {c.backend for c in bench.make_cases("cpu", True, ["byol_pnr"], sweep=True)}
 
