@@ -1,28 +1,50 @@
-"""``pnr-bench``: forward+backward time and peak extra memory of every loss x backend x size x dtype.
+"""``pnr-bench``: forward, backward and full-step time, peak extra memory and distance to the
+machine's matmul peak of every loss x backend (and third-party peer) x size x dtype.
 
-    pnr-bench --device cpu|cuda [--quick] [--losses ...] [--backends ...] [--json PATH]
+    pnr-bench --device cpu|cuda [--quick] [--sweep] [--losses ...] [--backends ...]
+              [--json PATH] [--csv PATH] [--plot DIR]
+    pnr-bench report --csv PATH [--docs MD] [--readme MD] [--plot DIR]
 
-Time is the median over repeats of one forward + backward (after warm-up). Peak extra memory is
-what one forward + backward allocates beyond its inputs: on CUDA ``max_memory_allocated`` minus
-the allocation before the step; on CPU the rise of the process's peak resident set (VmHWM, reset
-through /proc/self/clear_refs) over its resident set before the step, measured in a fresh
-subprocess per case (with glibc returning every allocation of 64 KiB or more to the system when
-freed) so that no earlier allocation hides it. Throughput is reported where a
-work model exists: GFLOP/s for the contrastive losses (the FLOP model of
-``pnr_kernels.registry`` entries' work models) and GB/s for BYOL/VICReg-PNR (reading p1, p2, f1, f2 and
-writing two gradients once).
+Backends are the library's (reference, native, triton: those usable on the device) and peers,
+extra ``backend`` values measured in the same run: ``torch_compile`` (the loss's reference under
+``torch.compile``, default inductor; compilation happens in the warm-up, outside the timings),
+``pml`` (pytorch-metric-learning's NTXentLoss, for nt_xent) and ``infcl`` (Inf-CL's
+``cal_inf_loss`` for nt_xent, on CUDA when ``inf_cl`` is importable).
+
+Time: per repeat, after warm-up, one forward and then one backward (from no gradients, as after
+``zero_grad(set_to_none=True)``), each timed (CPU: ``time.perf_counter``; CUDA: CUDA events
+around each phase, synchronised once per repeat); reported as p20/p50/p80 over the repeats of the
+forward, the backward and the full step (forward + backward of the same repeat). ``fwd_bwd_ms``
+is the full step's median. Peak extra memory is what one forward + backward allocates beyond its
+inputs: on CUDA ``max_memory_allocated`` minus the allocation before the step; on CPU the rise of
+the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over its resident set
+before the step, measured in a fresh subprocess per case (with glibc returning every allocation of
+64 KiB or more to the system when freed) so that no earlier allocation hides it.
+
+Throughput is reported where the loss's registry entry has a work model: GFLOP/s of the fused
+contrastive op's FLOPs, GB/s for BYOL/VICReg-PNR (reading p1, p2, f1, f2 and writing two gradients
+once). ``percent_of_peak`` divides it by the machine's own throughput measured at start-up (see
+:func:`machine_peak`): the matmul throughput for the same dtype and inner dimension D, or the copy
+bandwidth for a byte model. Peers are credited with the same work model (the work the loss needs,
+not what they happen to do).
+
+``--sweep`` doubles the batch from 256 (quick: 256, 512, 1024; full: up to 16384 on CPU, 65536
+on CUDA). A backend that runs out of memory or time at one size is stopped for the larger ones,
+and so is one whose projection from its last sizes exceeds the memory or time budget; each such
+case still gets a record saying so (``status``, ``error``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,8 +52,15 @@ from . import backends
 from .registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-PEERS = {"nt_xent": "pml"}  # third-party rows measured beside ours when installed
-PEER_MAX_BATCH = 256
+# Third-party peers measured beside our backends, as extra ``backend`` values: the losses each one
+# computes (None: every registered loss).
+PEERS: Dict[str, Optional[Tuple[str, ...]]] = {"torch_compile": None, "pml": ("nt_xent",), "infcl": ("nt_xent",)}
+PEER_MAX_BATCH = 256  # pml outside --sweep: its O(N^3) memory allows only small batches
+QUANTILES = (20, 50, 80)
+SWEEP_START = 256
+SWEEP_MAX = {"cpu": 16384, "cuda": 65536}
+PHASES = ("forward", "backward", "full")
+OK, OOM, TIMEOUT, FAILED, SKIPPED = "ok", "out of memory", "timeout", "failed", "skipped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +82,25 @@ def work_model(case: Case):
     itemsize = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
     amount = spec.work(case.batch_size, case.dim, case.queue_size, itemsize)
     return {"FLOP": "GFLOP/s", "byte": "GB/s"}[spec.work_unit], amount
+
+
+def percentiles(values: Sequence[float], quantiles: Sequence[int] = QUANTILES) -> Dict[str, float]:
+    """``{"p20": ..., "p50": ..., "p80": ...}``: linear interpolation between the sorted values
+    (numpy's default method); one value gives itself for every quantile."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentiles of no values")
+    result = {}
+    for q in quantiles:
+        position = (len(xs) - 1) * q / 100
+        low = math.floor(position)
+        high = min(low + 1, len(xs) - 1)
+        result[f"p{q}"] = xs[low] + (xs[high] - xs[low]) * (position - low)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid: which cases run
 
 
 def _sizes(device: str, quick: bool):
@@ -88,40 +136,107 @@ def _sizes(device: str, quick: bool):
     return grid
 
 
-def _peer_available(name: str) -> bool:
+def sweep_batches(device: str, quick: bool) -> List[int]:
+    """Batch sizes of ``--sweep``: doubling from 256, three sizes when quick, else up to the
+    device's maximum."""
+    last = 4 * SWEEP_START if quick else SWEEP_MAX[device]
+    sizes, b = [], SWEEP_START
+    while b <= last:
+        sizes.append(b)
+        b *= 2
+    return sizes
+
+
+def _sweep_sizes(device: str, quick: bool):
+    """The grid of ``--sweep``: each loss at the D (and K) of its first grid size, over the
+    sweep's batch sizes."""
+    grid, seen = [], set()
+    for loss, _, d, k, dtypes in _sizes(device, quick):
+        if loss in seen:
+            continue
+        seen.add(loss)
+        grid += [(loss, b, d, k, dtypes) for b in sweep_batches(device, quick)]
+    return grid
+
+
+def peer_unavailable_reason(name: str, loss: str, device: str) -> Optional[str]:
+    """None when peer ``name`` can run ``loss`` on ``device``, else why not."""
+    losses = PEERS[name]
+    if losses is not None and loss not in losses:
+        return f"it does not compute {loss}"
+    if name == "torch_compile":
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile is not supported on this Python/platform"
+        return None
     if name == "pml":
         try:
             import pytorch_metric_learning  # noqa: F401
         except ImportError:
-            return False
-        return True
-    return False
+            return "pytorch-metric-learning is not installed (pip install pytorch-metric-learning)"
+        return None
+    if name == "infcl":
+        if device != "cuda":
+            return "Inf-CL's cal_inf_loss runs on CUDA only"
+        try:
+            import inf_cl  # noqa: F401
+        except ImportError:
+            return "inf-cl is not installed (optional: pip install inf-cl)"
+        return None
+    raise ValueError(f"unknown peer {name!r}")
 
 
-def make_cases(device: str, quick: bool, losses=None, backend_names=None) -> List[Case]:
+def _peer_available(name: str, loss: str = "nt_xent", device: str = "cpu") -> bool:
+    return peer_unavailable_reason(name, loss, device) is None
+
+
+def make_cases(device: str, quick: bool, losses=None, backend_names=None, *, sweep: bool = False,
+               notes: Optional[List[str]] = None, dtypes: Optional[Sequence[str]] = None) -> List[Case]:
+    """The cases to run, smallest batch first within each loss; ``dtypes`` replaces the device's
+    default dtypes; ``notes`` (when given) collects why a backend or peer is left out."""
     dev = torch.device(device)
     cases = []
-    for loss, b, d, k, dtypes in _sizes(device, quick):
+    said = set()
+
+    def note(text):
+        if notes is not None and text not in said:
+            said.add(text)
+            notes.append(text)
+
+    for loss, b, d, k, grid_dtypes in (_sweep_sizes if sweep else _sizes)(device, quick):
         if losses and loss not in losses:
             continue
-        for dtype in dtypes:
-            names = [n for n in backends.BACKENDS
-                     if backends.unavailable_reason(n, loss, dev, DTYPES[dtype]) is None]
-            peer = PEERS.get(loss)
-            # pml's NTXentLoss masks (positive pairs) x (negative pairs): O(N^3) memory, 2 GB at
-            # N = 512 already, so it is only run at the small sizes
-            if peer and b <= PEER_MAX_BATCH and _peer_available(peer):
-                names.append(peer)
-            for name in names:
-                if backend_names and name not in backend_names:
+        for dtype in dtypes or grid_dtypes:
+            names = []
+            for name in backends.BACKENDS:
+                reason = backends.unavailable_reason(name, loss, dev, DTYPES[dtype])
+                if reason is None:
+                    names.append(name)
+                elif not backend_names or name in backend_names:
+                    note(f"{name} skipped for {loss} ({dtype}): {reason}")
+            for peer in PEERS:
+                reason = peer_unavailable_reason(peer, loss, device)
+                if reason is not None:
+                    if PEERS[peer] is not None and loss in PEERS[peer] and (not backend_names or peer in backend_names):
+                        note(f"{peer} skipped for {loss}: {reason}")
                     continue
-                cases.append(Case(loss, name, dtype, b, d, k))
+                # pml's NTXentLoss masks (positive pairs) x (negative pairs): O(N^3) memory, 2 GB at
+                # N = 512 already; the sweep stops it by its memory projection instead
+                if peer == "pml" and not sweep and b > PEER_MAX_BATCH:
+                    continue
+                names.append(peer)
+            cases += [Case(loss, name, dtype, b, d, k) for name in names
+                      if not backend_names or name in backend_names]
     return cases
 
 
-def _step_fn(case: Case, device: str):
-    """A closure running one forward + backward of the case (from no gradients, as after
-    ``zero_grad(set_to_none=True)``), and the inputs it holds."""
+# ---------------------------------------------------------------------------------------------
+# One case, measured
+
+
+def _forward_fn(case: Case, device: str):
+    """A closure computing the case's loss (a scalar that requires a gradient), and the inputs
+    it holds."""
+    spec = LOSSES[case.loss]
     args, kwargs = make_inputs(case.loss, case.batch_size, case.dim, DTYPES[case.dtype], device=device,
                                requires_grad=True, queue_size=case.queue_size or 5)
     if case.backend == "pml":
@@ -129,18 +244,35 @@ def _step_fn(case: Case, device: str):
 
         criterion = NTXentLoss(temperature=kwargs["temperature"])
         labels = torch.arange(case.batch_size, device=device).repeat(2)
+        return (lambda: criterion(torch.cat(args), labels)), args
+    if case.backend == "infcl":
+        # Inf-CL computes the CLIP form (each view against the other view only), the nearest
+        # of its losses to NT-Xent: half of NT-Xent's logits.
+        from inf_cl import cal_inf_loss
 
-        def step():
-            for a in args:
-                a.grad = None
-            criterion(torch.cat(args), labels).backward()
-    else:
-        fn = LOSSES[case.loss].function
+        scale = torch.tensor(1.0 / kwargs["temperature"], device=device)
 
-        def step():
-            for a in args:
-                a.grad = None
-            fn(*args, **kwargs, backend=case.backend).backward()
+        def forward():
+            z1, z2 = (torch.nn.functional.normalize(z, dim=1) for z in args)
+            return 0.5 * (cal_inf_loss(z1, z2, scale=scale, head_dim=case.dim)
+                          + cal_inf_loss(z2, z1, scale=scale, head_dim=case.dim))
+        return forward, args
+    if case.backend == "torch_compile":
+        compiled = torch.compile(spec.reference)
+        return (lambda: compiled(*args, **kwargs)), args
+    fn = spec.function
+    return (lambda: fn(*args, **kwargs, backend=case.backend)), args
+
+
+def _step_fn(case: Case, device: str):
+    """A closure running one forward + backward of the case (from no gradients, as after
+    ``zero_grad(set_to_none=True)``), and the inputs it holds."""
+    forward, args = _forward_fn(case, device)
+
+    def step():
+        for a in args:
+            a.grad = None
+        forward().backward()
     return step, args
 
 
@@ -149,17 +281,40 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _time_ms(step, device: str, repeats: int, warmup: int) -> float:
+def time_phases(forward: Callable, inputs, device: str, repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Milliseconds of the forward, the backward and the full step of each timed repeat."""
+    def reset():
+        for a in inputs:
+            a.grad = None
+
     for _ in range(warmup):
-        step()
+        reset()
+        forward().backward()
     _sync(device)
-    times = []
+    times = {phase: [] for phase in PHASES}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        reset()
+        if device == "cuda":
+            start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start.record()
+            loss = forward()
+            middle.record()
+            loss.backward()
+            end.record()
+            torch.cuda.synchronize()
+            fwd, full = start.elapsed_time(middle), start.elapsed_time(end)
+        else:
+            start = time.perf_counter()
+            loss = forward()
+            middle = time.perf_counter()
+            loss.backward()
+            end = time.perf_counter()
+            fwd, full = (middle - start) * 1e3, (end - start) * 1e3
+        del loss
+        times["forward"].append(fwd)
+        times["backward"].append(full - fwd)
+        times["full"].append(full)
+    return times
 
 
 def _status_kb(field: str) -> int:
@@ -179,13 +334,46 @@ def _cpu_peak_extra_mb(step) -> float:
     return max(0, _status_kb("VmHWM") - before) / 1024
 
 
-def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
-    """One record for one case, measured in this process."""
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def base_record(case: Case, device: str) -> dict:
     record = dataclasses.asdict(case)
     record["device"] = device
     record["device_name"] = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    record["loadavg"] = list(os.getloadavg())
+    record["threads"] = torch.get_num_threads()
+    return record
+
+
+def failed_record(case: Case, device: str, status: str, error: str, **extra) -> dict:
+    """The record of a case that did not complete (or was not run): it says why instead of
+    disappearing."""
+    record = base_record(case, device)
+    record.update(status=status, error=error, fwd_bwd_ms=None, peak_memory_mb=None, **extra)
+    return record
+
+
+def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
+    """One record for one case, measured in this process."""
+    record = base_record(case, device)
     try:
-        step, inputs = _step_fn(case, device)
+        forward, inputs = _forward_fn(case, device)
+
+        def step():
+            for a in inputs:
+                a.grad = None
+            forward().backward()
+
         step()  # one-time work (compilation, autotuning, thread pools) outside the measurements
         for a in inputs:  # the step's own gradients count as its memory, the last step's do not
             a.grad = None
@@ -198,10 +386,23 @@ def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
             record["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         else:
             record["peak_memory_mb"] = _cpu_peak_extra_mb(step)
-        record["fwd_bwd_ms"] = _time_ms(step, device, repeats, warmup)
-    except torch.cuda.OutOfMemoryError:
-        record.update(fwd_bwd_ms=None, peak_memory_mb=None, error="out of memory")
+        times = time_phases(forward, inputs, device, repeats, max(0, warmup - 1))
+    except Exception as error:  # noqa: BLE001  (a failed case is a record, not a crash)
+        status = OOM if _is_oom(error) else FAILED
+        if device == "cuda":  # what the failed step held goes back before the next case
+            forward = inputs = step = None
+            torch.cuda.empty_cache()
+        if case.backend == "torch_compile" and status == FAILED:
+            error_text = f"compile or run failed: {_first_line(error)}"
+        else:
+            error_text = status if status == OOM else _first_line(error)
+        record.update(status=status, error=error_text, fwd_bwd_ms=None, peak_memory_mb=None)
         return record
+    record["status"] = OK
+    record["repeats"] = repeats
+    for phase in PHASES:
+        record[f"{phase}_ms"] = percentiles(times[phase])
+    record["fwd_bwd_ms"] = record["full_ms"]["p50"]
     model = work_model(case)
     if model is not None:
         unit, amount = model
@@ -221,29 +422,202 @@ def _cpu_name() -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def _measure_in_subprocess(case: Case, repeats: int, warmup: int) -> dict:
-    payload = json.dumps(dict(case=dataclasses.asdict(case), repeats=repeats, warmup=warmup))
+def _limit_data(budget_mb: Optional[float]):
+    """Cap this process's data segment (where glibc's mmapped blocks count) at its current size
+    plus ``budget_mb``, so that a case past the budget fails with an allocation error, recorded
+    as out of memory, instead of taking the shared machine's memory."""
+    if not budget_mb:
+        return
+    import resource
+
+    limit = _status_kb("VmData") * 1024 + int(budget_mb * 2 ** 20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _measure_in_subprocess(case: Case, repeats: int, warmup: int, timeout_s: Optional[float] = None,
+                           memory_budget_mb: Optional[float] = None) -> dict:
+    payload = json.dumps(dict(case=dataclasses.asdict(case), repeats=repeats, warmup=warmup,
+                              memory_budget_mb=memory_budget_mb))
     # Allocations of 64 KiB and more are mmapped and unmapped when freed, so the resident set
     # follows what is live instead of what glibc keeps cached from the warm-up step.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-m", "pnr_kernels.bench", "--worker", payload],
-                         capture_output=True, text=True, env=env)
+    try:
+        out = subprocess.run([sys.executable, "-m", "pnr_kernels.bench", "--worker", payload],
+                             capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return failed_record(case, "cpu", TIMEOUT, f"timeout: the case took more than {timeout_s:g} s")
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {case}:\n{out.stderr}")
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])[-400:]
+        status = OOM if out.returncode in (-9, 137) or "can't allocate memory" in out.stderr else FAILED
+        return failed_record(case, "cpu", status, f"worker exited with {out.returncode}: {tail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------
+# The machine's own limit
+
+
+@functools.lru_cache(maxsize=None)
+def machine_peak(device: str, dtype: str, unit: str, dim: int = 0) -> Dict[str, object]:
+    """The machine's throughput that ``percent_of_peak`` divides by, measured once per (device,
+    dtype, unit, D) in this run: ``{"value": ..., "unit": ..., "how": ...}``.
+
+    GFLOP/s: the two matrix products a contrastive loss is made of at a representative N (4096
+    on CPU, 16384 on CUDA) and the case's inner dimension D: (N x D)·(D x N) (the logits) and
+    (N x N)·(N x D) (their gradients), each the best of 5 timed runs after one warm-up, with
+    ``torch.mm`` in the dtype; the peak is their 4 N^2 D FLOPs over the sum of both best times.
+    GB/s: the best of 5 copies of a 256 MiB tensor, bytes read plus written. On CUDA each best
+    time is the minimum of ``triton.testing.do_bench``."""
+    dev = torch.device(device)
+    torch_dtype = DTYPES[dtype]
+
+    def best_ms(fn, runs=5):
+        if device == "cuda":  # microsecond launches: triton's do_bench (many runs, L2 flushed), its minimum
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=200, return_mode="min")
+        fn()
+        _sync(device)
+        best = math.inf
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, (time.perf_counter() - start) * 1e3)
+        return best
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    if unit == "GB/s":
+        numel = 2 ** 28 // torch.empty((), dtype=torch_dtype).element_size()
+        x = torch.randn(numel, generator=generator).to(dev, torch_dtype)
+        y = torch.empty_like(x)
+        ms = best_ms(lambda: y.copy_(x))
+        return {"value": 2 * x.nbytes / (ms * 1e-3) / 1e9, "unit": unit,
+                "how": f"best of 5 copies of {x.nbytes / 2 ** 20:.0f} MiB {dtype} (read + written)"}
+    n = 4096 if device == "cpu" else 16384
+    a = torch.randn(n, dim, generator=generator).to(dev, torch_dtype)
+    b = torch.randn(dim, n, generator=generator).to(dev, torch_dtype)
+    c = torch.randn(n, n, generator=generator).to(dev, torch_dtype)
+    logits_ms = best_ms(lambda: torch.mm(a, b))
+    grad_ms = best_ms(lambda: torch.mm(c, a))
+    flop = 2 * n * n * dim
+    best = "best of 5 each" if device == "cpu" else "minimum of triton.testing.do_bench each"
+    return {"value": 2 * flop / ((logits_ms + grad_ms) * 1e-3) / 1e9, "unit": unit,
+            "how": (f"torch.mm {dtype}, N={n}, D={dim}: ({n}x{dim})·({dim}x{n}) "
+                    f"{flop / logits_ms / 1e6:.0f} GFLOP/s and ({n}x{n})·({n}x{dim}) "
+                    f"{flop / grad_ms / 1e6:.0f} GFLOP/s ({best}); peak = both products' "
+                    f"FLOPs over both best times")}
+
+
+def add_percent_of_peak(record: dict, peak: Callable[..., Dict[str, object]] = machine_peak) -> dict:
+    """Adds ``peak_throughput``, ``peak_how`` and ``percent_of_peak`` to a record that has a
+    throughput."""
+    if record.get("throughput") is None:
+        return record
+    ref = peak(record["device"], record["dtype"], record["throughput_unit"],
+               record["dim"] if record["throughput_unit"] == "GFLOP/s" else 0)
+    record["peak_throughput"] = ref["value"]
+    record["peak_how"] = ref["how"]
+    record["percent_of_peak"] = 100 * record["throughput"] / ref["value"]
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: cases in order, a backend stopped at its limit
+
+
+@dataclasses.dataclass
+class Budget:
+    """Per-case limits: wall time of one case (its process, compilation included) and the
+    memory a case may take beyond its inputs."""
+    case_timeout_s: Optional[float] = None
+    memory_mb: Optional[float] = None
+
+
+def _series(case: Case):
+    return (case.loss, case.backend, case.dtype, case.dim, case.queue_size)
+
+
+def _project(history: List[Tuple[int, float]], batch: int, floor_exponent: float, first_exponent: float) -> float:
+    """Value at ``batch`` extrapolated from (batch, value) points as a power law: the exponent
+    of the last two points (at least ``floor_exponent``), or ``first_exponent`` from one."""
+    (b1, v1) = history[-1]
+    exponent = first_exponent
+    if len(history) >= 2:
+        b0, v0 = history[-2]
+        exponent = floor_exponent
+        if v0 > 0 and v1 > 0 and b1 != b0:
+            exponent = max(floor_exponent, math.log(v1 / v0) / math.log(b1 / b0))
+    return v1 * (batch / b1) ** exponent
+
+
+def run_cases(cases: Sequence[Case], measure_case: Callable[[Case], dict], *, device: str, budget: Budget,
+              repeats: int, warmup: int, on_record: Callable[[dict], None] = lambda r: None) -> List[dict]:
+    """Measures ``cases`` in order with ``measure_case``. A series (loss, backend, dtype, D, K)
+    that failed (out of memory, timeout, error) is not run at larger batches, nor is one whose
+    projection from its last sizes (time and memory as power laws of the batch, exponent at least
+    2; memory from a single size with exponent 3) exceeds the budget: those cases get a
+    ``skipped`` record saying why."""
+    records = []
+    stopped: Dict[tuple, str] = {}
+    history: Dict[tuple, List[Tuple[int, float, float]]] = {}
+    for case in cases:
+        key = _series(case)
+        reason = stopped.get(key)
+        points = history.get(key)
+        if reason is None and points:
+            if budget.memory_mb:
+                mb = _project([(b, m) for b, _, m in points], case.batch_size, 2, 3)
+                if mb > budget.memory_mb:
+                    reason = (f"projected peak memory {mb:.0f} MB at batch {case.batch_size} exceeds the "
+                              f"budget of {budget.memory_mb:.0f} MB")
+            if reason is None and budget.case_timeout_s:
+                ms = _project([(b, t) for b, t, _ in points], case.batch_size, 2, 2)
+                seconds = ms * (repeats + warmup + 2) / 1e3
+                if seconds > budget.case_timeout_s:
+                    reason = (f"projected {seconds:.0f} s for batch {case.batch_size} exceeds the "
+                              f"per-case time budget of {budget.case_timeout_s:g} s")
+            if reason is not None:
+                stopped[key] = reason
+        if reason is not None:
+            record = failed_record(case, device, SKIPPED, f"skipped: {reason}")
+        else:
+            record = measure_case(case)
+            if record.get("status", OK) != OK:
+                stopped[key] = f"{case.backend} stopped after batch {case.batch_size}: {record['error']}"
+            elif record.get("fwd_bwd_ms") is not None:
+                history.setdefault(key, []).append(
+                    (case.batch_size, record["fwd_bwd_ms"], max(record.get("peak_memory_mb") or 0.0, 1.0)))
+        records.append(record)
+        on_record(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt_ms(r: dict, phase: str) -> str:
+    value = r.get(f"{phase}_ms")
+    return f"{value['p50']:.2f}" if isinstance(value, dict) else "-"
+
+
 def format_table(records: List[dict]) -> str:
-    header = ["loss", "backend", "dtype", "B", "D", "K", "fwd+bwd ms", "peak MB", "throughput"]
+    header = ["loss", "backend", "dtype", "B", "D", "K", "fwd ms", "bwd ms", "fwd+bwd ms", "p20-p80 ms",
+              "peak MB", "throughput", "% of peak", "status"]
     rows = []
     for r in records:
-        if r.get("error"):
-            ms, mb, tp = r["error"], "-", "-"
+        if r.get("error") or r.get("fwd_bwd_ms") is None:
+            cells = ["-"] * 7 + [(r.get("error") or r.get("status") or "failed")[:120]]
         else:
-            ms, mb = f"{r['fwd_bwd_ms']:.2f}", f"{r['peak_memory_mb']:.1f}"
+            spread = r.get("full_ms")
+            spread = f"{spread['p20']:.2f}-{spread['p80']:.2f}" if isinstance(spread, dict) else "-"
             tp = f"{r['throughput']:.1f} {r['throughput_unit']}" if "throughput" in r else "-"
+            pct = f"{r['percent_of_peak']:.0f} %" if "percent_of_peak" in r else "-"
+            cells = [_fmt_ms(r, "forward"), _fmt_ms(r, "backward"), f"{r['fwd_bwd_ms']:.2f}", spread,
+                     f"{r['peak_memory_mb']:.1f}", tp, pct, OK]
         rows.append([r["loss"], r["backend"], r["dtype"], str(r["batch_size"]), str(r["dim"]),
-                     str(r["queue_size"] or "-"), ms, mb, tp])
+                     str(r["queue_size"] or "-"), *cells])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -251,44 +625,128 @@ def format_table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pnr-bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pnr-bench", description=__doc__.split("\n\n")[0],
+        epilog="pnr-bench report --help: regenerate the docs tables and figures from a CSV")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one small size per loss (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small size per loss (a few minutes on 2 CPU cores, peers' compilation included); "
+                             "with --sweep, 3 sizes")
+    parser.add_argument("--sweep", action="store_true",
+                        help="batch sizes doubling from 256 (quick: 3 sizes; else up to 16384 on CPU, 65536 on CUDA)")
     parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), help="losses to run (default: all)")
-    parser.add_argument("--backends", nargs="+", help="backends to run (default: every usable one, plus peers)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3 quick, 7 full)")
-    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list to PATH")
+    parser.add_argument("--backends", nargs="+",
+                        help=f"backends and peers to run (default: every usable one; peers: {', '.join(PEERS)})")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
+                        help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 5 quick, 10 full)")
+    parser.add_argument("--case-timeout", type=float, default=600.0, metavar="S",
+                        help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
+                             "the projected time past which a sweep stops a backend (default 600)")
+    parser.add_argument("--max-memory-gb", type=float, default=None, metavar="GB",
+                        help="memory budget of one case (default: 40%% of MemAvailable on CPU, of free "
+                             "memory on CUDA); a sweep stops a backend projected past it, and a CPU case "
+                             "past it fails as out of memory")
+    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list to PATH (after every case)")
+    parser.add_argument("--csv", metavar="PATH",
+                        help="upsert the results as rows into this CSV (e.g. benchmarks/data/cpu.csv)")
+    parser.add_argument("--plot", metavar="DIR", help="write PNG figures of this run's records to DIR (needs matplotlib)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.worker:  # one CPU case in a fresh process; prints its record as JSON
-        job = json.loads(args.worker)
-        torch.manual_seed(0)
-        print(json.dumps(measure(Case(**job["case"]), "cpu", job["repeats"], job["warmup"])))
-        return 0
+
+def _default_memory_mb(device: str) -> float:
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return 0.4 * free / 2 ** 20
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return 0.4 * int(line.split()[1]) / 1024
+    return 4096.0
+
+
+def _worker(payload: str) -> int:
+    """One CPU case in a fresh process; prints its record as JSON."""
+    job = json.loads(payload)
+    torch.manual_seed(0)
+    _limit_data(job.get("memory_budget_mb"))
+    print(json.dumps(measure(Case(**job["case"]), "cpu", job["repeats"], job["warmup"])))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from . import bench_report
+
+        return bench_report.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU and a CUDA build of torch")
-    repeats = args.repeats or (3 if args.quick else 7)
-    warmup = 1 if args.quick else 2
-    cases = make_cases(args.device, args.quick, args.losses, args.backends)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib (pip install matplotlib)")
+    repeats = args.repeats or (5 if args.quick else 10)
+    warmup = 2
+    notes: List[str] = []
+    cases = make_cases(args.device, args.quick, args.losses, args.backends, sweep=args.sweep, notes=notes,
+                       dtypes=args.dtypes)
     if not cases:
         parser.error("no case matches the requested losses and backends on this device")
-    records = []
-    for case in cases:
-        if args.device == "cpu":
-            record = _measure_in_subprocess(case, repeats, warmup)
-        else:
+    memory_mb = args.max_memory_gb * 1024 if args.max_memory_gb else _default_memory_mb(args.device)
+    budget = Budget(case_timeout_s=args.case_timeout, memory_mb=memory_mb)
+    for text in notes:
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+    if args.device == "cpu":
+        def measure_case(case):
+            return _measure_in_subprocess(case, repeats, warmup, budget.case_timeout_s, budget.memory_mb)
+    else:
+        def measure_case(case):
             torch.manual_seed(0)
-            record = measure(case, "cuda", repeats, warmup)
-        records.append(record)
-        print(f"  done: {case}", file=sys.stderr, flush=True)
+            return measure(case, "cuda", repeats, warmup)
+
+    done = []
+
+    def on_record(record):
+        add_percent_of_peak(record)
+        done.append(record)
+        what = record.get("error") or f"{record['fwd_bwd_ms']:.2f} ms"
+        print(f"  {len(done)}/{len(cases)} {record['loss']} {record['backend']} {record['dtype']} "
+              f"B={record['batch_size']}: {what}", file=sys.stderr, flush=True)
         if args.json:  # rewritten after every case, so a run cut short keeps what it measured
             with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
-    print(f"device: {records[0]['device_name']}; torch {torch.__version__}; median of {repeats}")
+                json.dump(done, f, indent=1)
+
+    records = run_cases(cases, measure_case, device=args.device, budget=budget, repeats=repeats,
+                        warmup=warmup, on_record=on_record)
+    load = os.getloadavg()
+    print(f"device: {records[0]['device_name']}; torch {torch.__version__}; p50 of {repeats} repeats "
+          f"(p20-p80 shown) after {warmup} warm-up steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"budget per case: {budget.case_timeout_s:g} s, {budget.memory_mb:.0f} MB")
+    for how in sorted({r["peak_how"] for r in records if "peak_how" in r}):
+        print(f"percent_of_peak against: {how}")
+    for text in notes:
+        print(f"note: {text}")
     print(format_table(records))
+    if args.csv:
+        from . import bench_report
+
+        rows = bench_report.upsert_csv(args.csv, bench_report.records_to_rows(records, repeats=repeats))
+        print(f"upserted {rows} rows into {args.csv}")
+    if args.plot:
+        from . import bench_report
+
+        for path in bench_report.plot_rows(bench_report.records_to_rows(records, repeats=repeats), args.plot):
+            print(f"wrote {path}")
     return 0
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pnr_kernels import bench
+from pnr_kernels import bench, bench_report
 from pnr_kernels.registry import LOSSES
 
 
@@ -32,12 +32,17 @@ def test_cli_writes_records(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "pnr_kernels.bench", "--device", "cpu", "--quick", "--losses", "nt_xent", "byol_pnr",
-         "--backends", "reference", "--repeats", "1", "--json", str(out)],
+         "--backends", "reference", "--repeats", "1", "--json", str(out), "--csv", str(tmp_path / "cpu.csv")],
         capture_output=True, text=True, check=True)
     records = json.loads(out.read_text())
+    rows = bench_report.read_csv(str(tmp_path / "cpu.csv"))
+    assert {(r["loss"], r["metric"]) for r in rows} >= {("nt_xent", "time"), ("nt_xent", "percent_of_peak"),
+                                                        ("byol_pnr", "memory")}
+    assert "percent_of_peak against: torch.mm float32" in run.stdout
     assert {r["loss"] for r in records} == {"nt_xent", "byol_pnr"}
     for r in records:
-        for key in ("loss", "backend", "device", "dtype", "batch_size", "dim", "fwd_bwd_ms", "peak_memory_mb"):
+        for key in ("loss", "backend", "device", "dtype", "batch_size", "dim", "fwd_bwd_ms", "peak_memory_mb",
+                    "forward_ms", "backward_ms", "full_ms", "status", "loadavg"):
             assert key in r
         assert r["fwd_bwd_ms"] > 0 and r["peak_memory_mb"] >= 0
     assert "| nt_xent" in run.stdout and "GFLOP/s" in run.stdout
@@ -57,3 +62,251 @@ def test_pml_peer_computes_the_same_nt_xent():
     ours = LOSSES["nt_xent"].function(z1, z2, **kwargs, backend="reference")
     theirs = NTXentLoss(temperature=kwargs["temperature"])(torch.cat([z1, z2]), torch.arange(5).repeat(2))
     torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=1e-6)
+
+
+# --- sweep, peers, percentiles, CSV, plots -------------------------------------------------------
+
+
+
+def _record(backend="native", batch=256, ms=10.0, memory=4.0, loss="nt_xent", **extra):
+    case = bench.Case(loss, backend, "float32", batch, 128)
+    record = bench.base_record(case, "cpu")
+    record.update(status="ok", repeats=5, peak_memory_mb=memory, fwd_bwd_ms=ms,
+                  forward_ms={"p20": 0.3 * ms, "p50": 0.4 * ms, "p80": 0.5 * ms},
+                  backward_ms={"p20": 0.5 * ms, "p50": 0.6 * ms, "p80": 0.7 * ms},
+                  full_ms={"p20": 0.9 * ms, "p50": ms, "p80": 1.1 * ms}, **extra)
+    unit, amount = bench.work_model(case)
+    record.update(throughput_unit=unit, throughput=amount / (ms * 1e-3) / 1e9)
+    return record
+
+
+def test_percentiles_interpolate_like_numpy():
+    import numpy as np
+
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    got = bench.percentiles(values)
+    assert set(got) == {"p20", "p50", "p80"}
+    for q in (20, 50, 80):
+        assert got[f"p{q}"] == pytest.approx(np.percentile(values, q))
+    assert bench.percentiles([7.0]) == {"p20": 7.0, "p50": 7.0, "p80": 7.0}
+    with pytest.raises(ValueError):
+        bench.percentiles([])
+
+
+def test_sweep_batches_double_from_256():
+    assert bench.sweep_batches("cpu", quick=True) == [256, 512, 1024]
+    assert bench.sweep_batches("cpu", quick=False)[-1] == 16384
+    assert bench.sweep_batches("cuda", quick=False)[-1] == 65536
+    grid = bench._sweep_sizes("cpu", quick=True)
+    assert {loss for loss, *_ in grid} == set(LOSSES)
+    assert sorted(b for loss, b, *_ in grid if loss == "nt_xent") == [256, 512, 1024]
+
+
+def test_sweep_cases_carry_the_peers():
+    notes = []
+    cases = bench.make_cases("cpu", True, ["nt_xent"], sweep=True, notes=notes)
+    names = {c.backend for c in cases}
+    assert {"reference", "torch_compile"} <= names
+    assert {c.batch_size for c in cases if c.backend == "torch_compile"} == {256, 512, 1024}
+    if bench._peer_available("pml"):
+        assert {c.batch_size for c in cases if c.backend == "pml"} == {256, 512, 1024}
+    assert any(n.startswith("infcl skipped for nt_xent") for n in notes)  # CPU: stated, not silent
+    # the grid without --sweep keeps pml to its small sizes
+    assert all(c.batch_size <= bench.PEER_MAX_BATCH for c in bench.make_cases("cpu", False) if c.backend == "pml")
+    assert {c.dtype for c in bench.make_cases("cpu", True, ["nt_xent"], sweep=True, dtypes=["bfloat16"])} == \
+        {"bfloat16"}
+    assert {c.backend for c in bench.make_cases("cpu", True, ["byol_pnr"], sweep=True)} >= {"torch_compile"}
+    assert "pml" not in {c.backend for c in bench.make_cases("cpu", True, ["byol_pnr"], sweep=True)}
+
+
+def _fake_measure(table):
+    """measure_case answering from {(backend, batch): (ms, MB) or an error status}."""
+    def measure_case(case):
+        answer = table[(case.backend, case.batch_size)]
+        if isinstance(answer, str):
+            return bench.failed_record(case, "cpu", answer, answer)
+        record = _record(case.backend, case.batch_size, *answer)
+        return record
+    return measure_case
+
+
+def test_sweep_stops_a_backend_after_it_fails():
+    cases = [bench.Case("nt_xent", name, "float32", b, 128) for b in (256, 512, 1024, 2048) for name in ("a", "b")]
+    table = {("a", 256): (1.0, 1.0), ("a", 512): bench.OOM,
+             **{("b", b): (1.0, 1.0) for b in (256, 512, 1024, 2048)}}
+    seen = []
+    records = bench.run_cases(cases, _fake_measure(table), device="cpu", budget=bench.Budget(), repeats=3,
+                              warmup=1, on_record=seen.append)
+    assert seen == records and len(records) == len(cases)  # every case has a record, in order
+    a = [r for r in records if r["backend"] == "a"]
+    assert [r["status"] for r in a] == ["ok", bench.OOM, bench.SKIPPED, bench.SKIPPED]
+    assert "a stopped after batch 512: out of memory" in a[2]["error"]
+    assert all(r["fwd_bwd_ms"] is None for r in a[1:])
+    assert all(r["status"] == "ok" for r in records if r["backend"] == "b")
+
+
+def test_sweep_stops_a_backend_projected_past_its_budget():
+    cases = [bench.Case("nt_xent", "a", "float32", b, 128) for b in (256, 512, 1024, 2048)]
+    # memory x4 per doubling: 100, 400 MB, then 1600 projected > 1000 MB
+    table = {("a", 256): (1.0, 100.0), ("a", 512): (1.0, 400.0)}
+    records = bench.run_cases(cases, _fake_measure(table), device="cpu", budget=bench.Budget(memory_mb=1000),
+                              repeats=3, warmup=1)
+    assert [r["status"] for r in records] == ["ok", "ok", bench.SKIPPED, bench.SKIPPED]
+    assert "projected peak memory 1600 MB at batch 1024" in records[2]["error"]
+    # time: 10 s per step x4 per doubling, (3 + 1 + 2) steps per case, a 100 s budget
+    table = {("a", 256): (2500.0, 1.0), ("a", 512): (10000.0, 1.0)}
+    records = bench.run_cases(cases, _fake_measure(table), device="cpu", budget=bench.Budget(case_timeout_s=100),
+                              repeats=3, warmup=1)
+    assert [r["status"] for r in records] == ["ok", "ok", bench.SKIPPED, bench.SKIPPED]
+    assert "per-case time budget" in records[2]["error"]
+
+
+def test_a_case_past_its_time_is_a_timeout_record():
+    case = bench.Case("nt_xent", "reference", "float32", 256, 128)
+    record = bench._measure_in_subprocess(case, repeats=1, warmup=1, timeout_s=0.05)
+    assert record["status"] == bench.TIMEOUT and record["fwd_bwd_ms"] is None and "0.05 s" in record["error"]
+
+
+def test_a_case_past_its_memory_budget_is_an_out_of_memory_record():
+    # the reference builds (2B)^2 logits: 256 MB at B = 4096, far past a 32 MB budget
+    case = bench.Case("nt_xent", "reference", "float32", 4096, 16)
+    record = bench._measure_in_subprocess(case, repeats=1, warmup=1, memory_budget_mb=32)
+    assert record["status"] == bench.OOM, record
+    assert record["peak_memory_mb"] is None and record["loss"] == "nt_xent" and record["batch_size"] == 4096
+
+
+def test_a_torch_compile_failure_is_a_record(monkeypatch):
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("inductor exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    record = bench.measure(bench.Case("nt_xent", "torch_compile", "float32", 8, 4), "cpu", repeats=1, warmup=1)
+    assert record["status"] == bench.FAILED
+    assert record["error"] == "compile or run failed: RuntimeError: inductor exploded"
+    assert record["fwd_bwd_ms"] is None and "| nt_xent" in bench.format_table([record])
+
+
+def test_a_measured_record_has_phase_percentiles():
+    record = bench.measure(bench.Case("nt_xent", "reference", "float32", 8, 4), "cpu", repeats=3, warmup=1)
+    assert record["status"] == "ok" and record["repeats"] == 3
+    for phase in ("forward", "backward", "full"):
+        assert set(record[f"{phase}_ms"]) == {"p20", "p50", "p80"}
+        assert 0 < record[f"{phase}_ms"]["p20"] <= record[f"{phase}_ms"]["p80"]
+    assert record["fwd_bwd_ms"] == record["full_ms"]["p50"]
+    assert len(record["loadavg"]) == 3
+
+
+def test_percent_of_peak_divides_by_the_measured_peak():
+    asked = []
+
+    def peak(device, dtype, unit, dim):
+        asked.append((device, dtype, unit, dim))
+        return {"value": 2.0 * 42, "unit": unit, "how": "stub"}
+
+    record = _record()
+    record["throughput"] = 42.0
+    bench.add_percent_of_peak(record, peak=peak)
+    assert record["percent_of_peak"] == pytest.approx(50.0)
+    assert record["peak_throughput"] == 84.0 and record["peak_how"] == "stub"
+    assert asked == [("cpu", "float32", "GFLOP/s", 128)]
+    failed = bench.failed_record(bench.Case("nt_xent", "native", "float32", 256, 128), "cpu", bench.OOM, "out of memory")
+    assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak)
+
+
+def test_machine_peak_is_measured_once_per_key(monkeypatch):
+    bench.machine_peak.cache_clear()
+    first = bench.machine_peak("cpu", "float32", "GFLOP/s", 16)
+    assert first["value"] > 0 and "N=4096, D=16" in first["how"]
+    assert bench.machine_peak("cpu", "float32", "GFLOP/s", 16) is first
+    bench.machine_peak.cache_clear()
+
+
+META = {"torch": "t", "triton": "", "pnr_kernels": "", "commit": "abc", "timestamp": "2026-01-01T00:00:00Z"}
+
+
+def test_csv_upsert_replaces_rows_by_key(tmp_path):
+    path = str(tmp_path / "data" / "cpu.csv")
+    rows = bench_report.records_to_rows([_record("native", 256, 10.0), _record("reference", 256, 30.0)], meta=META)
+    # time forward/backward/full, memory, throughput (no percent_of_peak: no peak in these records)
+    assert {(r["mode"], r["metric"]) for r in rows if r["backend"] == "native"} == {
+        ("forward", "time"), ("backward", "time"), ("full", "time"), ("full", "memory"), ("full", "throughput")}
+    full = next(r for r in rows if r["backend"] == "native" and r["metric"] == "time" and r["mode"] == "full")
+    assert (full["p20"], full["p50"], full["p80"], full["unit"], full["x_name"], full["x_value"]) == \
+        ("9", "10", "11", "ms", "batch_size", "256")
+    bench_report.upsert_csv(path, rows)
+    assert len(bench_report.read_csv(path)) == 10
+    again = bench_report.records_to_rows([_record("native", 256, 20.0), _record("native", 512, 40.0)], meta=META)
+    bench_report.upsert_csv(path, again)
+    stored = bench_report.read_csv(path)
+    assert len(stored) == 15  # native 256 replaced, native 512 added, reference 256 kept
+    full = [r for r in stored if r["backend"] == "native" and r["x_value"] == "256" and r["metric"] == "time"
+            and r["mode"] == "full"]
+    assert [r["p50"] for r in full] == ["20"]
+    assert len({bench_report._key(r) for r in stored}) == len(stored)
+
+
+def test_a_failed_record_keeps_its_rows_with_the_reason():
+    failed = bench.failed_record(bench.Case("nt_xent", "reference", "float32", 1024, 128), "cpu",
+                                 bench.TIMEOUT, "timeout: the case took more than 5 s")
+    assert failed["fwd_bwd_ms"] is None and failed["status"] == bench.TIMEOUT
+    rows = bench_report.records_to_rows([failed], meta=META)
+    assert rows and all(r["status"] == "timeout: the case took more than 5 s" for r in rows)
+    assert all(r["p50"] == "" for r in rows)
+    assert {(r["mode"], r["metric"]) for r in rows} >= {("full", "time"), ("full", "memory")}
+
+
+def _synthetic_rows():
+    records = []
+    for b, (ref, tc, nat) in zip((256, 512, 1024), ((10, 5, 4), (40, 20, 12), (160, 80, 40))):
+        peak = dict(peak_throughput=200.0, peak_how="stub peak", percent_of_peak=None)
+        for name, ms, mb in (("reference", ref, 0.02 * b), ("torch_compile", tc, 0.01 * b), ("native", nat, 0.001 * b)):
+            record = _record(name, b, float(ms), mb, **peak)
+            record["percent_of_peak"] = 100 * record["throughput"] / 200.0
+            records.append(record)
+    records.append(_record("pml", 256, 900.0, 2000.0))
+    records.append(bench.failed_record(bench.Case("nt_xent", "pml", "float32", 512, 128), "cpu", bench.SKIPPED,
+                                       "skipped: projected peak memory 16000 MB at batch 512 exceeds the budget"))
+    return bench_report.records_to_rows(records, meta=META)
+
+
+def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
+    csv_path = tmp_path / "cpu.csv"
+    bench_report.upsert_csv(str(csv_path), _synthetic_rows())
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text(f"# Title\n\nprose\n\n{bench_report.DOCS_BEGIN}\nold\n{bench_report.DOCS_END}\n\nafter\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n")
+    figures = tmp_path / "docs" / "figures"
+    assert bench.main(["report", "--csv", str(csv_path), "--docs", str(docs), "--readme", str(readme),
+                       "--plot", str(figures)]) == 0
+    pngs = sorted(p.name for p in figures.iterdir())
+    assert pngs == ["cpu_nt_xent_float32_d128.png", "cpu_speedup_float32.png"]
+    assert all((figures / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    text = docs.read_text()
+    assert text.startswith("# Title\n\nprose\n") and text.endswith("\nafter\n") and "\nold\n" not in text
+    assert "native vs torch_compile" in text and "](figures/cpu_nt_xent_float32_d128.png)" in text
+    assert "| 1024 | 160 ms, 20.5 MB | 80.0 ms, 10.2 MB | - | 40.0 ms, 1.02 MB | 2.00x | 4.00x | 54 % |" in text
+    assert "over memory budget" in text and "machine matmul peak for float32, D=128: 200 GFLOP/s (stub peak)" in text
+    again = docs.read_text()
+    bench.main(["report", "--csv", str(csv_path), "--docs", str(docs)])  # idempotent markers
+    assert docs.read_text().count(bench_report.DOCS_BEGIN) == 1 and again.count(bench_report.DOCS_END) == 1
+    assert "](docs/figures/cpu_nt_xent_float32_d128.png)" in readme.read_text()
+
+
+def test_numbers_in_tables_have_no_exponent():
+    assert [bench_report._fmt(v) for v in (0.01234, 1.234, 12.34, 123.4, 13614.5, 0)] == \
+        ["0.0123", "1.23", "12.3", "123", "13,614", "0"]
+
+
+def test_report_upserts_a_json_of_records_first(tmp_path):
+    records = [_record("native", 256, 10.0), bench.failed_record(
+        bench.Case("nt_xent", "reference", "float32", 512, 128), "cpu", bench.OOM, "out of memory")]
+    (tmp_path / "run.json").write_text(json.dumps(records))
+    csv_path = tmp_path / "cpu.csv"
+    assert bench.main(["report", "--json", str(tmp_path / "run.json"), "--csv", str(csv_path)]) == 0
+    rows = bench_report.read_csv(str(csv_path))
+    assert {(r["backend"], r["x_value"], r["status"]) for r in rows} == {("native", "256", "ok"),
+                                                                          ("reference", "512", "out of memory")}
