@@ -14,6 +14,8 @@ import time
 
 import torch
 
+CLOCK = time.perf_counter
+
 from pnr_kernels import losses, reference
 from pnr_kernels.bench import make_inputs
 
@@ -26,13 +28,27 @@ PUBLIC = {
 }
 
 
-def step_fn(fn, args, kwargs):
+def step_fn(fn, args, kwargs, env=None):
+    """One forward + backward; ``env`` (variables of the native kernels, read on every call) is
+    set around the step, so that variants of the kernels interleave in one process."""
     trainable = [a for a in args if a.requires_grad]
 
     def step():
-        loss = fn(*args, **kwargs)
-        torch.autograd.grad(loss, trainable)
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            loss = fn(*args, **kwargs)
+            torch.autograd.grad(loss, trainable)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
     return step
+
+
+NO_STASH = {"PNR_KERNELS_CPU_LOGITS_BUDGET_MB": "0"}
 
 
 def compare(title, candidates, repeats, warmup=2):
@@ -42,9 +58,9 @@ def compare(title, candidates, repeats, warmup=2):
     times = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, step in candidates.items():
-            start = time.perf_counter()
+            start = CLOCK()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK() - start)
     load = open("/proc/loadavg").read().split()[:3]
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     text = ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
@@ -66,6 +82,7 @@ def large(repeats):
         for batch in (1024, 2048):
             args, kwargs = make_inputs(loss, batch, 128, torch.float32, requires_grad=True)
             m = compare(f"{loss} B={batch}", {"native": step_fn(native(loss), args, kwargs),
+                                              "native_recompute": step_fn(native(loss), args, kwargs, NO_STASH),
                                               "torch_compile": step_fn(compiled, args, kwargs)}, repeats)
             print(f"    torch_compile / native = {m['torch_compile'] / m['native']:.2f}")
 
@@ -75,6 +92,7 @@ def small(repeats):
         args, kwargs = make_inputs(loss, 256, 128, torch.float32, requires_grad=True, queue_size=4096)
         m = compare(f"{loss} B=256" + (" K=4096" if loss == "moco" else ""),
                     {"native": step_fn(native(loss), args, kwargs),
+                     "native_recompute": step_fn(native(loss), args, kwargs, NO_STASH),
                      "reference": step_fn(ref(loss), args, kwargs)}, repeats)
         print(f"    reference / native = {m['reference'] / m['native']:.2f}")
 
@@ -84,7 +102,11 @@ def dtypes(repeats):
         cands = {}
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             args, kwargs = make_inputs(loss, 2048, 128, dtype, requires_grad=True)
-            cands[str(dtype).split(".")[1]] = step_fn(native(loss), args, kwargs)
+            name = str(dtype).split(".")[1]
+            cands[name] = step_fn(native(loss), args, kwargs, NO_STASH)
+            if dtype != torch.float32:
+                half = {"PNR_KERNELS_CPU_PRODUCTS": "half", **NO_STASH}
+                cands[name + "_half_products"] = step_fn(native(loss), args, kwargs, half)
         compare(f"{loss} B=2048 native", cands, repeats)
 
 
@@ -92,8 +114,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["large", "small", "dtypes"], nargs="+")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU time, which a loaded machine disturbs far less than "
+                             "the wall time (use with --threads 1, where no thread spins at a barrier)")
     opts = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    CLOCK = time.process_time if opts.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {opts.clock} clock, "
           f"PNR_KERNELS_CPU_PRODUCTS={os.environ.get('PNR_KERNELS_CPU_PRODUCTS', '(unset)')}")
     for what in opts.what:
         globals()[what](opts.repeats)

@@ -27,8 +27,11 @@
 //   input dtype for the key gradient (rescaled by max|g| afterwards, so that fp16 keeps the
 //   precision of small upstream gradients). PNR_KERNELS_CPU_PRODUCTS=half forces the half
 //   products where the MKL entry points exist, =float forces float32; unset (auto) picks half
-//   products only on CPUs with AMX-BF16 (bf16) / AMX-FP16 (fp16): on AVX512-BF16 without AMX the
-//   bf16 products measured 0.6x the float32 ones (see docs in the report of issue 11).
+//   products only on CPUs with AMX-BF16 (bf16) / AMX-FP16 (fp16). Without AMX they do not pay:
+//   on an Emerald Rapids VM that hides AMX (AVX512-BF16 and AVX512-FP16 only), single-thread
+//   (1024 x 128) x (128 x 1024) products ran at 83 GFLOP/s in bf16 (MKL and oneDNN alike) and
+//   156 in fp16 against 164 in float32, and SimCLR-PNR at B = 2048 took 1.7x (bf16) and 1.06x
+//   (fp16) the time of the float32 products.
 #include "infonce.h"
 
 #include <ATen/Parallel.h>
@@ -50,6 +53,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <optional>
 #include <string>
 
 #include "common.h"
@@ -356,6 +361,119 @@ Operands operands(const std::vector<at::Tensor>& rows, const std::vector<at::Ten
   return o;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The logits stash: forward keeps its logits (R x M x total keys, in the accumulation dtype) for
+// backward when they fit PNR_KERNELS_CPU_LOGITS_BUDGET_MB (default 16 MiB, all stashes together;
+// 0 turns it off) and some input requires a gradient; backward then skips recomputing them (SimCLR-
+// PNR: 20 instead of 28 N^2 D FLOPs). Beyond the budget the kernels recompute, so the extra memory
+// stays O((rows + keys) x D) at large sizes. The budget is small on purpose: measured on a 2-core
+// Emerald Rapids VM, a stash that stays in cache (B = 256: 1-8 MiB) saves 2-20% of a step, one of
+// 64 MiB (SimCLR-PNR at B = 1024, NT-Xent at B = 2048, D = 128) costs 10-15% more than the
+// recomputation (page faults and DRAM traffic of writing and reading it back). A stash belongs to the lse tensor that forward
+// returned (autograd saves it for backward): it is found by lse's storage and the identity and
+// version of every input, taken by the first backward (a second one recomputes), and dropped as
+// soon as its lse has been freed without a backward.
+// ---------------------------------------------------------------------------------------------
+
+int64_t stash_offset(const Operands& ops, int64_t r, size_t k) {
+  int64_t total = 0, before = 0;
+  for (size_t b = 0; b < ops.keys.size(); ++b) {
+    if (b == k) before = total;
+    total += ops.keys[b].size(0);
+  }
+  const int64_t num_rows = ops.rows[0].size(0);
+  return (r * total + before) * num_rows;
+}
+
+struct StashKey {
+  std::vector<const void*> data;
+  std::vector<int64_t> versions;
+  std::vector<bool> exclude_diagonal;
+  std::vector<double> scales;
+  bool operator==(const StashKey&) const = default;
+};
+
+struct Stash {
+  c10::weak_intrusive_ptr<c10::StorageImpl> lse;
+  StashKey key;
+  at::Tensor logits;
+};
+
+std::mutex stash_mutex;
+std::vector<Stash>& stashes() {
+  static std::vector<Stash> all;
+  return all;
+}
+
+int64_t stash_budget_bytes() {
+  const char* env = std::getenv("PNR_KERNELS_CPU_LOGITS_BUDGET_MB");
+  const double mib = env == nullptr ? 16.0 : std::atof(env);
+  return static_cast<int64_t>(std::max(0.0, mib) * 1024 * 1024);
+}
+
+// The key of the inputs, or nullopt where they cannot be told apart later (inference tensors).
+std::optional<StashKey> stash_key(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
+                                  const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales) {
+  StashKey key{{}, {}, exclude_diagonal, scales};
+  for (const auto* list : {&rows, &keys}) {
+    for (const auto& t : *list) {
+      if (t.is_inference()) return std::nullopt;
+      key.data.push_back(t.const_data_ptr());
+      key.versions.push_back(t._version());
+    }
+  }
+  return key;
+}
+
+// Drops the stashes whose lse is gone; returns the bytes the others hold. Holds stash_mutex.
+int64_t prune_stashes() {
+  auto& all = stashes();
+  all.erase(std::remove_if(all.begin(), all.end(), [](const Stash& s) { return s.lse.expired(); }), all.end());
+  int64_t bytes = 0;
+  for (const auto& s : all) bytes += s.logits.nbytes();
+  return bytes;
+}
+
+// A logits buffer for forward, or an undefined tensor where it would not fit the budget.
+at::Tensor new_stash(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys, at::ScalarType dtype) {
+  bool any_grad = false;
+  for (const auto* list : {&rows, &keys}) {
+    for (const auto& t : *list) any_grad = any_grad || t.requires_grad();
+  }
+  if (!any_grad) return {};
+  int64_t total_keys = 0;
+  for (const auto& k : keys) total_keys += k.size(0);
+  const int64_t numel = static_cast<int64_t>(rows.size()) * rows[0].size(0) * total_keys;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t budget = stash_budget_bytes();
+  if (numel == 0 || bytes > budget) return {};
+  const std::lock_guard<std::mutex> lock(stash_mutex);
+  if (prune_stashes() + bytes > budget) return {};
+  return at::empty({numel}, at::TensorOptions().dtype(dtype));
+}
+
+void keep_stash(const at::Tensor& lse, StashKey key, at::Tensor logits) {
+  const std::lock_guard<std::mutex> lock(stash_mutex);
+  stashes().push_back(Stash{lse.storage().getWeakStorageImpl(), std::move(key), std::move(logits)});
+}
+
+// Takes the stash of `lse` and these inputs out of the registry, or returns an undefined tensor.
+at::Tensor take_stash(const at::Tensor& lse, const std::optional<StashKey>& key) {
+  const std::lock_guard<std::mutex> lock(stash_mutex);
+  prune_stashes();
+  if (!key.has_value()) return {};
+  auto& all = stashes();
+  for (auto it = all.begin(); it != all.end(); ++it) {
+    const auto owner = it->lse.lock();
+    if (owner.get() == lse.storage().unsafeGetStorageImpl() && it->key == *key) {
+      at::Tensor logits = std::move(it->logits);
+      all.erase(it);
+      return logits;
+    }
+  }
+  return {};
+}
+
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return static_cast<const T*>(t.const_data_ptr());
@@ -364,7 +482,7 @@ const T* ptr(const at::Tensor& t) {
 // in_t: the product operand type (acc_t itself, or at::BFloat16 / at::Half with acc_t = float).
 template <typename acc_t, typename in_t>
 void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
-                    at::Tensor& lse) {
+                    at::Tensor& lse, acc_t* stash) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
   acc_t* lse_data = lse.data_ptr<acc_t>();
@@ -372,10 +490,10 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
     std::vector<acc_t> logits, maxima, sums;
   };
   auto make_scratch = [&](int64_t tile) {
-    return Scratch{std::vector<acc_t>(tile * kKeyTile), std::vector<acc_t>(tile), std::vector<acc_t>(tile)};
+    return Scratch{std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
+                   std::vector<acc_t>(tile)};
   };
   for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
-    acc_t* logits = s.logits.data();
     acc_t* maxima = s.maxima.data();
     acc_t* sums = s.sums.data();
     std::fill(maxima, maxima + tm, neg_inf);
@@ -387,13 +505,16 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
       const in_t* key_data = ptr<in_t>(ops.keys[k]);
       for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
         const int64_t tn = std::min(kKeyTile, num_keys - j0);
-        gemm<acc_t, in_t>(false, true, tm, tn, dim, scale, a, dim, key_data + j0 * dim, dim, acc_t(0), logits, tn);
+        // Into the stash (kept for backward) when there is one, else into the thread's buffer.
+        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0;
+        const int64_t ld = stash == nullptr ? tn : num_keys;
+        gemm<acc_t, in_t>(false, true, tm, tn, dim, scale, a, dim, key_data + j0 * dim, dim, acc_t(0), logits, ld);
         if (exclude_diagonal[k]) {
           const int64_t first = std::max<int64_t>(0, j0 - i0), last = std::min(tm, j0 + tn - i0);
-          for (int64_t i = first; i < last; ++i) logits[i * tn + (i0 + i - j0)] = neg_inf;
+          for (int64_t i = first; i < last; ++i) logits[i * ld + (i0 + i - j0)] = neg_inf;
         }
         for (int64_t i = 0; i < tm; ++i) {
-          const acc_t* x = logits + i * tn;
+          const acc_t* x = logits + i * ld;
           const acc_t new_max = std::max(maxima[i], row_max(x, tn));
           // Shift by 0 where every logit so far is -inf, so that -inf - -inf never makes a NaN.
           const acc_t shift = new_max == neg_inf ? acc_t(0) : new_max;
@@ -411,7 +532,7 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
                      const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
                      const std::vector<bool>& rows_need_grad, const std::vector<bool>& keys_need_grad,
                      std::vector<at::Tensor>& rows_grad, std::vector<std::vector<at::Tensor>>& keys_grad_per_thread,
-                     acc_t grad_scale) {
+                     acc_t grad_scale, acc_t* stash) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
   const int64_t num_threads = at::get_num_threads();
@@ -424,7 +545,7 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
   };
   auto make_scratch = [&](int64_t tile) {
     Scratch s;
-    s.logits.resize(tile * kKeyTile);
+    if (stash == nullptr) s.logits.resize(tile * kKeyTile);
     if constexpr (!std::is_same_v<acc_t, in_t>) s.weights.resize(tile * kKeyTile);
     s.scaled_rows.resize(tile * dim);
     return s;
@@ -458,28 +579,37 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
       for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
         const int64_t tn = std::min(kKeyTile, num_keys - j0);
         const in_t* key_tile = key_data + j0 * dim;
-        acc_t* logits = s.logits.data();
-        gemm<acc_t, in_t>(false, true, tm, tn, dim, scale, a, dim, key_tile, dim, acc_t(0), logits, tn);
+        // The forward's logits from the stash, else recomputed into the thread's buffer.
+        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0;
+        const int64_t ld = stash == nullptr ? tn : num_keys;
+        if (stash == nullptr) {
+          gemm<acc_t, in_t>(false, true, tm, tn, dim, scale, a, dim, key_tile, dim, acc_t(0), logits, ld);
+        }
         in_t* weights;
+        int64_t ldw;
         if constexpr (std::is_same_v<acc_t, in_t>) {
-          weights = logits;
+          weights = logits;  // in place
+          ldw = ld;
         } else {
           weights = s.weights.data();
+          ldw = tn;
         }
         for (int64_t i = 0; i < tm; ++i) {
           // A row with no key at all has lse = -inf and gets no gradient: +inf makes its weights 0.
           const acc_t shift = row_lse[i] == -inf ? inf : row_lse[i];
-          exp_shift(logits + i * tn, tn, shift, weights + i * tn);
+          exp_shift(logits + i * ld, tn, shift, weights + i * ldw);
         }
         if (exclude_diagonal[k]) {
           const int64_t first = std::max<int64_t>(0, j0 - i0), last = std::min(tm, j0 + tn - i0);
-          for (int64_t i = first; i < last; ++i) weights[i * tn + (i0 + i - j0)] = in_t(0);
+          for (int64_t i = first; i < last; ++i) weights[i * ldw + (i0 + i - j0)] = in_t(0);
         }
-        if (rows_need_grad[r]) gemm<acc_t, in_t>(false, false, tm, dim, tn, acc_t(1), weights, tn, key_tile, dim, acc_t(1), row_grad, dim);
+        if (rows_need_grad[r]) {
+          gemm<acc_t, in_t>(false, false, tm, dim, tn, acc_t(1), weights, ldw, key_tile, dim, acc_t(1), row_grad, dim);
+        }
         if (keys_need_grad[k]) {
           at::Tensor& accumulator = keys_grad_per_thread[k][thread];
           if (!accumulator.defined()) accumulator = at::zeros(ops.keys[k].sizes(), acc_options);
-          gemm<acc_t, in_t>(true, false, tn, dim, tm, acc_t(1), weights, tn, s.scaled_rows.data(), dim, acc_t(1),
+          gemm<acc_t, in_t>(true, false, tn, dim, tm, acc_t(1), weights, ldw, s.scaled_rows.data(), dim, acc_t(1),
                accumulator.data_ptr<acc_t>() + j0 * dim, dim);
         }
       }
@@ -512,9 +642,14 @@ at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::v
   const Operands ops = operands(rows, keys, half_products);
   at::Tensor lse = at::empty({static_cast<int64_t>(rows.size()), rows[0].size(0)},
                              rows[0].options().dtype(compute_dtype(input)));
+  const std::optional<StashKey> key = stash_key(rows, keys, exclude_diagonal, scales);
+  at::Tensor stash = key.has_value() ? new_stash(rows, keys, lse.scalar_type()) : at::Tensor();
   dispatch_types(input, half_products, [&](auto acc, auto in) {
-    forward_kernel<decltype(acc), decltype(in)>(ops, exclude_diagonal, scales, lse);
+    using acc_t = decltype(acc);
+    forward_kernel<acc_t, decltype(in)>(ops, exclude_diagonal, scales, lse,
+                                        stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
   });
+  if (stash.defined()) keep_stash(lse, *key, std::move(stash));
   return lse;
 }
 
@@ -528,6 +663,7 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType input = rows[0].scalar_type();
   const bool half_products = use_half_products(input);
+  at::Tensor stash = take_stash(lse, stash_key(rows, keys, exclude_diagonal, scales));
   const Operands ops = operands(rows, keys, half_products);
   const auto options = rows[0].options().dtype(compute_dtype(input));
   const at::Tensor grad_c = grad_lse.to(options.dtype()).contiguous(), lse_c = lse.to(options.dtype()).contiguous();
@@ -553,7 +689,8 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
     using acc_t = decltype(acc);
     backward_kernel<acc_t, decltype(in)>(grad_c, lse_c, ops, exclude_diagonal, scales, rows_need_grad,
                                          keys_need_grad, rows_grad, keys_grad_per_thread,
-                                         static_cast<acc_t>(grad_scale));
+                                         static_cast<acc_t>(grad_scale),
+                                         stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
   });
   std::vector<at::Tensor> grads;
   for (size_t r = 0; r < rows.size(); ++r) {
