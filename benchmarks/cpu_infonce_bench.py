@@ -3,6 +3,10 @@
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py large   # native vs torch.compile, B = 1024, 2048
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py small   # native vs reference, B = 256
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py dtypes  # native fp32 vs bf16 vs fp16, B = 2048
+    PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py crossover  # native vs reference, B = 8 .. 256
+
+On a loaded machine add ``--threads 1 --clock cpu``: the process's CPU time of one thread is far
+less disturbed by other processes than the wall time.
 
 Every case is one forward + backward (D = 128, fp32 unless stated). The candidates of a case run
 interleaved (A, B, A, B, ...) after a warm-up, and the median of the repeats is printed together
@@ -15,6 +19,7 @@ import time
 import torch
 
 CLOCK = time.perf_counter
+ONLY_NATIVE = False
 
 from pnr_kernels import losses, reference
 from pnr_kernels.bench import make_inputs
@@ -81,20 +86,36 @@ def large(repeats):
         compiled = torch.compile(reference.LOSSES[loss])
         for batch in (1024, 2048):
             args, kwargs = make_inputs(loss, batch, 128, torch.float32, requires_grad=True)
-            m = compare(f"{loss} B={batch}", {"native": step_fn(native(loss), args, kwargs),
-                                              "native_recompute": step_fn(native(loss), args, kwargs, NO_STASH),
-                                              "torch_compile": step_fn(compiled, args, kwargs)}, repeats)
-            print(f"    torch_compile / native = {m['torch_compile'] / m['native']:.2f}")
+            cands = {"native": step_fn(native(loss), args, kwargs),
+                     "native_recompute": step_fn(native(loss), args, kwargs, NO_STASH)}
+            if not ONLY_NATIVE:
+                cands["torch_compile"] = step_fn(compiled, args, kwargs)
+            m = compare(f"{loss} B={batch}", cands, repeats)
+            if not ONLY_NATIVE:
+                print(f"    torch_compile / native = {m['torch_compile'] / m['native']:.2f}")
 
 
 def small(repeats):
     for loss in ("nt_xent", "cassle_simclr", "moco", "simclr_pnr"):
         args, kwargs = make_inputs(loss, 256, 128, torch.float32, requires_grad=True, queue_size=4096)
-        m = compare(f"{loss} B=256" + (" K=4096" if loss == "moco" else ""),
-                    {"native": step_fn(native(loss), args, kwargs),
-                     "native_recompute": step_fn(native(loss), args, kwargs, NO_STASH),
-                     "reference": step_fn(ref(loss), args, kwargs)}, repeats)
-        print(f"    reference / native = {m['reference'] / m['native']:.2f}")
+        cands = {"native": step_fn(native(loss), args, kwargs),
+                 "native_recompute": step_fn(native(loss), args, kwargs, NO_STASH)}
+        if not ONLY_NATIVE:
+            cands["reference"] = step_fn(ref(loss), args, kwargs)
+        m = compare(f"{loss} B=256" + (" K=4096" if loss == "moco" else ""), cands, repeats)
+        if not ONLY_NATIVE:
+            print(f"    reference / native = {m['reference'] / m['native']:.2f}")
+
+
+def crossover(repeats):
+    """native vs reference at small batches, where fixed costs dominate (for backend="auto")."""
+    for loss in ("nt_xent", "cassle_simclr", "moco", "simclr_pnr", "moco_pnr"):
+        for batch in (8, 32, 64, 128, 256):
+            args, kwargs = make_inputs(loss, batch, 128, torch.float32, requires_grad=True, queue_size=4096)
+            m = compare(f"{loss} B={batch}" + (" K=4096" if loss.startswith("moco") else ""),
+                        {"native": step_fn(native(loss), args, kwargs),
+                         "reference": step_fn(ref(loss), args, kwargs)}, repeats)
+            print(f"    reference / native = {m['reference'] / m['native']:.2f}")
 
 
 def dtypes(repeats):
@@ -112,13 +133,16 @@ def dtypes(repeats):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["large", "small", "dtypes"], nargs="+")
+    parser.add_argument("what", choices=["large", "small", "dtypes", "crossover"], nargs="+")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU time, which a loaded machine disturbs far less than "
                              "the wall time (use with --threads 1, where no thread spins at a barrier)")
+    parser.add_argument("--only-native", action="store_true",
+                        help="time the native backend alone (to compare builds in separate processes)")
     opts = parser.parse_args()
+    ONLY_NATIVE = opts.only_native
     if opts.threads:
         torch.set_num_threads(opts.threads)
     CLOCK = time.process_time if opts.clock == "cpu" else time.perf_counter

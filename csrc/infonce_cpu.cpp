@@ -354,11 +354,34 @@ struct Operands {
 Operands operands(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys, bool half_products) {
   Operands o;
   auto prepare = [&](const at::Tensor& t) {
-    return (half_products ? t : t.to(compute_dtype(t.scalar_type()))).contiguous();
+    return half_products ? t : t.to(compute_dtype(t.scalar_type()));
   };
-  for (const auto& t : rows) o.rows.push_back(prepare(t));
-  for (const auto& t : keys) o.keys.push_back(prepare(t));
+  for (const auto& t : rows) o.rows.push_back(prepare(t).contiguous());
+  // Keys stored row-major or column-major (a queue slice of a (D, K) buffer) are read in place.
+  for (const auto& t : keys) {
+    at::Tensor key = prepare(t);
+    const bool readable = (key.stride(1) == 1 && key.stride(0) >= std::max<int64_t>(1, key.size(1))) ||
+                          (key.stride(0) == 1 && key.stride(1) >= std::max<int64_t>(1, key.size(0)));
+    o.keys.push_back(readable ? key : key.contiguous());
+  }
   return o;
+}
+
+// A tile of keys j0 .. j0 + tn as a BLAS operand: its data and leading dimension, and whether the
+// (tn x D) tile is stored transposed (column-major).
+template <typename in_t>
+struct KeyTile {
+  const in_t* data;
+  int64_t ld;
+  bool column_major;
+};
+
+template <typename in_t>
+KeyTile<in_t> key_tile(const at::Tensor& keys, int64_t j0) {
+  const bool column_major = !(keys.stride(1) == 1 && keys.stride(0) >= std::max<int64_t>(1, keys.size(1)));
+  const int64_t ld = column_major ? keys.stride(1) : keys.stride(0);
+  return {static_cast<const in_t*>(keys.const_data_ptr()) + j0 * keys.stride(0), std::max<int64_t>(ld, 1),
+          column_major};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,10 +392,12 @@ Operands operands(const std::vector<at::Tensor>& rows, const std::vector<at::Ten
 // stays O((rows + keys) x D) at large sizes. The budget is small on purpose: measured on a 2-core
 // Emerald Rapids VM, a stash that stays in cache (B = 256: 1-8 MiB) saves 2-20% of a step, one of
 // 64 MiB (SimCLR-PNR at B = 1024, NT-Xent at B = 2048, D = 128) costs 10-15% more than the
-// recomputation (page faults and DRAM traffic of writing and reading it back). A stash belongs to the lse tensor that forward
-// returned (autograd saves it for backward): it is found by lse's storage and the identity and
-// version of every input, taken by the first backward (a second one recomputes), and dropped as
-// soon as its lse has been freed without a backward.
+// recomputation (page faults and DRAM traffic of writing and reading it back). Each (row tile x key
+// tile) block of the stash is contiguous, so that the products write it with a short leading
+// dimension (rows 16 KiB apart thrash the cache sets). A stash belongs to the lse tensor that
+// forward returned (autograd saves it for backward): it is found by lse's storage, the row tile
+// and the identity and version of every input, taken by the first backward (a second one
+// recomputes), and dropped as soon as its lse has been freed without a backward.
 // ---------------------------------------------------------------------------------------------
 
 int64_t stash_offset(const Operands& ops, int64_t r, size_t k) {
@@ -386,6 +411,7 @@ int64_t stash_offset(const Operands& ops, int64_t r, size_t k) {
 }
 
 struct StashKey {
+  int64_t row_tile;  // the layout: each (row tile, key tile) block is contiguous (tm x tn)
   std::vector<const void*> data;
   std::vector<int64_t> versions;
   std::vector<bool> exclude_diagonal;
@@ -414,7 +440,7 @@ int64_t stash_budget_bytes() {
 // The key of the inputs, or nullopt where they cannot be told apart later (inference tensors).
 std::optional<StashKey> stash_key(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
                                   const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales) {
-  StashKey key{{}, {}, exclude_diagonal, scales};
+  StashKey key{row_tile(rows.size(), rows[0].size(0)), {}, {}, exclude_diagonal, scales};
   for (const auto* list : {&rows, &keys}) {
     for (const auto& t : *list) {
       if (t.is_inference()) return std::nullopt;
@@ -502,13 +528,13 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
     const acc_t scale = static_cast<acc_t>(scales[r]);
     for (size_t k = 0; k < ops.keys.size(); ++k) {
       const int64_t num_keys = ops.keys[k].size(0);
-      const in_t* key_data = ptr<in_t>(ops.keys[k]);
       for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
         const int64_t tn = std::min(kKeyTile, num_keys - j0);
+        const KeyTile<in_t> kt = key_tile<in_t>(ops.keys[k], j0);
         // Into the stash (kept for backward) when there is one, else into the thread's buffer.
-        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0;
-        const int64_t ld = stash == nullptr ? tn : num_keys;
-        gemm<acc_t, in_t>(false, true, tm, tn, dim, scale, a, dim, key_data + j0 * dim, dim, acc_t(0), logits, ld);
+        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0 * tm;
+        const int64_t ld = tn;
+        gemm<acc_t, in_t>(false, !kt.column_major, tm, tn, dim, scale, a, dim, kt.data, kt.ld, acc_t(0), logits, ld);
         if (exclude_diagonal[k]) {
           const int64_t first = std::max<int64_t>(0, j0 - i0), last = std::min(tm, j0 + tn - i0);
           for (int64_t i = first; i < last; ++i) logits[i * ld + (i0 + i - j0)] = neg_inf;
@@ -575,15 +601,14 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
     for (size_t k = 0; k < ops.keys.size(); ++k) {
       if (!rows_need_grad[r] && !keys_need_grad[k]) continue;
       const int64_t num_keys = ops.keys[k].size(0);
-      const in_t* key_data = ptr<in_t>(ops.keys[k]);
       for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
         const int64_t tn = std::min(kKeyTile, num_keys - j0);
-        const in_t* key_tile = key_data + j0 * dim;
+        const KeyTile<in_t> kt = key_tile<in_t>(ops.keys[k], j0);
         // The forward's logits from the stash, else recomputed into the thread's buffer.
-        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0;
-        const int64_t ld = stash == nullptr ? tn : num_keys;
+        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0 * tm;
+        const int64_t ld = tn;
         if (stash == nullptr) {
-          gemm<acc_t, in_t>(false, true, tm, tn, dim, scale, a, dim, key_tile, dim, acc_t(0), logits, ld);
+          gemm<acc_t, in_t>(false, !kt.column_major, tm, tn, dim, scale, a, dim, kt.data, kt.ld, acc_t(0), logits, ld);
         }
         in_t* weights;
         int64_t ldw;
@@ -604,7 +629,8 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
           for (int64_t i = first; i < last; ++i) weights[i * ldw + (i0 + i - j0)] = in_t(0);
         }
         if (rows_need_grad[r]) {
-          gemm<acc_t, in_t>(false, false, tm, dim, tn, acc_t(1), weights, ldw, key_tile, dim, acc_t(1), row_grad, dim);
+          gemm<acc_t, in_t>(false, kt.column_major, tm, dim, tn, acc_t(1), weights, ldw, kt.data, kt.ld, acc_t(1), row_grad,
+                            dim);
         }
         if (keys_need_grad[k]) {
           at::Tensor& accumulator = keys_grad_per_thread[k][thread];
