@@ -153,8 +153,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alp
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__)
+  // PNR_KERNELS_CPU_NO_AVX512 (read once) takes the generic loops, to test them on any machine.
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          std::getenv("PNR_KERNELS_CPU_NO_AVX512") == nullptr;
   return has;
 #else
   return false;

@@ -173,22 +173,33 @@ def test_row_without_keys_has_minus_inf_lse_and_zero_gradient():
     assert torch.equal(torch.autograd.grad(lse.sum(), [z])[0], torch.zeros(1, 8))
 
 
-def test_aten_blas_fallback_matches_reference():
-    """PNR_KERNELS_CPU_ATEN_BLAS=1 (read once per process) takes the products through ATen, the path
-    of torch builds without the Fortran BLAS symbols."""
+@pytest.mark.parametrize("variable", ["PNR_KERNELS_CPU_ATEN_BLAS", "PNR_KERNELS_CPU_NO_AVX512"])
+def test_fallbacks_match_reference(variable):
+    """The paths of other machines, forced by variables read once per process:
+    PNR_KERNELS_CPU_ATEN_BLAS=1 takes the products through ATen (torch builds without the Fortran
+    BLAS symbols), PNR_KERNELS_CPU_NO_AVX512=1 the generic element-wise loops (CPUs without
+    AVX-512), here with float64, float32 and the bf16 / fp16 products."""
     script = textwrap.dedent("""
-        import torch
+        import os, torch
         from pnr_kernels import losses, reference
         from pnr_kernels.bench import make_inputs
-        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-            args, kwargs = make_inputs("simclr_pnr", 133, 37, dtype, requires_grad=True)
-            got = losses.simclr_pnr_loss(*args, **kwargs, backend="native")
-            want = reference.simclr_pnr_loss(*[a.detach().double().requires_grad_(a.requires_grad)
-                                               for a in args], **kwargs)
-            assert abs(got.item() - want.item()) <= tol * abs(want.item()), (dtype, got, want)
+        os.environ["PNR_KERNELS_CPU_PRODUCTS"] = "half"
+        cases = ((torch.float64, 1e-12, 1e-10), (torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2),
+                 (torch.float16, 2e-2, 5e-2))
+        for dtype, loss_tol, grad_tol in cases:
+            args, kwargs = make_inputs("moco_pnr", 133, 37, dtype, requires_grad=True, queue_size=517)
+            got = losses.moco_pnr_loss(*args, **kwargs, backend="native")
+            exact = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
+            want = reference.moco_pnr_loss(*exact, **kwargs)
+            assert abs(got.item() - want.item()) <= loss_tol * abs(want.item()), (dtype, got, want)
+            grads = torch.autograd.grad(got, [a for a in args if a.requires_grad])
+            want_grads = torch.autograd.grad(want, [a for a in exact if a.requires_grad])
+            for g, w in zip(grads, want_grads):
+                error = ((g.double() - w).norm() / w.norm()).item()
+                assert error <= grad_tol, (dtype, error)
         print("ok")
     """)
-    environment = dict(os.environ, PNR_KERNELS_CPU_ATEN_BLAS="1")
+    environment = dict(os.environ, **{variable: "1"})
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
 
@@ -198,3 +209,26 @@ def test_bad_product_choice_is_refused(env):
     z = torch.randn(10, 4, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="PNR_KERNELS_CPU_PRODUCTS must be auto, half or float"):
         native.infonce_op()([z], [z], [True], [1.0])
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "expanded", "one-column"])
+def test_key_layouts(layout):
+    """Keys are read in place when row- or column-major (a queue slice of a (D, K) buffer), copied
+    otherwise (stride 0); a single column is row- and column-major at once."""
+    dim = 1 if layout == "one-column" else 12
+    rows = torch.randn(50, dim, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(dim, 530, dtype=torch.float64)
+    if layout != "expanded":
+        keys = {"row-major": base.t().contiguous(), "column-major": base.t(),
+                "one-column": base.t()}[layout].detach().requires_grad_()
+    if layout == "expanded":
+        keys = base[:, :1].t().detach().requires_grad_()
+        keys_in = keys.expand(530, dim)
+    else:
+        keys_in = keys
+    got = native.infonce_op()([rows], [keys_in], [False], [0.7])
+    want = reference.infonce_lse([rows], [keys_in], [False], [0.7])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    weights = torch.rand_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * weights).sum(), [rows, keys]),
+                               torch.autograd.grad((want * weights).sum(), [rows, keys]), rtol=1e-10, atol=1e-12)
