@@ -163,6 +163,17 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx2() {
+#if defined(__x86_64__)
+  // PNR_KERNELS_CPU_NO_AVX2 (read once) takes the scalar loops, to test them on any machine.
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") && std::getenv("PNR_KERNELS_CPU_NO_AVX2") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512_bf16() {
 #if defined(__x86_64__)
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
@@ -202,7 +213,7 @@ bool use_half_products(at::ScalarType dtype) {
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise row passes: max, sum of exp(x - shift), exp(x - shift) stored in the product type.
-// Generic loops, and AVX-512 versions for float32.
+// Generic loops, and AVX-512 and AVX2 versions for float32.
 // ---------------------------------------------------------------------------------------------
 
 #if defined(__x86_64__)
@@ -287,11 +298,98 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) void ex
 }
 #endif
 
+#if defined(__x86_64__)
+#define PNR_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// exp(x) as exp512 for 8 lanes, with 2^n built in the exponent field: x is clamped to [-87, 88]
+// (n in [-126, 127]); below -87 the result is 0 (exp(-87) = 1.6e-38, the float32 normal minimum),
+// above 88 +inf, and NaN stays NaN. The kernels only take exp of values <= 0 (plus rounding).
+PNR_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.0f), high = _mm256_set1_ps(88.0f);
+  const __m256 clamped = _mm256_min_ps(_mm256_max_ps(x, low), high);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  result = _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x, low, _CMP_LT_OQ));
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                            _mm256_cmp_ps(x, high, _CMP_GT_OQ));
+  return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out
+}
+
+PNR_AVX2 inline float reduce_max256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+PNR_AVX2 inline float reduce_add256(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+PNR_AVX2 float row_max_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  float result = reduce_max256(m);
+  for (; j < n; ++j) result = std::max(result, x[j]);
+  return result;
+}
+
+PNR_AVX2 float sum_exp_avx2(const float* x, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_add_ps(a0, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+    a1 = _mm256_add_ps(a1, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), s)));
+  }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_add_ps(a0, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+  float result = reduce_add256(_mm256_add_ps(a0, a1));
+  for (; j < n; ++j) result += std::exp(x[j] - shift);
+  return result;
+}
+
+template <typename out_t>
+PNR_AVX2 void exp_shift_avx2(const float* x, int64_t n, float shift, out_t* y) {
+  const __m256 s = _mm256_set1_ps(shift);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    if constexpr (std::is_same_v<out_t, float>) {
+      _mm256_storeu_ps(y + j, e);
+    } else if constexpr (std::is_same_v<out_t, at::Half>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
+                       _mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, e);
+      for (int l = 0; l < 8; ++l) y[j + l] = static_cast<out_t>(tmp[l]);
+    }
+  }
+  for (; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));
+}
+#endif
+
 template <typename acc_t>
 acc_t row_max(const acc_t* x, int64_t n) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (cpu_has_avx512()) return row_max_avx512(x, n);
+    if (cpu_has_avx2()) return row_max_avx2(x, n);
   }
 #endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -304,6 +402,7 @@ acc_t sum_exp(const acc_t* x, int64_t n, acc_t shift) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (cpu_has_avx512()) return sum_exp_avx512(x, n, shift);
+    if (cpu_has_avx2()) return sum_exp_avx2(x, n, shift);
   }
 #endif
   acc_t s = 0;
@@ -317,6 +416,7 @@ void exp_shift(const acc_t* x, int64_t n, acc_t shift, out_t* y) {
   if constexpr (std::is_same_v<acc_t, float>) {
     const bool vector = std::is_same_v<out_t, at::BFloat16> ? cpu_has_avx512_bf16() : cpu_has_avx512();
     if (vector) return exp_shift_avx512(x, n, shift, y);
+    if (cpu_has_avx2()) return exp_shift_avx2<out_t>(x, n, shift, y);
   }
 #endif
   for (int64_t j = 0; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));

@@ -173,12 +173,15 @@ def test_row_without_keys_has_minus_inf_lse_and_zero_gradient():
     assert torch.equal(torch.autograd.grad(lse.sum(), [z])[0], torch.zeros(1, 8))
 
 
-@pytest.mark.parametrize("variable", ["PNR_KERNELS_CPU_ATEN_BLAS", "PNR_KERNELS_CPU_NO_AVX512"])
-def test_fallbacks_match_reference(variable):
+@pytest.mark.parametrize("variables", [["PNR_KERNELS_CPU_ATEN_BLAS"], ["PNR_KERNELS_CPU_NO_AVX512"],
+                                       ["PNR_KERNELS_CPU_NO_AVX512", "PNR_KERNELS_CPU_NO_AVX2"]],
+                         ids=["aten-blas", "avx2", "scalar"])
+def test_fallbacks_match_reference(variables):
     """The paths of other machines, forced by variables read once per process:
     PNR_KERNELS_CPU_ATEN_BLAS=1 takes the products through ATen (torch builds without the Fortran
-    BLAS symbols), PNR_KERNELS_CPU_NO_AVX512=1 the generic element-wise loops (CPUs without
-    AVX-512), here with float64, float32 and the bf16 / fp16 products."""
+    BLAS symbols), PNR_KERNELS_CPU_NO_AVX512=1 the AVX2 element-wise loops, with
+    PNR_KERNELS_CPU_NO_AVX2=1 as well the scalar ones; here with float64, float32 and the bf16 /
+    fp16 products, at tau = 0.05 so that many weights underflow."""
     script = textwrap.dedent("""
         import os, torch
         from pnr_kernels import losses, reference
@@ -187,7 +190,8 @@ def test_fallbacks_match_reference(variable):
         cases = ((torch.float64, 1e-12, 1e-10), (torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2),
                  (torch.float16, 2e-2, 5e-2))
         for dtype, loss_tol, grad_tol in cases:
-            args, kwargs = make_inputs("moco_pnr", 133, 37, dtype, requires_grad=True, queue_size=517)
+            args, kwargs = make_inputs("moco_pnr", 133, 37, dtype, requires_grad=True, queue_size=517,
+                                       temperature=0.05)
             got = losses.moco_pnr_loss(*args, **kwargs, backend="native")
             exact = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
             want = reference.moco_pnr_loss(*exact, **kwargs)
@@ -199,7 +203,7 @@ def test_fallbacks_match_reference(variable):
                 assert error <= grad_tol, (dtype, error)
         print("ok")
     """)
-    environment = dict(os.environ, **{variable: "1"})
+    environment = dict(os.environ, **{variable: "1" for variable in variables})
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
 
