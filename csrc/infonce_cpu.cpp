@@ -4,15 +4,18 @@
 // ranges of units to the threads, and each thread allocates its tile buffers once. A unit walks
 // every key tile of every key block with the online log-sum-exp: each (row tile x key tile) block
 // of logits is one BLAS product into the thread's buffer, so nothing of size rows x keys is ever
-// allocated. Backward recomputes each logits tile once and turns it into the softmax weights
-// P = exp(logit - lse) (masked entries 0, every entry in [0, 1]), then
+// allocated. Backward recomputes each logits tile once (or takes it from the forward's stash, see
+// "The logits stash" below) and turns it into the softmax weights P = exp(logit - lse) (masked
+// entries 0, every entry in [0, 1]), then
 //   d rows tile += P @ keys tile                 (the unit owns its rows: no race; multiplied by
 //                                                 scale * g row by row at the end)
 //   d keys tile += P^T @ (scale * g * rows tile) (into the calling thread's own accumulator:
 //                                                 thread 0's is the result, the others are
 //                                                 allocated when first used and added at the end)
 // The element-wise passes (tile max, sum of exponentials, the weights) are fused loops over the
-// tile, AVX-512 where the CPU has it.
+// tile, AVX-512 or AVX2 where the CPU has it (chosen at run time: the build flags have no -march).
+// The products call the BLAS of the torch library directly (sgemm_/dgemm_), without ATen's
+// per-call overhead, which matters at small sizes.
 //
 // Precision and product dtype:
 // * float64 is computed in float64, float32 in float32.
@@ -31,7 +34,9 @@
 //   on an Emerald Rapids VM that hides AMX (AVX512-BF16 and AVX512-FP16 only), single-thread
 //   (1024 x 128) x (128 x 1024) products ran at 83 GFLOP/s in bf16 (MKL and oneDNN alike) and
 //   156 in fp16 against 164 in float32, and SimCLR-PNR at B = 2048 took 1.7x (bf16) and 1.06x
-//   (fp16) the time of the float32 products.
+//   (fp16) the time of the float32 products. That the half products pay on AMX hosts rests on
+//   the bf16 products measured there (290-860 GFLOP/s against 110-200 in float32, torch.mm), not
+//   on a measurement of these kernels.
 #include "infonce.h"
 
 #include <ATen/Parallel.h>
@@ -56,6 +61,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -113,7 +119,9 @@ void gemm_full(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_
   const FortranGemm fn = std::is_same_v<acc_t, float> ? blas().sgemm : blas().dgemm;
   if (fn != nullptr) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    // BLAS refuses leading dimensions under 1 (D = 0 gives lda = 0).
+    const int mi = m, ni = n, ki = k, la = std::max<int64_t>(lda, 1), lb = std::max<int64_t>(ldb, 1),
+              lc = std::max<int64_t>(ldc, 1);
     fn(trans_b ? "T" : "N", trans_a ? "T" : "N", &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
     return;
   }
@@ -133,8 +141,8 @@ void gemm_half(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
                const half_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   const HalfGemm fn = std::is_same_v<half_t, at::BFloat16> ? blas().bf16 : blas().fp16;
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  fn(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
-     ldc);
+  fn(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, alpha, a,
+     std::max<int64_t>(lda, 1), b, std::max<int64_t>(ldb, 1), beta, c, std::max<int64_t>(ldc, 1));
 }
 
 template <typename acc_t, typename in_t>
