@@ -117,6 +117,19 @@ def test_logits_stash_is_used_within_its_budget(env):
     torch.testing.assert_close(too_small, recomputed, rtol=0, atol=0)
 
 
+def test_stash_budget_counts_live_stashes_only(env):
+    """The budget (3 MiB) holds one stash of 2.7 MiB: while a forward's lse is alive its stash
+    keeps the next forward from stashing; once that lse is freed, its stash goes too."""
+    op = native.infonce_op()
+    recomputed = _gradient_after_hidden_change(op, 0, env)
+    z = torch.randn(600, 32, requires_grad=True)
+    env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=3)
+    alive = op([z], [z, torch.randn(600, 32)], [True, False], [5.0])
+    torch.testing.assert_close(_gradient_after_hidden_change(op, 3, env), recomputed, rtol=0, atol=0)
+    del alive
+    assert not torch.allclose(_gradient_after_hidden_change(op, 3, env), recomputed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr", "cassle_simclr"])
 def test_stashed_and_recomputed_gradients_agree(env, loss, dtype):
