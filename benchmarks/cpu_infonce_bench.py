@@ -5,8 +5,13 @@
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py dtypes  # native fp32 vs bf16 vs fp16, B = 2048
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py crossover  # native vs reference, B = 8 .. 256
 
-On a loaded machine add ``--threads 1 --clock cpu``: the process's CPU time of one thread is far
-less disturbed by other processes than the wall time.
+On a loaded machine, run with ``OMP_WAIT_POLICY=passive`` in the environment, or add
+``--threads 1 --clock cpu`` (the process's CPU time of one thread is far less disturbed by other
+processes than the wall time). With libgomp's default wait policy an idle OpenMP thread spins
+(about 300k PAUSE instructions, some 20 ms on recent Intel cores) before it sleeps; on a
+machine whose cores are all busy the spinning threads take the CPU from the working ones: NT-Xent
+at B = 1024 took 372 ms of wall time per step (2 threads, load average 6) against 47 ms with
+OMP_WAIT_POLICY=passive, for the old and the new kernels alike.
 
 Every case is one forward + backward (D = 128, fp32 unless stated). The candidates of a case run
 interleaved (A, B, A, B, ...) after a warm-up, and the median of the repeats is printed together
