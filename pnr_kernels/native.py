@@ -306,7 +306,7 @@ def make_plan() -> Tuple[Optional[BuildPlan], Optional[str]]:
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{csrc}", f"-isystem{include}", f"-isystem{include / 'torch' / 'csrc' / 'api' / 'include'}",
     ]
-    link_flags = ["-shared", "-fopenmp", f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+    link_flags = ["-shared", "-fopenmp", f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-ldl",
                   f"-Wl,-rpath,{torch_dir / 'lib'}"]
     cpu_cxx_flags, cpu_link_flags = tuple(cxx_flags), tuple(link_flags)
     nvcc_flags: List[str] = []
