@@ -19,7 +19,7 @@ Build contract (what every csrc/ file can rely on; other op families add files, 
   only the CUDA toolkit and csrc/ headers (torch's CUDA headers are absent from CPU wheels) and
   expose plain launchers: raw pointers, sizes, strides, a ``void*`` stream, and an error string
   (``nullptr`` on success) as the return value.
-* All objects are linked into ONE shared library (``-lc10 -ltorch_cpu``, plus ``-lcudart`` when
+* All objects are linked into ONE shared library (``-lc10 -ltorch_cpu -ldl``, plus ``-lcudart`` when
   the CUDA part is built) and loaded with ``torch.ops.load_library``.
 * Each op family lives in its own files and registers its ops with
   ``TORCH_LIBRARY_FRAGMENT(pnr_kernels, m)`` and ``TORCH_LIBRARY_IMPL(pnr_kernels, CPU|CUDA, m)``;
