@@ -85,7 +85,7 @@ def test_verification_of_the_reference_against_itself_records_zero_differences(t
 
 def test_verification_stops_on_a_backend_that_is_off(tmp_path, monkeypatch, capsys):
     """A stand-in backend whose SimCLR-PNR loss is 1e-3 too large must stop the run with the
-    SPEC.md tolerance in the message."""
+    docs/losses.md tolerance in the message."""
     fake = types.ModuleType("fake_off_backend")
     fake.unavailable_reason = lambda device, dtype: None
     off = dict(reference.LOSSES, simclr_pnr=lambda *a, **k: reference.simclr_pnr_loss(*a, **k) * 1.001)
@@ -95,7 +95,7 @@ def test_verification_stops_on_a_backend_that_is_off(tmp_path, monkeypatch, caps
     code = _run_cli(TINY + ["--output-dir", str(tmp_path), "--verify-backend", "native"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "simclr_pnr_loss with backend 'native' differs from the reference at task 1" in err
+    assert "simclr_pnr_loss with backend 'native' differs from the reference at task 2" in err
     assert "tolerance 1e-05" in err
 
 
