@@ -15,11 +15,11 @@ from pnr_kernels.cssl.config import METHODS, STRATEGIES, Config  # noqa: E402
 from pnr_kernels.cssl.trainer import train  # noqa: E402
 
 TINY = ["--tasks", "2", "--epochs", "1", "--batch-size", "8", "--limit-train", "16", "--max-steps-per-epoch", "2",
-        "--limit-test", "60", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16", "--no-progress"]
+        "--limit-test", "60", "--limit-probe", "120", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16", "--no-progress"]
 
 
 def tiny_config(tmp_path, **overrides) -> Config:
-    values = dict(tasks=2, epochs=1, batch_size=8, limit_train=16, max_steps_per_epoch=2, limit_test=60,
+    values = dict(tasks=2, epochs=1, batch_size=8, limit_train=16, max_steps_per_epoch=2, limit_test=60, limit_probe=120,
                   proj_hidden=32, proj_dim=16, queue_size=16, progress=False, output_dir=str(tmp_path))
     values.update(overrides)
     return Config(**values)

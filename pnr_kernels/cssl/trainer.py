@@ -248,7 +248,7 @@ class Trainer:
                      f"{pos['epochs_done']} of {cfg.epochs} epoch(s) done")
             self.log(f"resuming from {self.checkpoint_path}: task {pos['task'] + 1}/{cfg.tasks}, {state}")
         elif cfg.resume:
-            self.log(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
+            self.log(f"no checkpoint in {cfg.output_dir} yet: starting a new run")
         deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if cfg.threads:
@@ -384,6 +384,10 @@ class Trainer:
             train_x, train_y = train_x[self.probe_indices], train_y[self.probe_indices]
         train_f = extract_features(backbone, train_x, self.augment.normalize, self.device)
         test_f = extract_features(backbone, data.test_x, self.augment.normalize, self.device)
+        if not (torch.isfinite(train_f).all() and torch.isfinite(test_f).all()):
+            raise FloatingPointError(
+                f"the backbone's features are not finite after task {task + 1} (eval mode, BatchNorm running "
+                f"statistics); try a lower --lr (now {self.cfg.lr}) or more steps per epoch")
         linear = task_accuracies(linear_probe_logits(train_f, train_y, test_f, data.num_classes),
                                  data.test_y, classes)
         knn = task_accuracies(knn_scores(train_f, train_y, test_f, data.num_classes), data.test_y, classes)
