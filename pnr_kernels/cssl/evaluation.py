@@ -173,7 +173,7 @@ def save_plot(metrics: dict, path: str) -> bool:
     if curves:
         span = max(curves) - min(curves)
         pad = max(0.5, 0.08 * span)
-        ax_curve.set_ylim(max(0.0, min(curves) - pad), min(100.0, max(curves) + pad))
+        ax_curve.set_ylim(max(0.0, min(curves) - pad), max(curves) + pad)
     ax_curve.grid(alpha=0.3)
     cfg = metrics["config"]
     recipe = f", {cfg['recipe']} recipe" if cfg.get("recipe", "default") != "default" else ""
