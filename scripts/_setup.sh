@@ -24,7 +24,7 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT"
     :  # set up by an earlier call
 else
     setup_start=$(date +%s)
-    echo "setting up $VENV (first call only; about a minute)"
+    echo "setting up $VENV (first call only; one to three minutes)"
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON_BIN" -m venv "$VENV"
     fi

@@ -2,14 +2,12 @@
 off a terminal, the announced native build, stale temporaries, --checkpoint-every, --limit-probe,
 task numbering and the plot."""
 import os
-import pickle
 import stat
 import subprocess
 import sys
 import types
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 
@@ -224,4 +222,3 @@ def test_plot_of_many_tasks(tmp_path):
 def test_help_states_one_time_and_cites_docs():
     text = cli.build_parser().format_help()
     assert "SPEC" not in text and "docs/losses.md" in text and cli.DEFAULT_RUN_TIME in text
-    assert torch.__version__  # keep torch imported for the fixtures

@@ -7,8 +7,8 @@ import traceback
 from typing import List, Optional
 
 from ..backends import BackendUnavailableError
-from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, RECIPES, SPLITS,
-                     STRATEGIES, Config)
+from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, PAPER_COMMON,
+                     PAPER_RECIPE, RECIPES, SPLITS, STRATEGIES, Config)
 from .methods import VerificationError
 from .trainer import StopRequested, train
 
@@ -35,7 +35,12 @@ ahead). docs/trainer.md describes all of this; docs/losses.md the losses.
 
 def _defaults_help() -> str:
     rows = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DATASET_DEFAULTS.items()]
-    return "per-dataset defaults of the options shown as 'dataset default':\n  " + "\n  ".join(rows)
+    paper = [f"{method}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for method, d in PAPER_RECIPE.items()]
+    common = ", ".join(f"{k}={v}" for k, v in PAPER_COMMON.items())
+    return ("per-dataset defaults of the options shown as 'dataset default' (--recipe default):\n  "
+            + "\n  ".join(rows)
+            + f"\n--recipe paper (the authors' CIFAR-100 scripts; docs/trainer.md): {common}, and per method\n  "
+            + "\n  ".join(paper))
 
 
 def build_parser() -> argparse.ArgumentParser:

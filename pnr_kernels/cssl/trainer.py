@@ -116,12 +116,12 @@ def prepare_native(log: Callable[[str], None]) -> None:
         return
     if plan.library.exists():
         return
-    parts = "C++ and CUDA" if plan.nvcc else "C++"
+    parts = "C++ and CUDA (nvcc found)" if plan.nvcc else "C++"
     cores = os.cpu_count() or 1
-    duration = "several minutes (nvcc)" if plan.nvcc else "about 1.5 minutes on 2 CPU cores, less with more"
-    log(f"building the native extension once: the {parts} kernels of the losses, compiled for this torch and "
-        f"compiler ({duration}; this machine has {cores} core(s)). It is cached in {plan.directory} and every "
-        f"later run reuses it; `pnr-kernels build` does this ahead of time.")
+    duration = ("several minutes with the CUDA part" if plan.nvcc else "about 1.5 minutes on 2 cores, less with more")
+    log(f"building the native extension once, before training: the {parts} kernels of the losses, compiled for "
+        f"this torch and compiler; {duration}, this machine has {cores}. It is cached in {plan.directory} for "
+        f"every later run; `pnr-kernels build` does this ahead of time.")
     started = time.perf_counter()
     try:
         result = native.build(plan)
@@ -132,6 +132,28 @@ def prepare_native(log: Callable[[str], None]) -> None:
         return
     log(f"native extension {'built' if result.built else 'found in the cache'} in "
         f"{time.perf_counter() - started:.0f} s")
+
+
+def check_output_dir(path: str) -> None:
+    """Fail early (before data loading and any build) when ``path`` cannot become the run's
+    folder: it is a file, lies under a file, or the nearest existing folder is not writable.
+    Creates nothing."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise OutputDirError(f"--output-dir {path} is a file, not a folder; choose another --output-dir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputDirError(f"--output-dir {path} is not writable (permission denied); "
+                                 f"choose a folder you can write to")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputDirError(f"--output-dir {path} cannot be created: {parent} is a file, not a folder; "
+                             f"choose another --output-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--output-dir {path} cannot be created: permission denied in {parent}; "
+                             f"choose a folder you can write to")
 
 
 def prepare_output_dir(path: str) -> None:
@@ -183,7 +205,7 @@ class Trainer:
         self.cfg = cfg = resolve(cfg)
         self.log = log
         self.bars = bars_enabled(cfg.progress)
-        prepare_output_dir(cfg.output_dir)
+        check_output_dir(cfg.output_dir)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
         if cfg.device == "cuda":
