@@ -118,7 +118,8 @@ def prepare_native(log: Callable[[str], None]) -> None:
         return
     parts = "C++ and CUDA (nvcc found)" if plan.nvcc else "C++"
     cores = os.cpu_count() or 1
-    duration = ("several minutes with the CUDA part" if plan.nvcc else "about 1.5 minutes on 2 cores, less with more")
+    duration = ("about 2.5 minutes on 2 cores with the CUDA part" if plan.nvcc
+                else "about 1.5 minutes on 2 cores")
     log(f"building the native extension once, before training: the {parts} kernels of the losses, compiled for "
         f"this torch and compiler; {duration}, this machine has {cores}. It is cached in {plan.directory} for "
         f"every later run; `pnr-kernels build` does this ahead of time.")
@@ -266,9 +267,13 @@ class Trainer:
                     f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --output-dir")
             self._restore(load_checkpoint(self.checkpoint_path))
             pos = self.position
-            state = ("evaluated" if pos["evaluated"] else
-                     f"{pos['epochs_done']} of {cfg.epochs} epoch(s) done")
-            self.log(f"resuming from {self.checkpoint_path}: task {pos['task'] + 1}/{cfg.tasks}, {state}")
+            if pos["evaluated"] and pos["task"] == cfg.tasks - 1:
+                self.log(f"{self.checkpoint_path} holds a finished run: its results again "
+                         f"(delete {cfg.output_dir} to train from scratch)")
+            else:
+                state = ("trained and evaluated" if pos["evaluated"] else
+                         f"{pos['epochs_done']} of {cfg.epochs} epoch(s) done")
+                self.log(f"resuming from {self.checkpoint_path}: task {pos['task'] + 1}/{cfg.tasks}, {state}")
         elif cfg.resume:
             self.log(f"no checkpoint in {cfg.output_dir} yet: starting a new run")
         deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
