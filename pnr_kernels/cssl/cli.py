@@ -14,7 +14,7 @@ from .trainer import StopRequested, train
 
 # Measured on a 2-core machine (docs/trainer.md, "Times"): the default digits run, the native
 # extension already built.
-DEFAULT_RUN_TIME = "about 80 s on 2 CPU cores"
+DEFAULT_RUN_TIME = "45 s on 2 CPU cores"
 
 EXAMPLES = """\
 examples:

@@ -5,7 +5,7 @@ recipe's value for the method, else the dataset's default, in :func:`resolve`, s
 configuration always holds concrete values and a resumed run can be checked against it field
 by field.
 
-Recipes: ``default`` is deliberately small (2 CPU cores finish the digits run in about 80 s);
+Recipes: ``default`` is deliberately small (2 CPU cores finish the digits run in 45 s);
 ``paper`` follows the authors' released CIFAR-100 scripts per method (docs/trainer.md, "The
 authors' recipe", lists every value and its source).
 """
@@ -30,7 +30,7 @@ RECIPES = ("default", "paper")
 RUNTIME_FIELDS = ("output_dir", "data_dir", "resume", "stop_after_epochs", "progress", "checkpoint_every",
                   "debug")
 
-# Per-dataset defaults of the default recipe (digits: about 80 s on 2 CPU cores; CIFAR:
+# Per-dataset defaults of the default recipe (digits: 45 s on 2 CPU cores; CIFAR:
 # the usual ResNet-18 setting of the CaSSLe/PNR papers, shortened to something a single GPU finishes).
 DATASET_DEFAULTS = {
     "digits": dict(tasks=5, epochs=40, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=1e-4,

@@ -118,8 +118,8 @@ def prepare_native(log: Callable[[str], None]) -> None:
         return
     parts = "C++ and CUDA (nvcc found)" if plan.nvcc else "C++"
     cores = os.cpu_count() or 1
-    duration = ("about 2.5 minutes on 2 cores with the CUDA part" if plan.nvcc
-                else "about 1.5 minutes on 2 cores")
+    duration = ("about 40 s on 2 idle cores with the CUDA part, minutes on a busy machine" if plan.nvcc
+                else "under a minute on 2 idle cores, longer on a busy machine")
     log(f"building the native extension once, before training: the {parts} kernels of the losses, compiled for "
         f"this torch and compiler; {duration}, this machine has {cores}. It is cached in {plan.directory} for "
         f"every later run; `pnr-kernels build` does this ahead of time.")
