@@ -15,11 +15,11 @@ from pnr_kernels.cssl.config import METHODS, STRATEGIES, Config  # noqa: E402
 from pnr_kernels.cssl.trainer import train  # noqa: E402
 
 TINY = ["--tasks", "2", "--epochs", "1", "--batch-size", "8", "--limit-train", "16", "--max-steps-per-epoch", "2",
-        "--limit-test", "60", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16", "--no-progress"]
+        "--limit-test", "60", "--limit-probe", "120", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16", "--no-progress"]
 
 
 def tiny_config(tmp_path, **overrides) -> Config:
-    values = dict(tasks=2, epochs=1, batch_size=8, limit_train=16, max_steps_per_epoch=2, limit_test=60,
+    values = dict(tasks=2, epochs=1, batch_size=8, limit_train=16, max_steps_per_epoch=2, limit_test=60, limit_probe=120,
                   proj_hidden=32, proj_dim=16, queue_size=16, progress=False, output_dir=str(tmp_path))
     values.update(overrides)
     return Config(**values)
@@ -85,7 +85,7 @@ def test_verification_of_the_reference_against_itself_records_zero_differences(t
 
 def test_verification_stops_on_a_backend_that_is_off(tmp_path, monkeypatch, capsys):
     """A stand-in backend whose SimCLR-PNR loss is 1e-3 too large must stop the run with the
-    SPEC.md tolerance in the message."""
+    docs/losses.md tolerance in the message."""
     fake = types.ModuleType("fake_off_backend")
     fake.unavailable_reason = lambda device, dtype: None
     off = dict(reference.LOSSES, simclr_pnr=lambda *a, **k: reference.simclr_pnr_loss(*a, **k) * 1.001)
@@ -95,7 +95,7 @@ def test_verification_stops_on_a_backend_that_is_off(tmp_path, monkeypatch, caps
     code = _run_cli(TINY + ["--output-dir", str(tmp_path), "--verify-backend", "native"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "simclr_pnr_loss with backend 'native' differs from the reference at task 1" in err
+    assert "simclr_pnr_loss with backend 'native' differs from the reference at task 2" in err
     assert "tolerance 1e-05" in err
 
 

@@ -3,21 +3,36 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 
 
-def _atomic_write(path: str, write) -> None:
+TEMP_PREFIX = ".tmp-"
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask (0644 under the usual 022), the mode ``open`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str, write) -> None:
     """Write through ``write(file)`` into a temporary file in the same folder, fsync it, then
     ``os.replace`` it over ``path`` (and fsync the folder): a reader sees the old or the new
-    file, never a partial one, even if the process is killed mid-write."""
+    file, never a partial one, even if the process is killed mid-write. The file gets the mode a
+    plain ``open`` would give it (0644 under the usual umask), not mkstemp's 0600. A kill during
+    the write can leave a ``.tmp-<name>*`` file behind: :func:`remove_stale_temporaries` clears
+    them when the next run starts."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path), dir=folder)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -34,18 +49,55 @@ def _atomic_write(path: str, write) -> None:
         os.close(dir_fd)
 
 
+_atomic_write = atomic_write
+
+
+def remove_stale_temporaries(folder: str, names: Sequence[str]) -> List[str]:
+    """Delete the ``.tmp-<name>*`` files that a killed :func:`atomic_write` of one of ``names``
+    left in ``folder``; returns their paths. Only one run may use an output folder at a time."""
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        if any(entry.startswith(TEMP_PREFIX + name) for name in names):
+            path = os.path.join(folder, entry)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+class CorruptCheckpointError(ValueError):
+    """checkpoint.pt could not be read back."""
+
+
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
-    _atomic_write(path, lambda handle: torch.save(payload, handle))
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     # Everything saved is tensors and plain Python containers, so the safe loader suffices.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError, KeyError,
+            TypeError, IndexError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise CorruptCheckpointError(
+            f"{path} is not a readable pnr-cssl checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
+            f"delete it to start over, or choose another --output-dir") from exc
+    if not isinstance(checkpoint, dict):
+        raise CorruptCheckpointError(f"{path} is not a pnr-cssl checkpoint; delete it to start over, "
+                                     f"or choose another --output-dir")
+    return checkpoint
 
 
 def write_json(path: str, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:

@@ -3,30 +3,44 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import List, Optional
 
 from ..backends import BackendUnavailableError
-from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, SPLITS,
-                     STRATEGIES, Config)
+from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, PAPER_COMMON,
+                     PAPER_RECIPE, RECIPES, SPLITS, STRATEGIES, Config)
 from .methods import VerificationError
 from .trainer import StopRequested, train
 
+# Measured on a 2-core machine (docs/trainer.md, "Times"): the default digits run, the native
+# extension already built.
+DEFAULT_RUN_TIME = "45 s on 2 CPU cores"
+
 EXAMPLES = """\
 examples:
-  pnr-cssl --dataset digits --method simclr --strategy pnr          # ~1-2 min on 2 CPU cores
+  pnr-cssl                                                          # the default digits run, {time}
   pnr-cssl --dataset digits --method byol --strategy cassle --seed 1 --output-dir runs/byol_cassle
   pnr-cssl --dataset cifar100 --data-dir ~/data --method simclr --strategy pnr --device cuda
+  pnr-cssl --dataset cifar100 --data-dir ~/data --method byol --recipe paper --device cuda  # the authors' settings
   pnr-cssl ... --output-dir DIR --resume                            # continue a killed run
   pnr-cssl ... --backend triton --verify-backend triton --device cuda  # check every loss against the reference
 
-outputs in --output-dir: checkpoint.pt (after every epoch), metrics.json (accuracy matrix, average
-accuracy, forgetting, kNN, per-epoch losses, verification, the configuration), accuracy.png.
-"""
+outputs in --output-dir (mode 0644): checkpoint.pt (every --checkpoint-every epochs and after each
+task), metrics.json (accuracy matrix, average accuracy, forgetting, kNN, per-epoch losses,
+verification, the configuration; lists 0-based), accuracy.png. Tasks are numbered from 1 in the log
+and the plot. The first run builds the native extension once (announced; `pnr-kernels build` does it
+ahead). docs/trainer.md describes all of this; docs/losses.md the losses.
+""".replace("{time}", DEFAULT_RUN_TIME)
 
 
 def _defaults_help() -> str:
     rows = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DATASET_DEFAULTS.items()]
-    return "per-dataset defaults of the options shown as 'dataset default':\n  " + "\n  ".join(rows)
+    paper = [f"{method}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for method, d in PAPER_RECIPE.items()]
+    common = ", ".join(f"{k}={v}" for k, v in PAPER_COMMON.items())
+    return ("per-dataset defaults of the options shown as 'dataset default' (--recipe default):\n  "
+            + "\n  ".join(rows)
+            + f"\n--recipe paper (the authors' CIFAR-100 scripts; docs/trainer.md): {common}, and per method\n  "
+            + "\n  ".join(paper))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=METHODS, default="simclr", help="SSL method (default: %(default)s)")
     run.add_argument("--strategy", choices=STRATEGIES, default="pnr",
                      help="continual strategy from the second task on (default: %(default)s)")
+    run.add_argument("--recipe", choices=RECIPES, default="default",
+                     help="default: small CPU-friendly settings; paper: the authors' CIFAR-100 settings per "
+                          "method (heads, LARS, warm-up + cosine, learning rates, 500 epochs, momentum "
+                          "schedule, augmentation; docs/trainer.md). Options given explicitly override the "
+                          "recipe (default: %(default)s)"),
     run.add_argument("--split", choices=SPLITS, default="class",
                      help="class-incremental (seeded class order) or data-incremental (default: %(default)s)")
     run.add_argument("--tasks", type=int, help=f"number of tasks {d}")
@@ -62,35 +81,57 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verify-backend", choices=BACKEND_CHOICES,
                      help="also compute every loss with this backend and with the reference on the same inputs; "
                           "record the largest relative loss/gradient differences per epoch and stop past the "
-                          "SPEC.md section 6 tolerance")
+                          "docs/losses.md (\"Precision\") tolerance")
 
     hp = parser.add_argument_group("hyper-parameters")
     hp.add_argument("--batch-size", type=int, help=f"images per step (each seen in two views) {d}")
-    hp.add_argument("--optimizer", choices=OPTIMIZERS, help=f"{d}")
+    hp.add_argument("--optimizer", choices=OPTIMIZERS,
+                    help=f"lars: SGD with momentum 0.9 and the clipped LARS trust ratio (eta 0.02) {d}")
     hp.add_argument("--lr", type=float, help=f"peak learning rate, cosine decay over each task {d}")
+    hp.add_argument("--warmup-epochs", type=int,
+                    help="linear warm-up epochs before the cosine decay, per task (default: 0; paper recipe: 10)")
     hp.add_argument("--weight-decay", type=float, help=f"{d}")
-    hp.add_argument("--temperature", type=float, default=0.2, help="SimCLR/MoCo temperature (default: %(default)s)")
-    hp.add_argument("--distill-temperature", type=float, default=0.2,
-                    help="MoCo-PNR distillation temperature and CaSSLe's contrastive one (default: %(default)s)")
+    hp.add_argument("--temperature", type=float, default=0.2,
+                    help="SimCLR/MoCo temperature; SimCLR-PNR uses it for both of its terms (default: %(default)s)")
+    hp.add_argument("--distill-temperature", type=float,
+                    help="MoCo-PNR distillation temperature and CaSSLe's contrastive one; refused for "
+                         "SimCLR-PNR, which has one temperature (docs/losses.md section 1) (default: 0.2)")
     hp.add_argument("--cassle-weight", type=float, default=1.0,
                     help="weight of CaSSLe's SimCLR/MoCo regulariser (default: %(default)s)")
     hp.add_argument("--distill-weight", type=float,
-                    help="w_d of the BYOL/VICReg/Barlow regulariser (default: SPEC.md section 4: 1, 25, 1)")
+                    help="w_d of the BYOL/VICReg/Barlow regulariser (default: docs/losses.md section 4: 1, 25, 1)")
     hp.add_argument("--negative-weight", type=float,
-                    help="w_n of the BYOL/VICReg/Barlow PNR regulariser (default: SPEC.md section 4: 0.5, 23, 1)")
+                    help="w_n of the BYOL/VICReg/Barlow PNR regulariser (default: docs/losses.md section 4: 0.5, 23, 1)")
     hp.add_argument("--proj-hidden", type=int, help=f"projector/predictor hidden width {d}")
     hp.add_argument("--proj-dim", type=int, help=f"projection width {d}")
+    hp.add_argument("--distill-hidden", type=int,
+                    help="hidden width of the distillation predictor g (default: --proj-hidden; paper recipe: 2048)")
     hp.add_argument("--queue-size", type=int, help=f"MoCo queue entries per view {d}")
     hp.add_argument("--momentum-tau", type=float, help=f"EMA rate of the momentum encoder (BYOL, MoCo) {d}")
+    hp.add_argument("--final-momentum-tau", type=float,
+                    help="EMA rate at the end of each task, reached along a cosine (default: --momentum-tau; "
+                         "paper recipe: 0.999 MoCo, 1.0 BYOL)")
 
     small = parser.add_argument_group("tiny runs and testing")
     small.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of every epoch")
     small.add_argument("--limit-train", type=int, help="keep at most this many training images per task")
     small.add_argument("--limit-test", type=int, help="score on at most this many test images")
+    small.add_argument("--limit-probe", type=int,
+                       help="fit the linear probe and kNN on at most this many training images (a seeded subset)")
     small.add_argument("--stop-after-epochs", type=int,
-                       help="stop (as a kill would, after the checkpoint) once this process trained N epochs")
-    small.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+                       help="stop (as a kill would, after a checkpoint) once this process trained N epochs")
+    small.add_argument("--checkpoint-every", type=int, default=1,
+                       help="write checkpoint.pt every N epochs (and after each task); a resume replays the "
+                            "epochs since the last one exactly (default: %(default)s)")
+    small.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bars (there are none anyway when stderr is not a terminal)")
+    small.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def _error(message: str) -> int:
+    print(f"pnr-cssl: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -101,12 +142,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     except StopRequested as stop:
         print(f"pnr-cssl: {stop}", file=sys.stderr)
         return 0
-    except (ValueError, ImportError, FileNotFoundError, FileExistsError, VerificationError,
-            BackendUnavailableError) as exc:
-        # Expected failures (ConfigMismatchError is a ValueError) whose message says what to change.
-        kind = type(exc).__name__
-        print(f"pnr-cssl: error ({kind}): {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if cfg.debug:
+            raise
+        _error("interrupted; continue with --resume (the last checkpoint is kept)")
+        return 130
+    except FloatingPointError as exc:  # divergence
+        if cfg.debug:
+            traceback.print_exc()
+        return _error(f"training diverged: {exc}")
+    except (ValueError, ImportError, OSError, VerificationError, BackendUnavailableError) as exc:
+        # Expected failures whose message says what to change: bad options and data, a checkpoint
+        # of another configuration or a corrupt one (ValueError), a missing extra (ImportError),
+        # unusable paths (OSError), a backend off the reference or unavailable.
+        if cfg.debug:
+            traceback.print_exc()
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+            message = f"{message}: {exc.filename}"
+        return _error(" ".join(message.split()))
     return 0
 
 

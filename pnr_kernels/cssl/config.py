@@ -1,8 +1,13 @@
-"""The run configuration of the continual SSL trainer and its per-dataset defaults.
+"""The run configuration of the continual SSL trainer, its per-dataset defaults and its recipes.
 
 Every option the CLI exposes is a field of :class:`Config`. Fields left at ``None`` take the
-dataset's default in :func:`resolve`, so a saved configuration always holds concrete values and
-a resumed run can be checked against it field by field.
+recipe's value for the method, else the dataset's default, in :func:`resolve`, so a saved
+configuration always holds concrete values and a resumed run can be checked against it field
+by field.
+
+Recipes: ``default`` is deliberately small (2 CPU cores finish the digits run in 45 s);
+``paper`` follows the authors' released CIFAR-100 scripts per method (docs/trainer.md, "The
+authors' recipe", lists every value and its source).
 """
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ STRATEGIES = ("finetune", "cassle", "pnr")
 SPLITS = ("class", "data")
 BACKEND_CHOICES = ("auto", "reference", "triton", "native")
 DEVICES = ("cpu", "cuda")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lars")
+RECIPES = ("default", "paper")
 
 # Fields that describe how this process runs, not what it computes: they may differ between a
 # killed run and its --resume without changing a single number of the result.
-RUNTIME_FIELDS = ("output_dir", "data_dir", "resume", "stop_after_epochs", "progress")
+RUNTIME_FIELDS = ("output_dir", "data_dir", "resume", "stop_after_epochs", "progress", "checkpoint_every",
+                  "debug")
 
-# Per-dataset defaults (digits: a CPU-sized run of a couple of minutes; CIFAR: the usual
-# ResNet-18 setting of the CaSSLe/PNR papers, shortened to something a single GPU finishes).
+# Per-dataset defaults of the default recipe (digits: 45 s on 2 CPU cores; CIFAR:
+# the usual ResNet-18 setting of the CaSSLe/PNR papers, shortened to something a single GPU finishes).
 DATASET_DEFAULTS = {
     "digits": dict(tasks=5, epochs=40, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=1e-4,
                    proj_hidden=256, proj_dim=64, queue_size=512, momentum_tau=0.99),
@@ -34,13 +41,33 @@ DATASET_DEFAULTS = {
                      proj_hidden=2048, proj_dim=256, queue_size=65536, momentum_tau=0.99),
 }
 
-# PNR regulariser weights (SPEC.md section 4; w_n is the CIFAR-100 value of the paper). CaSSLe
-# uses the same w_d with w_n = 0 (SPEC.md section 5).
+# --recipe paper: the authors' CIFAR-100 scripts (bash_files/continual/cifar/<method>_pnr.sh of
+# csm9493/PNR) and the defaults of their code base; docs/trainer.md has the table with sources.
+# Every method: batch 256, 500 epochs per task, SGD(0.9) + LARS (eta 0.02, clipped), 10 warm-up
+# epochs from lr 0.003 then cosine to 0, distillation predictor hidden width 2048.
+PAPER_COMMON = dict(epochs=500, batch_size=256, optimizer="lars", warmup_epochs=10, distill_hidden=2048,
+                    queue_size=65536, momentum_tau=0.99)
+PAPER_RECIPE = {
+    "simclr": dict(lr=0.6, weight_decay=1e-4, proj_hidden=2048, proj_dim=128, lars_exclude_bias_norm=True),
+    "mocov2plus": dict(lr=0.6, weight_decay=1e-4, proj_hidden=2048, proj_dim=128, final_momentum_tau=0.999,
+                       lars_exclude_bias_norm=False),
+    "byol": dict(lr=1.0, weight_decay=1e-5, proj_hidden=4096, proj_dim=256, final_momentum_tau=1.0,
+                 lars_exclude_bias_norm=True),
+    "vicreg": dict(lr=0.3, weight_decay=1e-4, proj_hidden=2048, proj_dim=2048, lars_exclude_bias_norm=True),
+    "barlow": dict(lr=0.4, weight_decay=1e-4, proj_hidden=2048, proj_dim=2048, lars_exclude_bias_norm=True),
+}
+PAPER_WARMUP_START_LR = 0.003
+PAPER_LARS_ETA = 0.02
+
+# PNR regulariser weights (docs/losses.md section 4; w_n is the CIFAR-100 value of the paper).
+# CaSSLe uses the same w_d with w_n = 0 (docs/losses.md section 5).
 REGULARIZER_WEIGHTS = {
     "byol": dict(distill_weight=1.0, negative_weight=0.5),
     "vicreg": dict(distill_weight=25.0, negative_weight=23.0),
     "barlow": dict(distill_weight=1.0, negative_weight=1.0),
 }
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_DISTILL_TEMPERATURE = 0.2
 
 
 @dataclass
@@ -49,6 +76,7 @@ class Config:
     data_dir: Optional[str] = None
     method: str = "simclr"
     strategy: str = "pnr"
+    recipe: str = "default"
     split: str = "class"
     tasks: Optional[int] = None
     epochs: Optional[int] = None
@@ -61,22 +89,29 @@ class Config:
     optimizer: Optional[str] = None
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
-    temperature: float = 0.2
-    distill_temperature: float = 0.2
+    warmup_epochs: Optional[int] = None
+    temperature: float = DEFAULT_TEMPERATURE
+    distill_temperature: Optional[float] = None
     cassle_weight: float = 1.0
     distill_weight: Optional[float] = None
     negative_weight: Optional[float] = None
     proj_hidden: Optional[int] = None
     proj_dim: Optional[int] = None
+    distill_hidden: Optional[int] = None
     queue_size: Optional[int] = None
     momentum_tau: Optional[float] = None
+    final_momentum_tau: Optional[float] = None
+    lars_exclude_bias_norm: Optional[bool] = None
     max_steps_per_epoch: Optional[int] = None
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
+    limit_probe: Optional[int] = None
     output_dir: Optional[str] = None
     resume: bool = False
     stop_after_epochs: Optional[int] = None
+    checkpoint_every: int = 1
     progress: bool = True
+    debug: bool = False
 
     def fingerprint(self) -> dict:
         """The fields that determine the result (everything but :data:`RUNTIME_FIELDS`)."""
@@ -96,40 +131,67 @@ def _positive(name: str, value, *, allow_none: bool = False) -> None:
 
 
 def resolve(cfg: Config) -> Config:
-    """Check the choices and fill every ``None`` default from the dataset's defaults; returns a
-    new Config (the input is not modified)."""
+    """Check the choices and fill every ``None`` from the recipe, then the dataset's defaults;
+    returns a new Config (the input is not modified)."""
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("method", cfg.method, METHODS)
     _choice("strategy", cfg.strategy, STRATEGIES)
+    _choice("recipe", cfg.recipe, RECIPES)
     _choice("split", cfg.split, SPLITS)
     _choice("backend", cfg.backend, BACKEND_CHOICES)
     _choice("device", cfg.device, DEVICES)
     if cfg.verify_backend is not None:
         _choice("verify_backend", cfg.verify_backend, BACKEND_CHOICES)
+    if cfg.method == "simclr" and cfg.strategy == "pnr" and cfg.distill_temperature is not None \
+            and cfg.distill_temperature != cfg.temperature:
+        raise ValueError(
+            f"SimCLR-PNR uses one temperature for both of its terms (docs/losses.md section 1): set "
+            f"--temperature, not --distill-temperature ({cfg.distill_temperature} given, --temperature "
+            f"{cfg.temperature})")
     values = dataclasses.asdict(cfg)
-    for key, default in DATASET_DEFAULTS[cfg.dataset].items():
-        if values[key] is None:
-            values[key] = default
-    weights = REGULARIZER_WEIGHTS.get(cfg.method, {})
-    for key in ("distill_weight", "negative_weight"):
-        if values[key] is None and key in weights:
-            values[key] = weights[key]
+    layers = []
+    if cfg.recipe == "paper":
+        layers += [PAPER_RECIPE[cfg.method], PAPER_COMMON]
+    layers.append(DATASET_DEFAULTS[cfg.dataset])
+    layers.append(dict(warmup_epochs=0, lars_exclude_bias_norm=True))
+    layers.append(REGULARIZER_WEIGHTS.get(cfg.method, {}))
+    for layer in layers:
+        for key, default in layer.items():
+            if values[key] is None:
+                values[key] = default
+    if values["distill_hidden"] is None:
+        values["distill_hidden"] = values["proj_hidden"]
+    if values["final_momentum_tau"] is None:
+        values["final_momentum_tau"] = values["momentum_tau"]
+    if values["distill_temperature"] is None:
+        # SimCLR-PNR: the one temperature of docs/losses.md section 1 (recorded so the
+        # configuration says what ran); elsewhere MoCo-PNR's tau_d and CaSSLe's temperature.
+        simclr_pnr = cfg.method == "simclr" and cfg.strategy == "pnr"
+        values["distill_temperature"] = cfg.temperature if simclr_pnr else DEFAULT_DISTILL_TEMPERATURE
     if values["output_dir"] is None:
+        suffix = "_paper" if cfg.recipe == "paper" else ""
         values["output_dir"] = os.path.join(
-            "cssl_runs", f"{cfg.dataset}_{cfg.method}_{cfg.strategy}_seed{cfg.seed}")
+            "cssl_runs", f"{cfg.dataset}_{cfg.method}_{cfg.strategy}_seed{cfg.seed}{suffix}")
     out = Config(**values)
     _choice("optimizer", out.optimizer, OPTIMIZERS)
-    for name in ("tasks", "epochs", "batch_size", "lr", "proj_hidden", "proj_dim", "queue_size",
-                 "temperature", "distill_temperature"):
+    for name in ("tasks", "epochs", "batch_size", "lr", "proj_hidden", "proj_dim", "distill_hidden", "queue_size",
+                 "temperature", "distill_temperature", "checkpoint_every"):
         _positive(name, getattr(out, name))
-    for name in ("max_steps_per_epoch", "limit_train", "limit_test", "stop_after_epochs"):
+    for name in ("max_steps_per_epoch", "limit_train", "limit_test", "limit_probe", "stop_after_epochs"):
         _positive(name, getattr(out, name), allow_none=True)
     if out.threads < 0:
         raise ValueError(f"threads must be >= 0 (0: torch's default), got {out.threads}")
+    if out.warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {out.warmup_epochs}")
     if out.batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (batch statistics), got {out.batch_size}")
+    if out.limit_probe is not None and out.limit_probe < 2:
+        raise ValueError(f"limit_probe must be at least 2, got {out.limit_probe}")
     if out.method == "mocov2plus" and out.queue_size < 2:
         raise ValueError(f"queue_size must be at least 2 for mocov2plus, got {out.queue_size}")
     if not 0 <= out.momentum_tau < 1:
         raise ValueError(f"momentum_tau must be in [0, 1), got {out.momentum_tau}")
+    if not out.momentum_tau <= out.final_momentum_tau <= 1:
+        raise ValueError(f"final_momentum_tau must be in [momentum_tau, 1] = [{out.momentum_tau}, 1], "
+                         f"got {out.final_momentum_tau}")
     return out

@@ -30,6 +30,8 @@ CIFAR_LAYOUT = {
                      label_key=b"fine_labels", classes=100,
                      url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
+# The authors normalise CIFAR-100 with the CIFAR-10 statistics too (their CifarTransform).
+PAPER_CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -85,9 +87,14 @@ def load_digits_data() -> ImageData:
 def _read_cifar_batches(paths: Sequence[str], label_key: bytes) -> Tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")
-        if b"data" not in entry or label_key not in entry:
+        try:
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a readable CIFAR python-pickle batch ({type(exc).__name__}: {exc}); "
+                             f"extract the original archive again") from exc
+        if not isinstance(entry, dict) or b"data" not in entry or label_key not in entry:
             raise ValueError(f"{path} is not a CIFAR python-pickle batch: it lacks b'data' or {label_key!r}")
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
@@ -190,28 +197,13 @@ class TwoViewAugment:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, view: int = 0) -> torch.Tensor:
         b = x.shape[0]
 
         def uniform(lo, hi, *shape):
             return lo + (hi - lo) * torch.rand(b, *shape, generator=generator)
 
-        area = uniform(self.min_scale, 1.0)
-        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
-        width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-        height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
-        cx = uniform(-1.0, 1.0) * (1 - width)
-        cy = uniform(-1.0, 1.0) * (1 - height)
-        sign = torch.ones(b)
-        if self.flip:
-            sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
-        theta[:, 1, 1], theta[:, 1, 2] = height, cy
-        theta = theta.to(x.device)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
+        out = self._crop(x, generator, uniform, mode="bilinear")
         s = self.jitter
         apply = (torch.rand(b, 1, 1, 1, generator=generator) < 0.8).float()
         brightness, contrast, saturation = (uniform(1 - s, 1 + s, 1, 1, 1) for _ in range(3))
@@ -230,8 +222,123 @@ class TwoViewAugment:
         out = out + noise.to(x.device)
         return self.normalize(out)
 
+    def _crop(self, x: torch.Tensor, generator: torch.Generator, uniform, mode: str) -> torch.Tensor:
+        """Random resized crop and optional horizontal flip, one affine map per image."""
+        b = x.shape[0]
+        area = uniform(self.min_scale, 1.0)
+        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+        width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        cx = uniform(-1.0, 1.0) * (1 - width)
+        cy = uniform(-1.0, 1.0) * (1 - height)
+        sign = torch.ones(b)
+        if self.flip:
+            sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
+        theta[:, 1, 1], theta[:, 1, 2] = height, cy
+        theta = theta.to(x.device)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+
     def _gray(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rgb:
             return x
         weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
         return (x * weights).sum(1, keepdim=True)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(maxc == r, torch.remainder((g - b) / safe, 6.0),
+                      torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) / 6.0
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return hue, sat, maxc
+
+
+def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + hue * 6.0, 6.0)
+        channels.append(value - value * sat * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(channels, 1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images ``x`` (B, 3, H, W) in [0, 1] by ``shift`` (B,) turns."""
+    hue, sat, value = _rgb_to_hsv(x)
+    hue = torch.remainder(hue + shift.view(-1, 1, 1).to(x.device), 1.0)
+    return _hsv_to_rgb(hue, sat, value)
+
+
+class PaperAugment(TwoViewAugment):
+    """The authors' CIFAR augmentation (``--recipe paper``), one independent draw per image.
+
+    RandomResizedCrop to the full size with bicubic interpolation (area fraction in
+    ``[min_scale, 1]``); ColorJitter(brightness, contrast, saturation, hue) with probability 0.8,
+    its four adjustments in a random order per image, factors drawn as torchvision draws them
+    (brightness/contrast/saturation in ``[max(0, 1 - s), 1 + s]``, hue shift in ``[-h, h]``);
+    grayscale with probability 0.2; solarisation (``x -> 1 - x`` where ``x >= 0.5``) with a
+    per-view probability (``solarize[view]``, asymmetric across the two views); horizontal flip;
+    normalisation with the CIFAR-10 statistics for CIFAR-10 and CIFAR-100 alike. No noise, no blur.
+    """
+
+    def __init__(self, data: ImageData, *, min_scale: float, jitter: Tuple[float, float, float, float],
+                 solarize: Tuple[float, float], mean=None, std=None):
+        super().__init__(data, min_scale=min_scale, flip=True, jitter=0.0, noise=0.0)
+        self.jitter4, self.solarize = jitter, solarize
+        if mean is not None:
+            self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+            self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, view: int = 0) -> torch.Tensor:
+        b = x.shape[0]
+
+        def uniform(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(b, *shape, generator=generator)
+
+        out = self._crop(x, generator, uniform, mode="bicubic").clamp(0, 1)
+        bri, con, sat, hue = self.jitter4
+        apply = torch.rand(b, generator=generator) < 0.8
+        factors = [uniform(max(0.0, 1 - bri), 1 + bri), uniform(max(0.0, 1 - con), 1 + con),
+                   uniform(max(0.0, 1 - sat), 1 + sat), uniform(-hue, hue)]
+        order = torch.argsort(torch.rand(b, 4, generator=generator), dim=1)
+        view4 = (-1, 1, 1, 1)
+        for position in range(4):
+            for op in range(4):
+                mask = (apply & (order[:, position] == op)).view(view4).to(x.device)
+                if not mask.any():
+                    continue
+                f = factors[op].to(x.device)
+                if op == 0:
+                    changed = out * f.view(view4)
+                elif op == 1:
+                    mean = self._gray(out).mean((1, 2, 3), keepdim=True)
+                    changed = mean + (out - mean) * f.view(view4)
+                elif op == 2:
+                    gray = self._gray(out)
+                    changed = gray + (out - gray) * f.view(view4)
+                else:
+                    changed = shift_hue(out, f) if self.rgb else out
+                out = torch.where(mask, changed.clamp(0, 1), out)
+        if self.rgb:
+            to_gray = (torch.rand(b, 1, 1, 1, generator=generator) < 0.2).to(x.device)
+            out = torch.where(to_gray, self._gray(out).expand_as(out), out)
+        solar = (torch.rand(b, 1, 1, 1, generator=generator) < self.solarize[view]).to(x.device)
+        out = torch.where(solar & (out >= 0.5), 1 - out, out)
+        return self.normalize(out)
+
+
+def make_augment(recipe: str, method: str, dataset: str, data: ImageData) -> TwoViewAugment:
+    """The two-view augmentation of a run: the recipe's for CIFAR, the digits one for digits."""
+    if recipe == "paper" and dataset != "digits":
+        if method == "vicreg":  # their VICReg script: crops of at least 20 %, solarisation 0.1 on both views
+            return PaperAugment(data, min_scale=0.2, jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.1, 0.1),
+                                mean=PAPER_CIFAR_STATS[0], std=PAPER_CIFAR_STATS[1])
+        return PaperAugment(data, min_scale=0.08, jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2),
+                            mean=PAPER_CIFAR_STATS[0], std=PAPER_CIFAR_STATS[1])
+    return TwoViewAugment.for_dataset(dataset, data)

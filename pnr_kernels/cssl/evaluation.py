@@ -95,13 +95,13 @@ def forgetting(matrix: List[List[float]]) -> float:
 
 
 def format_table(metrics: dict) -> str:
-    """A plain-text summary: the accuracy matrix and the final numbers."""
+    """A plain-text summary: the accuracy matrix and the final numbers (tasks numbered from 1)."""
     matrix = metrics["accuracy_matrix"]
     t = len(matrix)
     lines = ["linear probe accuracy (%) on each task's test images, all-class prediction",
-             "after task | " + " ".join(f"task {j:<3d}" for j in range(t)) + " |   all  |  kNN all"]
+             "after task | " + " ".join(f"task {j + 1:<3d}" for j in range(t)) + " |   all  |  kNN all"]
     for i, row in enumerate(matrix):
-        lines.append(f"{i:>10d} | " + " ".join(f"{a:8.2f}" for a in row)
+        lines.append(f"{i + 1:>10d} | " + " ".join(f"{a:8.2f}" for a in row)
                      + f" | {metrics['linear_accuracy'][i]:6.2f} | {metrics['knn_accuracy'][i]:7.2f}")
     lines.append(f"average accuracy (all classes, after the last task): {metrics['average_accuracy']:.2f}%  "
                  f"forgetting: {metrics['forgetting']:.2f}  kNN: {metrics['knn_average_accuracy']:.2f}% "
@@ -109,38 +109,77 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+# Past this many tasks the per-task curves are drawn as thin grey lines without legend entries.
+PLOT_MAX_LABELLED_TASKS = 10
+
+
 def save_plot(metrics: dict, path: str) -> bool:
-    """The accuracy matrix as a heat map and the all-class and per-task curves; returns False
-    (and writes nothing) when matplotlib is not installed."""
+    """The accuracy matrix as a heat map (colours scaled to the values) and the all-class and
+    per-task curves, tasks numbered from 1; returns False (and writes nothing) when matplotlib is
+    not installed. The file is written atomically, mode 0644 (subject to the umask)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    matrix = torch.tensor(metrics["accuracy_matrix"])
+    from .checkpoint import atomic_write
+
+    matrix = torch.tensor(metrics["accuracy_matrix"], dtype=torch.float64)
     t = matrix.shape[0]
-    fig, (ax_matrix, ax_curve) = plt.subplots(1, 2, figsize=(11, 4.2))
-    image = ax_matrix.imshow(matrix.numpy(), vmin=0, vmax=100, cmap="viridis")
-    for i in range(t):
-        for j in range(t):
-            ax_matrix.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+    finite = matrix[torch.isfinite(matrix)]
+    lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (0.0, 100.0)
+    if hi - lo < 1.0:  # a flat matrix: give the scale one point of range
+        lo, hi = lo - 0.5, hi + 0.5
+    size = min(7.5, 3.2 + 0.35 * t)
+    fig, (ax_matrix, ax_curve) = plt.subplots(1, 2, figsize=(2 * size + 2.8, size),
+                                              gridspec_kw={"width_ratios": [1.0, 1.15]})
+    cmap = plt.get_cmap("viridis")
+    image = ax_matrix.imshow(matrix.numpy(), vmin=lo, vmax=hi, cmap=cmap)
+    if t <= 16:
+        fontsize = 9 if t <= 6 else (7 if t <= 10 else 5.5)
+        for i in range(t):
+            for j in range(t):
+                value = matrix[i, j].item()
+                shade = (value - lo) / (hi - lo) if value == value else 0.0
+                ax_matrix.text(j, i, f"{value:.1f}" if t <= 10 else f"{value:.0f}", ha="center", va="center",
+                               color="black" if shade > 0.6 else "white", fontsize=fontsize)
+    ticks = list(range(t)) if t <= 20 else list(range(0, t, max(1, t // 10)))
+    ax_matrix.set_xticks(ticks, [str(k + 1) for k in ticks])
+    ax_matrix.set_yticks(ticks, [str(k + 1) for k in ticks])
     ax_matrix.set_xlabel("evaluated on task")
     ax_matrix.set_ylabel("after training task")
-    ax_matrix.set_title("linear accuracy (%)")
-    fig.colorbar(image, ax=ax_matrix)
-    steps = list(range(t))
-    ax_curve.plot(steps, metrics["linear_accuracy"], "k-o", label="linear, all classes")
-    ax_curve.plot(steps, metrics["knn_accuracy"], "k--s", label="kNN, all classes")
-    for j in range(t):
-        ax_curve.plot(steps, matrix[:, j].tolist(), alpha=0.6, label=f"task {j}")
-    ax_curve.set_xticks(steps)
+    ax_matrix.set_title(f"linear accuracy (%), colours {lo:.1f} to {hi:.1f}", fontsize=10)
+    fig.colorbar(image, ax=ax_matrix, fraction=0.046, pad=0.04)
+
+    steps = list(range(1, t + 1))
+    labelled = t <= PLOT_MAX_LABELLED_TASKS
+    colours = plt.get_cmap("tab10") if labelled else None
+    for j in range(t):  # task j's accuracy from the moment it has been trained on
+        xs, ys = steps[j:], matrix[j:, j].tolist()
+        if labelled:
+            ax_curve.plot(xs, ys, "-", marker=".", color=colours(j % 10), alpha=0.75, linewidth=1.2,
+                          label=f"task {j + 1}")
+        else:
+            ax_curve.plot(xs, ys, "-", color="0.6", alpha=0.5, linewidth=0.8,
+                          label="each task, once trained" if j == 0 else None)
+    ax_curve.plot(steps, metrics["linear_accuracy"], "k-o", linewidth=2.2, label="linear, all classes")
+    ax_curve.plot(steps, metrics["knn_accuracy"], "--s", color="tab:red", linewidth=2.0, label="kNN, all classes")
+    ax_curve.set_xticks(ticks and [k + 1 for k in ticks])
     ax_curve.set_xlabel("after training task")
     ax_curve.set_ylabel("accuracy (%)")
+    curves = [v for v in matrix.flatten().tolist() + list(metrics["linear_accuracy"]) + list(metrics["knn_accuracy"])
+              if v == v]
+    if curves:
+        span = max(curves) - min(curves)
+        pad = max(0.5, 0.08 * span)
+        ax_curve.set_ylim(max(0.0, min(curves) - pad), max(curves) + pad)
+    ax_curve.grid(alpha=0.3)
     cfg = metrics["config"]
-    ax_curve.set_title(f"{cfg['dataset']} {cfg['method']} {cfg['strategy']} (seed {cfg['seed']})")
-    ax_curve.legend(fontsize=7, ncol=2)
+    recipe = f", {cfg['recipe']} recipe" if cfg.get("recipe", "default") != "default" else ""
+    ax_curve.set_title(f"{cfg['dataset']} {cfg['method']} {cfg['strategy']} (seed {cfg['seed']}{recipe})", fontsize=10)
+    ax_curve.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return True

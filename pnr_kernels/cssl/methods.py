@@ -3,14 +3,19 @@
 Methods (the loss between the two current views): SimCLR (NT-Xent), MoCo v2+ (InfoNCE against a
 momentum encoder's keys and a key queue), BYOL (predictor against a momentum target), VICReg,
 Barlow Twins. Strategies, from the second task on, with ``f = frozen previous model's projection``
-and ``p = g(z)`` the distillation predictor's output (SPEC.md sections 1-5):
+and ``p = g(z)`` the distillation predictor's output (docs/losses.md sections 1-5; for MoCo
+``p = g(n(z))``, g takes the L2-normalised query as in the authors' code):
 
     finetune  the method's loss alone
     cassle    + CaSSLe: SimCLR and MoCo add ``cassle_weight * cassle_simclr_regularizer(p, f)``
               (temperature ``distill_temperature``); BYOL, VICReg, Barlow add their PNR
               regulariser with ``negative_weight = 0``, i.e. the ``pos`` term alone with w_d
-    pnr       SimCLR: simclr_pnr_loss replaces NT-Xent; MoCo: moco_pnr_loss with the
-              previous-model queue replaces InfoNCE; BYOL, VICReg, Barlow add their PNR regulariser
+    pnr       SimCLR: simclr_pnr_loss (one temperature, ``temperature``) replaces NT-Xent; MoCo:
+              moco_pnr_loss with the previous-model queue replaces InfoNCE; BYOL, VICReg, Barlow
+              add their PNR regulariser
+
+g and MoCo's previous-model queue are built once and carried over from one task to the next (the
+authors reload them with the rest of the checkpoint); only the frozen model is replaced per task.
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ from torch import nn
 
 from .. import losses as api
 from .config import Config
-from .models import Encoder, mlp, reset_parameters
+from .models import Encoder, mlp
 
-# SPEC.md section 6: (loss, gradient) relative tolerances against the reference, by dtype.
+# docs/losses.md, "Precision": (loss, gradient) relative tolerances against the reference, by dtype.
 TOLERANCES = {
     torch.float64: (1e-5, 1e-4),
     torch.float32: (1e-5, 1e-4),
@@ -40,7 +45,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class VerificationError(RuntimeError):
-    """A backend's loss or gradient differs from the reference by more than SPEC.md section 6 allows."""
+    """A backend's loss or gradient differs from the reference by more than docs/losses.md
+    ("Precision") allows."""
 
 
 def _relative_difference(a: Optional[torch.Tensor], b: Optional[torch.Tensor], like: torch.Tensor) -> float:
@@ -61,7 +67,7 @@ class LossRunner:
     With ``verify_backend`` set, every call is also evaluated on detached copies of its inputs
     with ``verify_backend`` and with ``"reference"``; the relative differences of the loss and of
     every input gradient are kept (the largest per loss name, until :meth:`take_records`), and a
-    difference past the SPEC.md section 6 tolerance of the inputs' dtype raises
+    difference past the docs/losses.md ("Precision") tolerance of the inputs' dtype raises
     :class:`VerificationError` at once. ``where`` names the current step in that message.
     """
 
@@ -96,7 +102,7 @@ class LossRunner:
                 f"{name} with backend {self.verify_backend!r} differs from the reference at {self.where}: "
                 f"loss relative difference {loss_diff:.3g} (tolerance {loss_tol:g}), largest input-gradient "
                 f"relative difference {grad_diff:.3g} (tolerance {grad_tol:g}) for {tensors[0].dtype} inputs "
-                f"(SPEC.md section 6)")
+                f"(docs/losses.md, \"Precision\")")
 
     def take_records(self) -> Dict[str, Dict[str, float]]:
         """The largest differences per loss since the last call, and reset them."""
@@ -116,7 +122,7 @@ class Learner(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.proj_dim
-        self.online = Encoder(cfg.dataset, in_channels, cfg.proj_hidden, dim)
+        self.online = Encoder(cfg.dataset, in_channels, cfg.proj_hidden, dim, recipe=cfg.recipe, method=cfg.method)
         self.predictor = mlp(dim, cfg.proj_hidden, dim) if cfg.method == "byol" else None
         self.momentum = None
         if cfg.method in ("byol", "mocov2plus"):
@@ -124,25 +130,17 @@ class Learner(nn.Module):
         # Built for every strategy (fine-tuning never uses it) so that all strategies of one seed
         # start from the same weights and train task 0 identically: their results then differ by
         # the strategy alone.
-        self.distill_predictor = mlp(dim, cfg.proj_hidden, dim)
+        self.distill_predictor = mlp(dim, cfg.distill_hidden, dim)
         if cfg.method == "mocov2plus":
+            # Both queues start as random unit rows (as the authors' do); the previous-model queue
+            # is first used, and filled, from the second task on, and then carried over.
             self.register_buffer("key_queue", _unit(torch.randn(2, cfg.queue_size, dim)))
-            self.register_buffer("prev_queue", torch.zeros(2, cfg.queue_size, dim))
+            self.register_buffer("prev_queue", _unit(torch.randn(2, cfg.queue_size, dim)))
             self.register_buffer("queue_pointers", torch.zeros(2, dtype=torch.long))
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         modules = [self.online, self.predictor, None if self.cfg.strategy == "finetune" else self.distill_predictor]
         return [p for m in modules if m is not None for p in m.parameters()]
-
-    def start_task(self, task: int) -> None:
-        """From the second task on: fresh g (it maps into the newly frozen space) and, for
-        MoCo-PNR, a previous-model queue of random unit rows (as the key queue starts)."""
-        if task == 0 or self.cfg.strategy == "finetune":
-            return
-        reset_parameters(self.distill_predictor)
-        if self.cfg.method == "mocov2plus" and self.cfg.strategy == "pnr":
-            self.prev_queue.copy_(_unit(torch.randn_like(self.prev_queue)))
-            self.queue_pointers[1] = 0
 
     def loss(self, x1: torch.Tensor, x2: torch.Tensor, frozen: Optional[Encoder],
              runner: LossRunner) -> Tuple[torch.Tensor, dict]:
@@ -156,7 +154,10 @@ class Learner(nn.Module):
         if distill:
             with torch.no_grad():
                 f1, f2 = frozen(x1)[1], frozen(x2)[1]
-            p1, p2 = self.distill_predictor(z1), self.distill_predictor(z2)
+            if cfg.method == "mocov2plus":  # g takes the L2-normalised query
+                p1, p2 = self.distill_predictor(_unit(z1)), self.distill_predictor(_unit(z2))
+            else:
+                p1, p2 = self.distill_predictor(z1), self.distill_predictor(z2)
         pending = {}
         if cfg.method in ("simclr", "mocov2plus"):
             if cfg.method == "simclr" and pnr:
@@ -193,10 +194,9 @@ class Learner(nn.Module):
         return loss, pending
 
     @torch.no_grad()
-    def after_step(self, pending: dict) -> None:
+    def after_step(self, pending: dict, tau: float) -> None:
         """Momentum update ``m <- tau m + (1 - tau) online`` and FIFO enqueue of the new keys."""
         if self.momentum is not None:
-            tau = self.cfg.momentum_tau
             for m, p in zip(self.momentum.parameters(), self.online.parameters()):
                 m.mul_(tau).add_(p.detach(), alpha=1 - tau)
         for slot, name in enumerate(("key_queue", "prev_queue")):

@@ -63,20 +63,38 @@ class ResNet18CIFAR(nn.Module):
         return self.pool(self.blocks(self.stem(x)))
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """Linear, BatchNorm1d, ReLU, Linear: the projector, BYOL's predictor and the distillation
-    predictor g all have this form."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_dim))
+def mlp(in_dim: int, hidden: int, out_dim: int, *, layers: int = 2, batch_norm: bool = True) -> nn.Sequential:
+    """``layers`` Linear layers with ``hidden``-wide (BatchNorm1d,) ReLU between them. The default
+    (Linear, BatchNorm1d, ReLU, Linear) is the form of the default recipe's projectors, BYOL's
+    predictor and the distillation predictor g."""
+    modules, width = [], in_dim
+    for _ in range(layers - 1):
+        modules += [nn.Linear(width, hidden)] + ([nn.BatchNorm1d(hidden)] if batch_norm else []) + [nn.ReLU(inplace=True)]
+        width = hidden
+    return nn.Sequential(*modules, nn.Linear(width, out_dim))
+
+
+def projector(recipe: str, method: str, in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """The projector of ``method`` under ``recipe``. ``paper`` follows the authors' code:
+    SimCLR and MoCo Linear-ReLU-Linear (no BatchNorm), BYOL Linear-BN-ReLU-Linear, VICReg and
+    Barlow Twins three Linear layers with BN-ReLU between them; ``default`` uses the two-layer BN
+    MLP for every method."""
+    if recipe == "paper":
+        if method in ("simclr", "mocov2plus"):
+            return mlp(in_dim, hidden, out_dim, batch_norm=False)
+        if method in ("vicreg", "barlow"):
+            return mlp(in_dim, hidden, out_dim, layers=3)
+    return mlp(in_dim, hidden, out_dim)
 
 
 class Encoder(nn.Module):
     """Backbone followed by a projector; ``forward`` returns (features, projection)."""
 
-    def __init__(self, dataset: str, in_channels: int, proj_hidden: int, proj_dim: int):
+    def __init__(self, dataset: str, in_channels: int, proj_hidden: int, proj_dim: int, *,
+                 recipe: str = "default", method: str = "simclr"):
         super().__init__()
         self.backbone = DigitsCNN(in_channels) if dataset == "digits" else ResNet18CIFAR(in_channels)
-        self.projector = mlp(self.backbone.out_dim, proj_hidden, proj_dim)
+        self.projector = projector(recipe, method, self.backbone.out_dim, proj_hidden, proj_dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)

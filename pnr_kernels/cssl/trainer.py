@@ -1,9 +1,14 @@
 """The continual training loop: tasks, epochs, checkpoints, resume and evaluation.
 
-Per task t: (t > 0) deep-copy the online encoder as the frozen previous model (eval mode, no
-gradients), reset the distillation predictor, build a fresh optimiser with a cosine learning-rate
-schedule over the task's steps; train ``epochs`` epochs, writing a checkpoint after each; then
-evaluate (linear probe and kNN on the backbone features) and write metrics.json.
+Tasks are numbered from 1 in every log line, the plot and docs/trainer.md; metrics.json keeps
+Python's 0-based list positions (its ``task_numbering`` entry says so).
+
+Per task: (from the second on) deep-copy the online encoder as the frozen previous model (eval
+mode, no gradients); the distillation predictor g and MoCo's previous-model queue carry over; build
+a fresh optimiser with the recipe's learning-rate schedule (optional linear warm-up, then cosine)
+over the task's steps; train ``epochs`` epochs, writing a checkpoint every ``checkpoint_every``
+epochs and after the task's last; then evaluate (linear probe and kNN on the backbone features)
+and write metrics.json.
 
 Exact resume: a checkpoint holds the learner (online and momentum encoders, predictors, queues),
 the frozen model, the optimiser, every RNG state (python, numpy, torch, the data-order and
@@ -17,16 +22,18 @@ import copy
 import math
 import os
 import random
+import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
 from .. import backends
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json
-from .config import Config, resolve
-from .data import TwoViewAugment, load_data, make_tasks
+from .checkpoint import (load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
+                         write_json)
+from .config import PAPER_LARS_ETA, PAPER_WARMUP_START_LR, Config, resolve
+from .data import load_data, make_augment, make_tasks
 from .evaluation import (extract_features, forgetting, format_table, knn_scores, linear_probe_logits,
                          save_plot, task_accuracies)
 from .methods import Learner, LossRunner
@@ -44,23 +51,152 @@ class StopRequested(Exception):
     """Raised after the checkpoint of epoch ``--stop-after-epochs``: a clean stand-in for a kill."""
 
 
+class OutputDirError(ValueError):
+    """--output-dir cannot hold the run's files (a file, under a file, not writable)."""
+
+
+def bars_enabled(requested: bool, stream=None) -> bool:
+    """Progress bars only when asked for, tqdm is installed and ``stream`` (stderr, where tqdm
+    draws) is a terminal: redirected output gets one log line per epoch and no ``\\r``."""
+    stream = sys.stderr if stream is None else stream
+    if not requested:
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def _progress(iterable, enabled: bool, **kwargs):
-    """tqdm around ``iterable`` when tqdm is installed and ``enabled``; otherwise the iterable."""
+    """tqdm around ``iterable`` when ``enabled``; otherwise the iterable."""
     if not enabled:
         return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
+    from tqdm.auto import tqdm
     return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
 def _log(message: str) -> None:
+    """One log line on stdout, through tqdm.write when tqdm is there so that it never lands inside
+    a progress bar."""
     try:
         from tqdm.auto import tqdm
-        tqdm.write(message)
     except ImportError:
         print(message, flush=True)
+        return
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
+def native_needed(cfg: Config, device: torch.device) -> bool:
+    """Whether this run's losses will go through the native extension."""
+    if "native" in (cfg.backend, cfg.verify_backend):
+        return True
+    if cfg.backend != "auto":
+        return False
+    if device.type == "cpu":
+        return True
+    return backends.unavailable_reason("triton", None, device, torch.float32) is not None
+
+
+def prepare_native(log: Callable[[str], None]) -> None:
+    """Build the native extension now, saying so first, when it is not in the cache yet: the
+    one-time build then happens before training (and outside the step timing), not silently
+    inside the first training step. A failed build is reported; ``auto`` then falls back to the
+    reference backend and an explicit ``--backend native`` is refused by the caller."""
+    from .. import native
+
+    try:
+        plan, why_not = native.make_plan()
+    except (OSError, RuntimeError) as exc:
+        plan, why_not = None, str(exc)
+    if plan is None:
+        log(f"the native extension cannot be built here ({why_not}); backend 'auto' uses the reference losses")
+        return
+    if plan.library.exists():
+        return
+    parts = "C++ and CUDA (nvcc found)" if plan.nvcc else "C++"
+    cores = os.cpu_count() or 1
+    duration = ("about 40 s on 2 idle cores with the CUDA part, minutes on a busy machine" if plan.nvcc
+                else "under a minute on 2 idle cores, longer on a busy machine")
+    log(f"building the native extension once, before training: the {parts} kernels of the losses, compiled for "
+        f"this torch and compiler; {duration}, this machine has {cores}. It is cached in {plan.directory} for "
+        f"every later run; `pnr-kernels build` does this ahead of time.")
+    started = time.perf_counter()
+    try:
+        result = native.build(plan)
+    except (native.BuildError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log(f"the native build failed ({first}); backend 'auto' uses the reference losses "
+            f"(`pnr-kernels build` shows the whole compiler output)")
+        return
+    log(f"native extension {'built' if result.built else 'found in the cache'} in "
+        f"{time.perf_counter() - started:.0f} s")
+
+
+def check_output_dir(path: str) -> None:
+    """Fail early (before data loading and any build) when ``path`` cannot become the run's
+    folder: it is a file, lies under a file, or the nearest existing folder is not writable.
+    Creates nothing."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise OutputDirError(f"--output-dir {path} is a file, not a folder; choose another --output-dir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputDirError(f"--output-dir {path} is not writable (permission denied); "
+                                 f"choose a folder you can write to")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputDirError(f"--output-dir {path} cannot be created: {parent} is a file, not a folder; "
+                             f"choose another --output-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--output-dir {path} cannot be created: permission denied in {parent}; "
+                             f"choose a folder you can write to")
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create ``path`` (and its parents) and check that files can be written there; raises
+    :class:`OutputDirError` with what to change otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"--output-dir {path} is a file, not a folder; choose another --output-dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except NotADirectoryError as exc:
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        raise OutputDirError(f"--output-dir {path} cannot be created: {parent} is a file, not a folder; "
+                             f"choose another --output-dir") from exc
+    except FileExistsError as exc:
+        raise OutputDirError(f"--output-dir {path} cannot be created: a part of it is a file; "
+                             f"choose another --output-dir") from exc
+    except PermissionError as exc:
+        raise OutputDirError(f"--output-dir {path} cannot be created: permission denied ({exc.filename}); "
+                             f"choose a folder you can write to") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--output-dir {path} is not writable (permission denied); "
+                             f"choose a folder you can write to")
+
+
+def lars_adapt_(params: List[torch.nn.Parameter], lr: float, weight_decay: float, eta: float,
+                exclude_bias_norm: bool, eps: float = 1e-8) -> None:
+    """LARS as the authors' code applies it around SGD, in place on the gradients: every
+    parameter (every one with 2+ dimensions when ``exclude_bias_norm``) gets ``g <- (g + wd p) *
+    min(eta |p| / (|g| + wd |p| + eps) / lr, 1)`` (the clipped trust ratio); excluded biases and
+    norm weights get their plain gradient and no weight decay."""
+    for p in params:
+        if p.grad is None or (exclude_bias_norm and p.ndim == 1):
+            continue
+        p_norm, g_norm = torch.norm(p.detach()), torch.norm(p.grad)
+        if p_norm == 0 or g_norm == 0:
+            continue
+        ratio = eta * p_norm / (g_norm + p_norm * weight_decay + eps)
+        if lr > 0:
+            ratio = torch.clamp(ratio / lr, max=1.0)
+        p.grad.add_(p.detach(), alpha=weight_decay).mul_(ratio)
 
 
 class Trainer:
@@ -69,11 +205,15 @@ class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = _log):
         self.cfg = cfg = resolve(cfg)
         self.log = log
+        self.bars = bars_enabled(cfg.progress)
+        check_output_dir(cfg.output_dir)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
         if cfg.device == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = torch.device(cfg.device)
+        if native_needed(cfg, self.device):
+            prepare_native(log)
         for option, name in (("--backend", cfg.backend), ("--verify-backend", cfg.verify_backend)):
             reason = None if name in (None, "auto") else backends.unavailable_reason(
                 name, None, self.device, torch.float32)
@@ -84,12 +224,18 @@ class Trainer:
             keep = torch.randperm(len(self.data.test_y), generator=torch.Generator().manual_seed(cfg.seed))
             keep = torch.sort(keep[:cfg.limit_test]).values
             self.data.test_x, self.data.test_y = self.data.test_x[keep], self.data.test_y[keep]
+        # The probe (linear and kNN) is fitted on every training image, or on a seeded subset of
+        # --limit-probe of them.
+        self.probe_indices = None
+        if cfg.limit_probe is not None and cfg.limit_probe < len(self.data.train_y):
+            keep = torch.randperm(len(self.data.train_y), generator=torch.Generator().manual_seed(cfg.seed + 3))
+            self.probe_indices = torch.sort(keep[:cfg.limit_probe]).values
         self.tasks = make_tasks(self.data.train_y, self.data.num_classes, cfg.tasks, cfg.split, cfg.seed,
                                 limit=cfg.limit_train)
         for i, task in enumerate(self.tasks):
             if len(task.train_indices) < 2:
-                raise ValueError(f"task {i} has {len(task.train_indices)} training images; at least 2 are needed")
-        self.augment = TwoViewAugment.for_dataset(cfg.dataset, self.data)
+                raise ValueError(f"task {i + 1} has {len(task.train_indices)} training images; at least 2 are needed")
+        self.augment = make_augment(cfg.recipe, cfg.method, cfg.dataset, self.data)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -110,17 +256,26 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        prepare_output_dir(cfg.output_dir)
+        stale = remove_stale_temporaries(cfg.output_dir, (CHECKPOINT, METRICS, PLOT))
+        if stale:
+            self.log(f"removed {len(stale)} temporary file(s) left by an interrupted write: "
+                     + ", ".join(os.path.basename(p) for p in stale))
         if os.path.exists(self.checkpoint_path):
             if not cfg.resume:
                 raise FileExistsError(
                     f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --output-dir")
             self._restore(load_checkpoint(self.checkpoint_path))
             pos = self.position
-            self.log(f"resuming from {self.checkpoint_path}: task {pos['task']}, "
-                     f"{pos['epochs_done']} epoch(s) done, evaluated={pos['evaluated']}")
+            if pos["evaluated"] and pos["task"] == cfg.tasks - 1:
+                self.log(f"{self.checkpoint_path} holds a finished run: its results again "
+                         f"(delete {cfg.output_dir} to train from scratch)")
+            else:
+                state = ("trained and evaluated" if pos["evaluated"] else
+                         f"{pos['epochs_done']} of {cfg.epochs} epoch(s) done")
+                self.log(f"resuming from {self.checkpoint_path}: task {pos['task'] + 1}/{cfg.tasks}, {state}")
         elif cfg.resume:
-            self.log(f"--resume: no checkpoint in {cfg.output_dir}, starting from the beginning")
+            self.log(f"no checkpoint in {cfg.output_dir} yet: starting a new run")
         deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if cfg.threads:
@@ -135,6 +290,7 @@ class Trainer:
         if not save_plot(metrics, os.path.join(cfg.output_dir, PLOT)):
             self.log("matplotlib is not installed: no plot (pip install 'pnr-kernels[train]')")
         self.log(format_table(metrics))
+        self.log(f"outputs in {cfg.output_dir}: {METRICS}, {PLOT}, {CHECKPOINT}")
         return metrics
 
     def _run_tasks(self) -> None:
@@ -145,14 +301,16 @@ class Trainer:
             if not pos["started"]:
                 self._start_task(t)
                 pos["started"] = True
-            epochs = _progress(range(pos["epochs_done"], cfg.epochs), cfg.progress,
+            epochs = _progress(range(pos["epochs_done"], cfg.epochs), self.bars,
                                desc=f"task {t + 1}/{cfg.tasks}", unit="epoch", leave=False)
             for epoch in epochs:
                 self._train_epoch(t, epoch)
                 pos["epochs_done"] = epoch + 1
-                self._save()
                 self.epochs_this_process += 1
-                if cfg.stop_after_epochs is not None and self.epochs_this_process >= cfg.stop_after_epochs:
+                stop = cfg.stop_after_epochs is not None and self.epochs_this_process >= cfg.stop_after_epochs
+                if stop or (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    self._save()
+                if stop:
                     raise StopRequested(f"stopped after {self.epochs_this_process} epoch(s) as asked "
                                         f"(--stop-after-epochs); continue with --resume")
             if not pos["evaluated"]:
@@ -164,7 +322,6 @@ class Trainer:
     def _start_task(self, task: int) -> None:
         if task > 0:
             self.frozen = copy.deepcopy(self.learner.online).requires_grad_(False).eval()
-        self.learner.start_task(task)
         self.optimizer = self._new_optimizer()
         self.log(f"task {task + 1}/{self.cfg.tasks}: classes {self.tasks[task].classes}, "
                  f"{len(self.tasks[task].train_indices)} training images")
@@ -173,6 +330,8 @@ class Trainer:
         cfg, params = self.cfg, self.learner.trainable_parameters()
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "lars":  # weight decay is applied by lars_adapt_ (not to excluded parameters)
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=0.0)
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
     def _steps_per_epoch(self, task: int) -> tuple:
@@ -184,6 +343,21 @@ class Trainer:
             steps = min(steps, self.cfg.max_steps_per_epoch)
         return batch, steps
 
+    def _schedule(self, step: int, total: int) -> tuple:
+        """(learning rate, momentum tau) at ``step`` of the task's ``total`` steps: linear warm-up
+        from min(0.003, lr) over ``warmup_epochs``, then cosine to 0; tau rises from
+        ``momentum_tau`` to ``final_momentum_tau`` along a cosine (constant when they are equal)."""
+        cfg = self.cfg
+        warmup = min(total, cfg.warmup_epochs * (total // cfg.epochs))
+        if step < warmup:
+            start = min(PAPER_WARMUP_START_LR, cfg.lr)
+            lr = start + (cfg.lr - start) * step / warmup
+        else:
+            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        base, final = cfg.momentum_tau, cfg.final_momentum_tau
+        tau = final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+        return lr, tau
+
     def _train_epoch(self, task: int, epoch: int) -> None:
         cfg = self.cfg
         batch, steps = self._steps_per_epoch(task)
@@ -193,23 +367,26 @@ class Trainer:
         self.learner.train()
         losses = []
         started = time.perf_counter()
-        bar = _progress(range(steps), cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        bar = _progress(range(steps), self.bars, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        params = self.learner.trainable_parameters() if cfg.optimizer == "lars" else None
         for step in bar:
             images = self.data.train_x[order[step * batch:(step + 1) * batch]].to(self.device)
-            x1 = self.augment(images, self.generators["augment"])
-            x2 = self.augment(images, self.generators["augment"])
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / total_steps))
+            x1 = self.augment(images, self.generators["augment"], view=0)
+            x2 = self.augment(images, self.generators["augment"], view=1)
+            lr, tau = self._schedule(epoch * steps + step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.runner.where = f"task {task}, epoch {epoch}, step {step}"
+            self.runner.where = f"task {task + 1}, epoch {epoch + 1}, step {step + 1}"
             loss, pending = self.learner.loss(x1, x2, self.frozen, self.runner)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss.item()} at {self.runner.where}; "
                                          f"try a lower --lr (now {cfg.lr})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if params is not None:
+                lars_adapt_(params, lr, cfg.weight_decay, PAPER_LARS_ETA, cfg.lars_exclude_bias_norm)
             self.optimizer.step()
-            self.learner.after_step(pending)
+            self.learner.after_step(pending, tau)
             losses.append(loss.item())
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -221,18 +398,26 @@ class Trainer:
                 "task": task, "epoch": epoch, "backend": cfg.verify_backend, "losses": per_loss,
                 "max_loss_rel_diff": max((v["loss_rel_diff"] for v in per_loss.values()), default=0.0),
                 "max_grad_rel_diff": max((v["grad_rel_diff"] for v in per_loss.values()), default=0.0)})
-        if not cfg.progress or (epoch + 1) % max(1, cfg.epochs // 4) == 0 or epoch + 1 == cfg.epochs:
-            self.log(f"  task {task} epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f} "
-                     f"({steps} steps, {time.perf_counter() - started:.1f}s)")
+        # Without bars: one line per epoch. With bars: a line at each quarter of the task.
+        if not self.bars or (epoch + 1) % max(1, cfg.epochs // 4) == 0 or epoch + 1 == cfg.epochs:
+            self.log(f"  task {task + 1}/{cfg.tasks} epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f} "
+                     f"({steps} steps, {time.perf_counter() - started:.1f} s)")
 
     def _evaluate(self, task: int) -> None:
         data, classes = self.data, [t.classes for t in self.tasks]
         backbone = self.learner.online.backbone
-        train_f = extract_features(backbone, data.train_x, self.augment.normalize, self.device)
+        train_x, train_y = data.train_x, data.train_y
+        if self.probe_indices is not None:
+            train_x, train_y = train_x[self.probe_indices], train_y[self.probe_indices]
+        train_f = extract_features(backbone, train_x, self.augment.normalize, self.device)
         test_f = extract_features(backbone, data.test_x, self.augment.normalize, self.device)
-        linear = task_accuracies(linear_probe_logits(train_f, data.train_y, test_f, data.num_classes),
+        if not (torch.isfinite(train_f).all() and torch.isfinite(test_f).all()):
+            raise FloatingPointError(
+                f"the backbone's features are not finite after task {task + 1} (eval mode, BatchNorm running "
+                f"statistics); try a lower --lr (now {self.cfg.lr}) or more steps per epoch")
+        linear = task_accuracies(linear_probe_logits(train_f, train_y, test_f, data.num_classes),
                                  data.test_y, classes)
-        knn = task_accuracies(knn_scores(train_f, data.train_y, test_f, data.num_classes), data.test_y, classes)
+        knn = task_accuracies(knn_scores(train_f, train_y, test_f, data.num_classes), data.test_y, classes)
         rec = self.records
         rec["accuracy_matrix"].append(linear["per_task"])
         rec["task_aware_accuracy_matrix"].append(linear["task_aware"])
@@ -240,7 +425,7 @@ class Trainer:
         rec["knn_accuracy_matrix"].append(knn["per_task"])
         rec["knn_task_aware_accuracy_matrix"].append(knn["task_aware"])
         rec["knn_accuracy"].append(knn["all"])
-        self.log(f"after task {task}: linear {linear['all']:.2f}% (per task "
+        self.log(f"after task {task + 1}/{self.cfg.tasks}: linear {linear['all']:.2f}% (per task "
                  + ", ".join(f"{a:.1f}" for a in linear["per_task"]) + f"), kNN {knn['all']:.2f}%")
 
     # -- results and checkpoints ----------------------------------------------------------------
@@ -250,7 +435,10 @@ class Trainer:
         out = {
             "config": cfg.fingerprint(),
             "completed": completed,
+            "task_numbering": "lists are 0-based: tasks[0], accuracy_matrix[0][0] and epochs[].task == 0 are "
+                              "task 1 of the logs and the plot; epochs[].epoch is 0-based too",
             "tasks": [{"classes": t.classes, "train_images": len(t.train_indices)} for t in self.tasks],
+            "probe_train_images": len(self.data.train_y) if self.probe_indices is None else len(self.probe_indices),
             "auto_backend_order": backends.available_backends(self.device),
             **{k: v for k, v in rec.items() if k != "verification"},
             "average_accuracy": rec["linear_accuracy"][-1] if rec["linear_accuracy"] else None,
@@ -263,7 +451,7 @@ class Trainer:
 
     def _save(self) -> None:
         save_checkpoint(self.checkpoint_path, {
-            "format": 1,
+            "format": 2,
             "config": self.cfg.fingerprint(),
             "position": dict(self.position),
             "records": self.records,
@@ -274,6 +462,13 @@ class Trainer:
         })
 
     def _restore(self, checkpoint: dict) -> None:
+        missing = [k for k in ("config", "position", "records", "learner", "frozen", "optimizer", "rng")
+                   if k not in checkpoint]
+        if missing or checkpoint.get("format") != 2:
+            raise ConfigMismatchError(
+                f"{self.checkpoint_path} is not a checkpoint of this pnr-cssl version (format "
+                f"{checkpoint.get('format')!r}, expected 2{'; lacks ' + ', '.join(missing) if missing else ''}); "
+                f"delete it to start over, or choose another --output-dir")
         saved, now = checkpoint["config"], self.cfg.fingerprint()
         if saved != now:
             keys = sorted(set(saved) | set(now))
@@ -297,4 +492,3 @@ class Trainer:
 def train(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``cfg`` (see :class:`Trainer`) and return its metrics."""
     return Trainer(cfg, log=log or _log).run()
-
