@@ -193,6 +193,14 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
 )}
 
 
+def spec_of(public: str) -> LossSpec:
+    """The entry of the loss whose public function is named ``public`` (``"simclr_pnr_loss"``)."""
+    for spec in LOSSES.values():
+        if spec.public == public:
+            return spec
+    raise KeyError(f"no registered loss has the public function {public!r}")
+
+
 def make_inputs(loss: str, batch: int, dim: int, dtype: torch.dtype, *, device="cpu",
                 requires_grad: bool = False, queue_size: int = 5, options: Optional[dict] = None):
     """Positional inputs and keyword options for ``loss``: random (B, D) embeddings (only the

@@ -27,17 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses as api
+from .. import registry
+from ..testing import check_against_reference
 from .config import Config
 from .models import Encoder, mlp
-
-# docs/losses.md, "Precision": (loss, gradient) relative tolerances against the reference, by dtype.
-TOLERANCES = {
-    torch.float64: (1e-5, 1e-4),
-    torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (2e-2, 5e-2),
-    torch.float16: (2e-2, 5e-2),
-}
-
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """Unit rows along the last dimension (queue entries)."""
@@ -47,18 +40,6 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class VerificationError(RuntimeError):
     """A backend's loss or gradient differs from the reference by more than docs/losses.md
     ("Precision") allows."""
-
-
-def _relative_difference(a: Optional[torch.Tensor], b: Optional[torch.Tensor], like: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` in float64 (a missing gradient counts as zeros; 0 when both are 0)."""
-    a = torch.zeros_like(like) if a is None else a
-    b = torch.zeros_like(like) if b is None else b
-    a, b = a.double(), b.double()
-    diff = (a - b).abs().max().item()
-    scale = b.abs().max().item()
-    if diff == 0:
-        return 0.0
-    return diff / scale if scale > 0 else float("inf")
 
 
 class LossRunner:
@@ -84,20 +65,16 @@ class LossRunner:
         return function(*tensors, backend=self.backend, **kwargs)
 
     def _verify(self, name, function, tensors: Sequence[torch.Tensor], kwargs) -> None:
-        results = []
-        for backend in (self.verify_backend, "reference"):
-            leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
-            loss = function(*leaves, backend=backend, **kwargs)
-            needed = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = torch.autograd.grad(loss, needed, allow_unused=True) if needed else ()
-            results.append((loss.detach(), grads, needed))
-        (loss_x, grads_x, needed), (loss_ref, grads_ref, _) = results
-        loss_diff = _relative_difference(loss_x, loss_ref, loss_ref)
-        grad_diff = max((_relative_difference(a, b, t) for a, b, t in zip(grads_x, grads_ref, needed)), default=0.0)
+        """Both backends on detached copies, against the float64 reference, with the one
+        toolbox and tolerance table of ``pnr_kernels.testing``."""
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        comparison = check_against_reference(registry.spec_of(name).name, self.verify_backend, leaves, kwargs,
+                                             assert_close=False)
+        loss_diff, grad_diff = comparison.loss, max(comparison.gradients.values(), default=0.0)
         record = self._records.setdefault(name, [0.0, 0.0])
         record[0], record[1] = max(record[0], loss_diff), max(record[1], grad_diff)
-        loss_tol, grad_tol = TOLERANCES[tensors[0].dtype]
-        if loss_diff > loss_tol or grad_diff > grad_tol:
+        if not comparison.passed:
+            loss_tol, grad_tol = comparison.tolerances
             raise VerificationError(
                 f"{name} with backend {self.verify_backend!r} differs from the reference at {self.where}: "
                 f"loss relative difference {loss_diff:.3g} (tolerance {loss_tol:g}), largest input-gradient "
