@@ -317,6 +317,41 @@ def _op_case(backend, rank, world):
             "keys_grad_rel": relative_error(got_grads[1], want_grads[1][mine])}
 
 
+def _subgroup_case(rank, world):
+    """process_group = ranks 1 and 2 of 3: their rows meet the group's keys only, the offset is the
+    rank in the group, and each embedding's gradient is the sum over the group's losses, i.e. the
+    group size times the gradient of the single-process loss on the group's batch."""
+    group = dist.new_group([1, 2])  # every rank calls new_group
+    if rank == 0:
+        return {}
+    spec, b = LOSSES["simclr_pnr"], 2
+    g = torch.Generator().manual_seed(11)
+    every = [torch.randn(2 * b, 5, generator=g, dtype=torch.float64) for _ in spec.inputs]
+    exact = [x.clone().requires_grad_(name in spec.trainable) for name, x in zip(spec.inputs, every)]
+    want = spec.function(*exact, backend="reference")
+    want_grads = torch.autograd.grad(want, [x for x in exact if x.requires_grad])
+    mine = slice((rank - 1) * b, rank * b)
+    figures = {}
+    for backend in [n for n in BACKENDS if DTYPES[n] == torch.float64]:
+        local = [x[mine].clone().requires_grad_(name in spec.trainable) for name, x in zip(spec.inputs, every)]
+        got = spec.function(*local, backend=backend, gather_distributed=True, process_group=group)
+        both = torch.empty(2, dtype=torch.float64)
+        distributed._all_gather_single(both, got.detach().reshape(1), group=group)
+        got_grads = torch.autograd.grad(got, [x for x in local if x.requires_grad])
+        figures[backend] = {"loss_rel": relative_error(both.mean(), want),
+                            "grad_rel": max(relative_error(g_, 2 * w[mine]) for g_, w in zip(got_grads, want_grads))}
+    return figures
+
+
+def _bench_case(rank, world):
+    """The gather-cost benchmark's timing loop runs inside a process group (tiny sizes)."""
+    from pnr_kernels import bench_distributed
+
+    config = dict(loss="nt_xent", backend="reference", device="cpu", dtype="float64", batch=2, dim=4,
+                  repeats=2, warmup=0)
+    return bench_distributed.time_steps(config, rank, world)
+
+
 def _unequal_batches_case(rank, world):
     x = [torch.randn(2 + rank, 4) for _ in range(6)]
     try:
@@ -367,7 +402,9 @@ def _free_port():
 def _cases(world):
     cases = [("ddp", loss, backend) for loss in GATHERED for backend in BACKENDS]
     if world == 2:
-        cases += [("buggy_gather",), ("unequal_batches",), ("queue",)] + [("op", b) for b in BACKENDS]
+        cases += [("buggy_gather",), ("unequal_batches",), ("queue",), ("bench",)] + [("op", b) for b in BACKENDS]
+    if world == 3:
+        cases += [("subgroup",)]
     return cases
 
 
@@ -425,6 +462,21 @@ def test_public_op_gathers_keys_at_global_offsets(backend):
         assert f["rows_grad_rel"] <= grad_tol and f["keys_grad_rel"] <= grad_tol, f"rank {rank}: {f}"
 
 
+def test_process_group_restricts_the_gather_to_the_group():
+    figures = _figures(3, "subgroup")
+    assert figures[0] == {}
+    for rank in (1, 2):
+        assert figures[rank], "no float64 backend ran"
+        for backend, f in figures[rank].items():
+            assert f["loss_rel"] <= 1e-12 and f["grad_rel"] <= 1e-10, f"{backend} rank {rank}: {f}"
+
+
+def test_gather_cost_benchmark_times_every_setting():
+    for f in _figures(2, "bench"):
+        assert set(f) == {"local", "gather", "collectives"}
+        assert all(len(times) == 2 and min(times) > 0 for times in f.values())
+
+
 def test_unequal_local_batches_raise_on_every_rank_naming_the_sizes():
     for f in _figures(2, "unequal_batches"):
         assert f["error"] is not None and "rank 0: 4, rank 1: 6" in f["error"], f
@@ -433,3 +485,12 @@ def test_unequal_local_batches_raise_on_every_rank_naming_the_sizes():
 def test_queue_enqueues_every_ranks_keys_in_rank_order():
     for f in _figures(2, "queue"):
         assert f == {"same_on_every_rank": True, "rank_order": True, "pointer": 4}
+
+
+def test_pnr_bench_routes_world_size_to_the_gather_benchmark(capsys):
+    from pnr_kernels import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--world-size", "1"])
+    assert exit_info.value.code == 2
+    assert "--world-size must be at least 2" in capsys.readouterr().err
