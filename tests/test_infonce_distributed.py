@@ -174,6 +174,43 @@ def test_world_of_one_is_exactly_the_local_loss(loss, backend):
         assert all(torch.equal(g, w) for g, w in zip(grads, base_grads))
 
 
+def _docs_example():
+    """The decoupled SimCLR-PNR example of docs/losses.md, executed from the docs' code block."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "losses.md")
+    with open(path) as f:
+        text = f.read()
+    start = text.index("```python\nimport torch.nn.functional as F\nimport pnr_kernels\n\ndef decoupled_simclr_pnr")
+    code = text[start + len("```python\n"):text.index("```", start + 3)]
+    namespace = {}
+    exec(compile(code, path, "exec"), namespace)
+    return namespace["decoupled_simclr_pnr"]
+
+
+def _decoupled_simclr_pnr_materialised(z1, z2, f1, f2, t):
+    """docs/losses.md's formula, written out: row i of either view drops key i of every block."""
+    unit = [x / x.norm(dim=1, keepdim=True) for x in (z1, z2, f1.detach(), f2.detach())]
+    losses = []
+    for v in (0, 1):
+        logits = torch.cat([(unit[v] @ k.T / t).fill_diagonal_(float("-inf")) for k in unit], 1)
+        losses.append(logits.logsumexp(1) - (unit[0] * unit[1]).sum(1) / t)
+    return torch.cat(losses).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_docs_example_decoupled_simclr_pnr(backend):
+    dtype = DTYPES[backend]
+    x = [torch.randn(4, 6, dtype=torch.float64) for _ in range(4)]
+    exact = [a.clone().requires_grad_(i < 2) for i, a in enumerate(x)]
+    want = _decoupled_simclr_pnr_materialised(*exact, 0.3)
+    want_grads = torch.autograd.grad(want, exact[:2])
+    cast = [a.to(dtype).requires_grad_(i < 2) for i, a in enumerate(x)]
+    got = _docs_example()(*cast, temperature=0.3, backend=backend)
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert_close_relative(got, want, loss_tol, f"docs example on {backend}")
+    for g, w in zip(torch.autograd.grad(got, cast[:2]), want_grads):
+        assert_close_relative(g, w, grad_tol, f"docs example gradient on {backend}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Single process: the queue helper
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +389,26 @@ def _bench_case(rank, world):
     return bench_distributed.time_steps(config, rank, world)
 
 
+def _docs_example_case(rank, world):
+    """The docs example with gather_distributed=True: the mean of the ranks' losses and each
+    rank's embedding gradients (W times the single-process gradient of its slice) against the
+    materialised formula on the whole batch."""
+    b = 3
+    g = torch.Generator().manual_seed(13)
+    every = [torch.randn(world * b, 6, generator=g, dtype=torch.float64) for _ in range(4)]
+    exact = [x.clone().requires_grad_(i < 2) for i, x in enumerate(every)]
+    want = _decoupled_simclr_pnr_materialised(*exact, 0.3)
+    want_grads = torch.autograd.grad(want, exact[:2])
+    mine = slice(rank * b, (rank + 1) * b)
+    local = [x[mine].clone().requires_grad_(i < 2) for i, x in enumerate(every)]
+    got = _docs_example()(*local, temperature=0.3, backend="reference", gather_distributed=True)
+    all_losses = torch.empty(world, dtype=torch.float64)
+    distributed._all_gather_single(all_losses, got.detach().reshape(1))
+    got_grads = torch.autograd.grad(got, local[:2])
+    return {"loss_rel": relative_error(all_losses.mean(), want),
+            "grad_rel": max(relative_error(g_, world * w[mine]) for g_, w in zip(got_grads, want_grads))}
+
+
 def _unequal_batches_case(rank, world):
     x = [torch.randn(2 + rank, 4) for _ in range(6)]
     try:
@@ -402,7 +459,7 @@ def _free_port():
 def _cases(world):
     cases = [("ddp", loss, backend) for loss in GATHERED for backend in BACKENDS]
     if world == 2:
-        cases += [("buggy_gather",), ("unequal_batches",), ("queue",), ("bench",)] + [("op", b) for b in BACKENDS]
+        cases += [("buggy_gather",), ("unequal_batches",), ("queue",), ("bench",), ("docs_example",)] + [("op", b) for b in BACKENDS]
     if world == 3:
         cases += [("subgroup",)]
     return cases
@@ -469,6 +526,11 @@ def test_process_group_restricts_the_gather_to_the_group():
         assert figures[rank], "no float64 backend ran"
         for backend, f in figures[rank].items():
             assert f["loss_rel"] <= 1e-12 and f["grad_rel"] <= 1e-10, f"{backend} rank {rank}: {f}"
+
+
+def test_docs_example_is_data_parallel_as_it_stands():
+    for rank, f in enumerate(_figures(2, "docs_example")):
+        assert f["loss_rel"] <= 1e-12 and f["grad_rel"] <= 1e-10, f"rank {rank}: {f}"
 
 
 def test_gather_cost_benchmark_times_every_setting():
