@@ -103,6 +103,31 @@ def data_parallel(gather_distributed: bool, process_group, local_sizes: Union[in
     return Gather(me, world, process_group)
 
 
+def global_keys(gather_distributed: bool, process_group, local_rows: int, device):
+    """How a loss over its own batch sees its keys (docs/losses.md, "Data-parallel"): a function
+    turning a local key block into the global one (every rank's block in rank order; with
+    autograd for blocks that require a gradient) and the global index of this rank's first row.
+    The identity and 0 when there is no gather (off, not initialised, or one rank)."""
+    gather = data_parallel(gather_distributed, process_group, local_rows, device)
+    if gather is None:
+        return (lambda x: x), 0
+    return (lambda x: gather.rows(x, differentiable=x.requires_grad)), gather.offset(local_rows)
+
+
+def gather_key_blocks(rows, keys, diagonal_offsets, gather_distributed: bool, process_group):
+    """The public op's key blocks and diagonal offsets under data parallelism: with a gather, every
+    block all-gathered (autograd for those that require a gradient) and block k's offset moved to
+    ``rank * M_k + diagonal_offsets[k]``; else unchanged. Checks that the rows and every block have
+    the same size on every rank."""
+    if gather_distributed:
+        sizes = {"rows": rows[0].shape[0], **{f"keys[{k}]": key.shape[0] for k, key in enumerate(keys)}}
+        gather = data_parallel(True, process_group, sizes, rows[0].device)
+        if gather is not None:
+            diagonal_offsets = [gather.offset(key.shape[0]) + o for key, o in zip(keys, diagonal_offsets)]
+            keys = [gather.rows(key, differentiable=key.requires_grad) for key in keys]
+    return list(keys), list(diagonal_offsets)
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather along dim 0; backward: reduce-scatter (SUM) of the gathered gradient."""
 

@@ -58,18 +58,6 @@ def _masked_diagonal(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
     return logits.masked_fill(j == i + offset, float("-inf"))
 
 
-def _global_keys(gather_distributed: bool, process_group, local_rows: int, device):
-    """How a loss sees its keys under data parallelism (docs/losses.md, "Data-parallel"): a
-    function turning a local key block into the global one (every rank's block, in rank order;
-    trainable blocks with autograd, whose backward sums every rank's gradient into the owner's
-    block) and the global index of this rank's first row; the identity and 0 when
-    ``gather_distributed`` is off or there is one rank."""
-    gather = distributed.data_parallel(gather_distributed, process_group, local_rows, device)
-    if gather is None:
-        return (lambda x: x), 0
-    return (lambda x: gather.rows(x, differentiable=x.requires_grad)), gather.offset(local_rows)
-
-
 # ---------------------------------------------------------------------------------------------
 # The fused op's contract, materialised (docs/losses.md, "The central op" and "Data-parallel")
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +83,7 @@ def infonce_lse(
     Every fused backend implements exactly this; the losses add their positives around it.
     """
     offsets = list(diagonal_offsets) if diagonal_offsets is not None else [0] * len(keys)
-    if gather_distributed:
-        sizes = {"rows": rows[0].shape[0], **{f"keys[{k}]": key.shape[0] for k, key in enumerate(keys)}}
-        gather = distributed.data_parallel(True, process_group, sizes, rows[0].device)
-        if gather is not None:
-            offsets = [gather.offset(key.shape[0]) + o for key, o in zip(keys, offsets)]
-            keys = [gather.rows(key, differentiable=key.requires_grad) for key in keys]
+    keys, offsets = distributed.gather_key_blocks(rows, keys, offsets, gather_distributed, process_group)
     out = []
     for row, scale in zip(rows, scales):
         blocks = []
@@ -124,7 +107,7 @@ def simclr_pnr_loss(z1, z2, p1, p2, f1, f2, *, temperature: float = 0.2,
     p = normalize(_up(torch.cat([p1, p2])))
     f = normalize(_up(torch.cat([f1, f2])))
     t = temperature
-    keys, o = _global_keys(gather_distributed, process_group, 2 * b, z.device)
+    keys, o = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     zk, fk = keys(z), keys(f)
     main = -(z * z.roll(b, dims=0)).sum(1) / t + torch.logsumexp(
         torch.cat([_masked_diagonal(z @ zk.T / t, o), _masked_diagonal(z @ fk.T / t, o)], dim=1), dim=1
@@ -141,7 +124,7 @@ def nt_xent_loss(z1, z2, *, temperature: float = 0.2, gather_distributed: bool =
     b = z1.shape[0]
     z = normalize(_up(torch.cat([z1, z2])))
     t = temperature
-    keys, o = _global_keys(gather_distributed, process_group, 2 * b, z.device)
+    keys, o = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     loss = -(z * z.roll(b, dims=0)).sum(1) / t + torch.logsumexp(_masked_diagonal(z @ keys(z).T / t, o), dim=1)
     return loss.mean().to(z1.dtype)
 
@@ -194,7 +177,7 @@ def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2, gathe
     p = normalize(_up(torch.cat([p1, p2])))
     f = normalize(_up(torch.cat([f1, f2])))
     t = temperature
-    keys, _ = _global_keys(gather_distributed, process_group, p.shape[0], p.device)
+    keys, _ = distributed.global_keys(gather_distributed, process_group, p.shape[0], p.device)
 
     def d(a, c, c_keys):
         return (torch.logsumexp(a @ c_keys.T / t, dim=1) - (a * c).sum(1) / t).mean()

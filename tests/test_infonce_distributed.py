@@ -459,7 +459,8 @@ def _free_port():
 def _cases(world):
     cases = [("ddp", loss, backend) for loss in GATHERED for backend in BACKENDS]
     if world == 2:
-        cases += [("buggy_gather",), ("unequal_batches",), ("queue",), ("bench",), ("docs_example",)] + [("op", b) for b in BACKENDS]
+        cases += [("buggy_gather",), ("unequal_batches",), ("queue",), ("bench",), ("docs_example",)]
+        cases += [("op", b) for b in BACKENDS]
     if world == 3:
         cases += [("subgroup",)]
     return cases

@@ -151,23 +151,10 @@ def multi_key_lse(op, rows, keys, exclude_diagonal, scales, diagonal_offsets=Non
     all-gathered in rank order (trainable blocks with autograd, the backward summing every rank's
     key gradients into the owner's block) and block k's offset becomes ``rank * M_k + offset``."""
     offsets = list(diagonal_offsets) if diagonal_offsets is not None else [0] * len(keys)
-    if gather_distributed:
-        sizes = {"rows": rows[0].shape[0], **{f"keys[{k}]": key.shape[0] for k, key in enumerate(keys)}}
-        gather = distributed.data_parallel(True, process_group, sizes, rows[0].device)
-        if gather is not None:
-            offsets = [gather.offset(key.shape[0]) + o for key, o in zip(keys, offsets)]
-            keys = [gather.rows(key, differentiable=key.requires_grad) for key in keys]
+    keys, offsets = distributed.gather_key_blocks(rows, keys, offsets, gather_distributed, process_group)
     blocks = [part for key, exclude, offset in zip(keys, exclude_diagonal, offsets)
               for part in offset_key_blocks(key, exclude, offset)]
     return op(list(rows), [k for k, _ in blocks], [e for _, e in blocks], list(scales))
-
-
-def _gathered(gather_distributed, process_group, local_rows, device):
-    """(keys, offset) as in ``reference._global_keys``: the identity and 0 without a gather."""
-    gather = distributed.data_parallel(gather_distributed, process_group, local_rows, device)
-    if gather is None:
-        return (lambda x: x), 0
-    return (lambda x: gather.rows(x, differentiable=x.requires_grad)), gather.offset(local_rows)
 
 
 def _excluding(op, rows, keys, scales, offset):
@@ -184,7 +171,7 @@ def _excluding(op, rows, keys, scales, offset):
 def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
     z, p, f = _unit_rows(z1, z2), _unit_rows(p1, p2), _unit_rows(f1, f2)
-    keys, offset = _gathered(gather_distributed, process_group, 2 * b, z.device)
+    keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     lse = _excluding(op, [z, p], [keys(z), keys(f)], [1.0 / t, 1.0 / t], offset)
     main = lse[0] - _row_dot(z, z.roll(b, dims=0)) / t
     reg = lse[1] - _row_dot(p, f) / t
@@ -194,7 +181,7 @@ def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature, gather_distribut
 def nt_xent_loss(op, z1, z2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
     z = _unit_rows(z1, z2)
-    keys, offset = _gathered(gather_distributed, process_group, 2 * b, z.device)
+    keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     lse = _excluding(op, [z], [keys(z)], [1.0 / t], offset)
     return (lse[0] - _row_dot(z, z.roll(b, dims=0)) / t).mean().to(z1.dtype)
 
@@ -229,7 +216,7 @@ def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
 def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     t = temperature
     p, f = _unit_rows(p1, p2), _unit_rows(f1, f2)
-    keys, _ = _gathered(gather_distributed, process_group, p.shape[0], p.device)
+    keys, _ = distributed.global_keys(gather_distributed, process_group, p.shape[0], p.device)
     pos = _row_dot(p, f) / t
     d_pf = op([p], [keys(f)], [False], [1.0 / t])[0] - pos
     d_fp = op([f], [keys(p)], [False], [1.0 / t])[0] - pos
