@@ -7,9 +7,10 @@ Everything here is torch.distributed (gloo on CPU, nccl on GPU); nothing is a ho
   that every rank computed for key ``j`` is summed and handed to the key's owner. That is what
   makes DDP's averaging of parameter gradients equal to the gradient of the mean of the ranks'
   losses, i.e. of the single-process loss on the concatenated global batch (docs/losses.md,
-  "Data-parallel"). A gather whose backward keeps only the local slice of the gradient (as
-  lightly's ``GatherLayer`` did, and many repositories copied) loses every other rank's
-  contribution to the local keys.
+  "Data-parallel"). A gather whose backward keeps only the local slice of the gradient (lightly's
+  ``GatherLayer`` until 2024, lightly-ai/lightly#1528, copied by many repositories) loses every
+  other rank's contribution to the local keys. torch.distributed.nn.functional.all_gather sums
+  correctly too, but is deprecated and on gloo runs one scatter per rank.
 * :func:`data_parallel` decides whether a loss gathers (``gather_distributed`` on, torch.distributed
   initialised, more than one rank in the group) and checks that every rank has the same local
   batch size (one tiny all-gather of the sizes), so that a mismatch is a clear error on every
