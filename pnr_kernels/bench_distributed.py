@@ -186,6 +186,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and torch.cuda.device_count() < args.world_size:
         parser.error(f"--device cuda needs {args.world_size} GPUs, this machine has {torch.cuda.device_count()}")
     config = {k: v for k, v in vars(args).items() if k != "json"}
+    if config["backend"] == "auto":  # name the backend that runs (the same on every rank)
+        from . import backends
+
+        config["backend"] = backends.choose("auto", args.loss, args.device, DTYPES[args.dtype])
     rows = measure(config)
     print(format_rows(config, rows))
     if args.json:
