@@ -69,8 +69,8 @@ def multi_key_infonce(rows, keys, *, temperature=0.2, exclude_diagonal=False, di
     """
     rows, keys, exclude, scales, offsets = check_infonce_inputs(rows, keys, exclude_diagonal, temperature,
                                                                 diagonal_offsets)
-    data_parallel = {name: check(name, value) for (name, check), value in
-                     zip(DATA_PARALLEL_CHECKS.items(), (gather_distributed, process_group))}
+    data_parallel = {name: DATA_PARALLEL_CHECKS[name](name, value) for name, value in
+                     (("gather_distributed", gather_distributed), ("process_group", process_group))}
     return _dispatch("infonce", backend, rows[0], backends.infonce_function, rows, keys, exclude, scales,
                      offsets, **data_parallel)
 
