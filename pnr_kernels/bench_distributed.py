@@ -16,7 +16,7 @@ and backward on the rank's embeddings (leaves requiring a gradient, the frozen o
 
 Times are the median over repeats of the slowest rank (ranks start each repeat together at a
 barrier). On a shared CPU the W-process rows compete for cores: ``--threads`` fixes the threads per
-process (default 1, so each rank has a core of its own on a 2-core machine).
+process, torch's and OpenMP's (default 1, so each rank has a core of its own on a 2-core machine).
 """
 from __future__ import annotations
 
@@ -140,6 +140,9 @@ def measure(config: dict) -> list:
     torch.set_num_threads(config["threads"])
     single = time_steps(config)
     rows = [dict(setting="W=1", world=1, global_batch=config["batch"], ms=statistics.median(single["local"]))]
+    # The ranks' OpenMP runtimes (the native CPU kernels) read their thread count from the
+    # environment: torch.set_num_threads in a spawned rank does not reach them.
+    os.environ["OMP_NUM_THREADS"] = str(config["threads"])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
         mp.spawn(_worker, args=(world, _free_port(), config, out), nprocs=world, join=True)
