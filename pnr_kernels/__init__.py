@@ -9,11 +9,13 @@ from .losses import (
     cassle_simclr_regularizer,
     moco_loss,
     moco_pnr_loss,
+    multi_key_infonce,
     nt_xent_loss,
     simclr_pnr_loss,
     vicreg_loss,
     vicreg_pnr_regularizer,
 )
+from .queue import PNRQueue
 from .modules import (
     BarlowPNRRegularizer,
     BarlowTwinsLoss,
@@ -41,6 +43,7 @@ __all__ = [
     "MoCoLoss",
     "MoCoPNRLoss",
     "NTXentLoss",
+    "PNRQueue",
     "SimCLRPNRLoss",
     "VICRegLoss",
     "VICRegPNRRegularizer",
@@ -52,6 +55,7 @@ __all__ = [
     "cassle_simclr_regularizer",
     "moco_loss",
     "moco_pnr_loss",
+    "multi_key_infonce",
     "nt_xent_loss",
     "simclr_pnr_loss",
     "vicreg_loss",

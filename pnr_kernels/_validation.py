@@ -108,3 +108,72 @@ def check_weight(name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A plain bool (``gather_distributed``): 0/1 or None are refused, not guessed."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_process_group(name: str, value):
+    """None (the default group) or a torch.distributed ProcessGroup."""
+    if value is None:
+        return value
+    import torch.distributed as dist
+
+    group_type = getattr(dist, "ProcessGroup", None)
+    if group_type is None or not isinstance(value, group_type):
+        raise TypeError(f"{name} must be None (the default group) or a torch.distributed.ProcessGroup, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _flags(name: str, value, n: int, check, what: str) -> list:
+    """One value per block: a single value for all, or a sequence of ``n`` values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} must have one entry per {what} ({n}), got {len(value)}")
+        return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [check(name, value)] * n
+
+
+def _check_offset(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (row i drops key offset + i), got {value}")
+    return int(value)
+
+
+def check_infonce_inputs(rows, keys, exclude_diagonal, temperature, diagonal_offsets):
+    """The public multi-key InfoNCE op's inputs: ``rows`` a non-empty sequence of (M, D) tensors of
+    one shape, ``keys`` a non-empty sequence of (M_k, D) tensors (M_k >= 1), all of one floating
+    dtype and device; ``exclude_diagonal`` a bool or one per key block; ``temperature`` a positive
+    number or one per row set; ``diagonal_offsets`` None or an int >= 0 per key block (or one for
+    all). Returns (rows, keys, exclude_diagonal, scales, diagonal_offsets) as lists."""
+    for name, value in (("rows", rows), ("keys", keys)):
+        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list of 2-D tensors, got {type(value).__name__}"
+                            + (" (wrap a single tensor in a list)" if isinstance(value, torch.Tensor) else ""))
+        if len(value) == 0:
+            raise ValueError(f"{name} must hold at least one tensor, got an empty list")
+    rows, keys = list(rows), list(keys)
+    _, dim = check_embeddings({f"rows[{i}]": r for i, r in enumerate(rows)})
+    for k, key in enumerate(keys):
+        name = f"keys[{k}]"
+        check_embeddings({name: key})
+        if key.shape[1] != dim:
+            raise ValueError(f"widths differ: rows[0] has dim {dim}, {name} has {key.shape[1]}")
+        check_same_dtype_device("rows[0]", rows[0], name, key)
+    exclude = _flags("exclude_diagonal", exclude_diagonal, len(keys), check_bool, "key block")
+    temperatures = _flags("temperature", temperature, len(rows), check_positive_number, "row set")
+    offsets = _flags("diagonal_offsets", 0 if diagonal_offsets is None else diagonal_offsets, len(keys),
+                     _check_offset, "key block")
+    return rows, keys, exclude, [1.0 / t for t in temperatures], offsets
+
+
+# The data-parallel options (``gather_distributed``, ``process_group``) of the losses that take them
+# and of the public op.
+DATA_PARALLEL_CHECKS = {"gather_distributed": check_bool, "process_group": check_process_group}

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from . import native, ops, registry
+from . import native, ops, reference, registry
 from . import triton as triton_backend
 from ._validation import BACKENDS, check_backend  # noqa: F401  (BACKENDS: re-exported)
 
@@ -31,16 +31,23 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this loss here; the message says why and what to do."""
 
 
+def family_of(what: str) -> str:
+    """The op family a loss (a ``registry.LOSSES`` name) runs on, or ``what`` itself when it
+    names an op family (``"infonce"``: the public :func:`pnr_kernels.multi_key_infonce`)."""
+    spec = registry.LOSSES.get(what)
+    return spec.family if spec is not None else what
+
+
 def unavailable_reason(name: str, loss: Optional[str], device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None when backend ``name`` can run ``loss`` (any loss when None) on ``device`` with
-    ``dtype``; else why not."""
+    """None when backend ``name`` can run ``loss`` (a loss or an op family; anything when None)
+    on ``device`` with ``dtype``; else why not."""
     if device.type == "cuda" and not torch.cuda.is_available():
         return "this torch build sees no CUDA device (torch.cuda.is_available() is False)"
     if name == "reference":
         return None
     module = _FUSED[name]
     reason = module.unavailable_reason(device, dtype)
-    if reason is None and loss is not None and registry.LOSSES[loss].family not in module.kernels():
+    if reason is None and loss is not None and family_of(loss) not in module.kernels():
         reason = f"it does not implement {loss}; use backend='reference' or 'auto'"
     return reason
 
@@ -65,7 +72,7 @@ def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype) -> str
             raise BackendUnavailableError(
                 f"backend {backend!r} cannot run {loss} on {device_type} with {dtype}: {reason}")
     if backend != "reference":
-        ops.backend_ops(backend, registry.LOSSES[loss].family, _FUSED[backend].kernels)
+        ops.backend_ops(backend, family_of(loss), _FUSED[backend].kernels)
     return backend
 
 
@@ -75,6 +82,16 @@ def loss_function(backend: str, loss: str) -> Callable:
     if backend == "reference":
         return spec.reference
     return functools.partial(spec.fused, ops.backend_ops(backend, spec.family, _FUSED[backend].kernels))
+
+
+def infonce_function(backend: str) -> Callable:
+    """The multi-key InfoNCE LSE with diagonal offsets and the data-parallel gather on the
+    concrete ``backend`` returned by :func:`choose` (``what="infonce"``), called as
+    ``fn(rows, keys, exclude_diagonal, scales, diagonal_offsets, gather_distributed=...,
+    process_group=...)``: the materialised ``reference.infonce_lse`` or the fused op's composition."""
+    if backend == "reference":
+        return reference.infonce_lse
+    return functools.partial(ops.infonce.multi_key_lse, ops.backend_ops(backend, "infonce", _FUSED[backend].kernels))
 
 
 def resolve(backend: str, loss: str, device: torch.device, dtype: torch.dtype) -> Callable:

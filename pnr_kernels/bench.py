@@ -682,6 +682,10 @@ def main(argv=None) -> int:
         from . import bench_report
 
         return bench_report.main(argv[1:])
+    if any(a.split("=")[0] == "--world-size" for a in argv):
+        from . import bench_distributed  # the data-parallel gather's cost (pnr_kernels/bench_distributed.py)
+
+        return bench_distributed.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:

@@ -12,7 +12,17 @@ import torch
 
 from . import backends, reference, registry
 from ._autocast import autocast_disabled
-from ._validation import check_embeddings, check_queue, check_weight
+from ._validation import (DATA_PARALLEL_CHECKS, check_embeddings, check_infonce_inputs, check_queue,
+                          check_weight)
+
+
+def _dispatch(what: str, backend: str, first: torch.Tensor, function_of, *args, **options) -> torch.Tensor:
+    """Choose the backend for ``what`` (a loss, or the op family "infonce") on ``first``'s device
+    and dtype, and call ``function_of(chosen)(*args, **options)`` with autocast off (the one
+    dispatch of the public functions)."""
+    chosen = backends.choose(backend, what, first.device.type, first.dtype)
+    with autocast_disabled(first.device.type):
+        return function_of(chosen)(*args, **options)
 
 
 def _run(loss: str, backend: str, inputs, **options) -> torch.Tensor:
@@ -26,25 +36,67 @@ def _run(loss: str, backend: str, inputs, **options) -> torch.Tensor:
     for name in spec.queues:
         check_queue(name, named[name], dim=dim, like_name=first_name, like=first)
     options = {name: spec.options[name](name, value) for name, value in options.items()}
-    chosen = backends.choose(backend, loss, first.device.type, first.dtype)
-    fn = backends.loss_function(chosen, loss)
     args = [x if trainable else x.detach() for x, trainable in zip(inputs, spec.trainable_mask)]
-    with autocast_disabled(first.device.type):
-        return fn(*args, **options)
+    return _dispatch(loss, backend, first, lambda chosen: backends.loss_function(chosen, loss), *args, **options)
 
 
-def simclr_pnr_loss(z1, z2, p1, p2, f1, f2, *, temperature=0.2, backend="auto"):
+def multi_key_infonce(rows, keys, *, temperature=0.2, exclude_diagonal=False, diagonal_offsets=None,
+                      backend="auto", gather_distributed=False, process_group=None):
+    """The central op of every contrastive loss here, public so that new pseudo-negative losses
+    can be composed from it (docs/losses.md, "The central op" and "Data-parallel"):
+
+        lse[r, i] = LSE over key blocks k and keys j of keys[k][j] . rows[r][i] / temperature[r],
+                    leaving out j = diagonal_offsets[k] + i where exclude_diagonal[k]
+
+    rows: a list of R row sets, each (M, D); keys: a list of key blocks, each (M_k, D); any strides,
+    one floating dtype and device. Nothing is normalised: pass unit rows for cosine logits.
+    temperature: one for all row sets or one per row set. exclude_diagonal: one flag for all key
+    blocks or one per block. diagonal_offsets: None (0) or an int >= 0 per block (or one for all);
+    a key that does not exist (offset + i >= M_k) leaves nothing out.
+
+    gather_distributed (with W > 1 ranks in process_group, the default group when None): every
+    key block is all-gathered in rank order, the blocks that require a gradient with autograd (the
+    backward sums every rank's gradient of a key and returns it to the key's owner), the others
+    without; block k's offset becomes ``rank * M_k + diagonal_offsets[k]``, so a row drops its own
+    key in the global batch. Every rank must hold the same M and M_k (else ValueError naming them).
+
+    Returns (R, M) in float32 (float64 for float64 inputs); add the positives yourself, e.g. the
+    InfoNCE loss of row i with positive logit s_i is ``logaddexp(lse[r, i], s_i) - s_i`` when the
+    positive is not among the keys, ``lse[r, i] - s_i`` when it is. Gradients flow to every row
+    set and key block that requires one; nothing of size rows x keys is stored by the fused
+    backends (the native CUDA kernels take at most 8 row sets and 8 key blocks, a block with a
+    non-zero offset counting as 2).
+    """
+    rows, keys, exclude, scales, offsets = check_infonce_inputs(rows, keys, exclude_diagonal, temperature,
+                                                                diagonal_offsets)
+    data_parallel = {name: DATA_PARALLEL_CHECKS[name](name, value) for name, value in
+                     (("gather_distributed", gather_distributed), ("process_group", process_group))}
+    return _dispatch("infonce", backend, rows[0], backends.infonce_function, rows, keys, exclude, scales,
+                     offsets, **data_parallel)
+
+
+def simclr_pnr_loss(z1, z2, p1, p2, f1, f2, *, temperature=0.2, backend="auto", gather_distributed=False,
+                    process_group=None):
     """SimCLR with pseudo-negatives (docs/losses.md, section 1).
 
     z1, z2: current projections of the two views (B, D); p1, p2: predictor outputs g(z1), g(z2);
     f1, f2: the frozen previous model's projections. Returns ``mean(main) + mean(reg)``.
+
+    gather_distributed: under torch.distributed with W > 1 ranks in ``process_group`` (default
+    group when None), the rows meet the keys Z, F of the whole global batch, each row dropping its
+    own key at its global index; the loss is the mean over the local rows and its gradients,
+    averaged by DDP, are those of the loss on the concatenated global batch (docs/losses.md,
+    "Data-parallel"). Every rank must hold the same batch size. Off, or W = 1: the local loss.
     """
-    return _run("simclr_pnr", backend, (z1, z2, p1, p2, f1, f2), temperature=temperature)
+    return _run("simclr_pnr", backend, (z1, z2, p1, p2, f1, f2), temperature=temperature,
+                gather_distributed=gather_distributed, process_group=process_group)
 
 
-def nt_xent_loss(z1, z2, *, temperature=0.2, backend="auto"):
-    """Plain SimCLR / NT-Xent over 2B rows (docs/losses.md, section 2)."""
-    return _run("nt_xent", backend, (z1, z2), temperature=temperature)
+def nt_xent_loss(z1, z2, *, temperature=0.2, backend="auto", gather_distributed=False, process_group=None):
+    """Plain SimCLR / NT-Xent over 2B rows (docs/losses.md, section 2); ``gather_distributed``,
+    ``process_group``: the keys are the whole global batch, as for :func:`simclr_pnr_loss`."""
+    return _run("nt_xent", backend, (z1, z2), temperature=temperature, gather_distributed=gather_distributed,
+                process_group=process_group)
 
 
 def moco_pnr_loss(q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
@@ -65,10 +117,14 @@ def moco_loss(q1, q2, k1, k2, key_queue, *, temperature=0.2, backend="auto"):
     return _run("moco", backend, (q1, q2, k1, k2, key_queue), temperature=temperature)
 
 
-def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature=0.2, backend="auto"):
+def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature=0.2, backend="auto", gather_distributed=False,
+                              process_group=None):
     """CaSSLe's SimCLR regulariser ``(d(P, F) + d(F, P)) / 2`` (docs/losses.md, section 5),
-    unweighted: multiply by the strategy's weight yourself."""
-    return _run("cassle_simclr", backend, (p1, p2, f1, f2), temperature=temperature)
+    unweighted: multiply by the strategy's weight yourself. ``gather_distributed``,
+    ``process_group``: the keys (P of the current model, F of the frozen one) are the whole global
+    batch, as for :func:`simclr_pnr_loss` (nothing is excluded here)."""
+    return _run("cassle_simclr", backend, (p1, p2, f1, f2), temperature=temperature,
+                gather_distributed=gather_distributed, process_group=process_group)
 
 
 def byol_pnr_regularizer(p1, p2, f1, f2, *, distill_weight=1.0, negative_weight=0.5, backend="auto"):

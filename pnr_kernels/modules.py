@@ -2,6 +2,9 @@
 
     criterion = SimCLRPNRLoss(temperature=0.2)
     loss = criterion(z1, z2, p1, p2, f1, f2)
+
+Under data parallelism, ``SimCLRPNRLoss(gather_distributed=True)`` (also NTXentLoss,
+CaSSLeSimCLRRegularizer) makes every rank's rows meet the whole global batch's keys.
 """
 from __future__ import annotations
 
@@ -32,23 +35,25 @@ class _LossModule(nn.Module):
         return type(self).function(*inputs, **named_inputs, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "process_group" or v is not None)
 
 
 class SimCLRPNRLoss(_LossModule):
     """:func:`pnr_kernels.simclr_pnr_loss`; forward(z1, z2, p1, p2, f1, f2)."""
     function = staticmethod(losses.simclr_pnr_loss)
 
-    def __init__(self, temperature=0.2, backend="auto"):
-        super().__init__(temperature=temperature, backend=backend)
+    def __init__(self, temperature=0.2, backend="auto", gather_distributed=False, process_group=None):
+        super().__init__(temperature=temperature, backend=backend, gather_distributed=gather_distributed,
+                         process_group=process_group)
 
 
 class NTXentLoss(_LossModule):
     """:func:`pnr_kernels.nt_xent_loss`; forward(z1, z2)."""
     function = staticmethod(losses.nt_xent_loss)
 
-    def __init__(self, temperature=0.2, backend="auto"):
-        super().__init__(temperature=temperature, backend=backend)
+    def __init__(self, temperature=0.2, backend="auto", gather_distributed=False, process_group=None):
+        super().__init__(temperature=temperature, backend=backend, gather_distributed=gather_distributed,
+                         process_group=process_group)
 
 
 class MoCoPNRLoss(_LossModule):
@@ -71,8 +76,9 @@ class CaSSLeSimCLRRegularizer(_LossModule):
     """:func:`pnr_kernels.cassle_simclr_regularizer`; forward(p1, p2, f1, f2)."""
     function = staticmethod(losses.cassle_simclr_regularizer)
 
-    def __init__(self, temperature=0.2, backend="auto"):
-        super().__init__(temperature=temperature, backend=backend)
+    def __init__(self, temperature=0.2, backend="auto", gather_distributed=False, process_group=None):
+        super().__init__(temperature=temperature, backend=backend, gather_distributed=gather_distributed,
+                         process_group=process_group)
 
 
 class BYOLPNRRegularizer(_LossModule):

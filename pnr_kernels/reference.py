@@ -8,7 +8,7 @@ float64 inputs are computed in float64. These functions assume validated inputs 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +50,16 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x / _overflow_guard(x, 1), dim=1, eps=NORMALIZE_EPS)
 
 
-def _masked_diagonal(logits: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(logits.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)
-    return logits.masked_fill(eye, float("-inf"))
+def _masked_diagonal(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """``logits`` with entry (i, offset + i) set to -inf for every row i (where that column
+    exists): the key whose global index is the row's own is left out of the LSE."""
+    i = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    j = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    return logits.masked_fill(j == i + offset, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused op's contract, materialised (docs/losses.md, "The central op")
+# The fused op's contract, materialised (docs/losses.md, "The central op" and "Data-parallel")
 # ---------------------------------------------------------------------------------------------
 
 def infonce_lse(
@@ -64,48 +67,65 @@ def infonce_lse(
     keys: Sequence[torch.Tensor],
     exclude_diagonal: Sequence[bool],
     scales: Sequence[float],
+    diagonal_offsets: Optional[Sequence[int]] = None,
+    *,
+    gather_distributed: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
-    """``lse[r, i] = LSE over blocks k, keys j (j != i where exclude_diagonal[k]) of
-    scales[r] * rows[r][i] . keys[k][j]``, shape (R, M), in the compute dtype.
+    """``lse[r, i] = LSE over blocks k, keys j (j != diagonal_offsets[k] + i where
+    exclude_diagonal[k]) of scales[r] * rows[r][i] . keys[k][j]``, shape (R, M), in the compute
+    dtype. ``diagonal_offsets`` defaults to zeros (row i drops key i).
+
+    With ``gather_distributed`` and W > 1 ranks, every key block is first all-gathered in rank
+    order (with autograd for blocks that require a gradient) and block k's offset becomes
+    ``rank * M_k + diagonal_offsets[k]`` (``M_k``: the local block's rows, the same on every rank).
 
     Every fused backend implements exactly this; the losses add their positives around it.
     """
+    offsets = list(diagonal_offsets) if diagonal_offsets is not None else [0] * len(keys)
+    keys, offsets = distributed.gather_key_blocks(rows, keys, offsets, gather_distributed, process_group)
     out = []
     for row, scale in zip(rows, scales):
         blocks = []
-        for key, exclude in zip(keys, exclude_diagonal):
+        for key, exclude, offset in zip(keys, exclude_diagonal, offsets):
             logits = (_up(row) @ _up(key).T) * scale
-            blocks.append(_masked_diagonal(logits) if exclude else logits)
+            blocks.append(_masked_diagonal(logits, offset) if exclude else logits)
         out.append(torch.logsumexp(torch.cat(blocks, dim=1), dim=1))
     return torch.stack(out)
 
 
 # ---------------------------------------------------------------------------------------------
-# Contrastive losses (sections 1, 2, 3 and 5)
+# Contrastive losses (sections 1, 2, 3 and 5). With ``gather_distributed`` (SimCLR-PNR, NT-Xent,
+# CaSSLe) the keys are the whole global batch and the self-exclusion is at the global index.
 # ---------------------------------------------------------------------------------------------
 
-def simclr_pnr_loss(z1, z2, p1, p2, f1, f2, *, temperature: float = 0.2) -> torch.Tensor:
-    """SimCLR-PNR, section 1: ``mean_i(main_i) + mean_i(reg_i)``."""
+def simclr_pnr_loss(z1, z2, p1, p2, f1, f2, *, temperature: float = 0.2,
+                    gather_distributed: bool = False, process_group=None) -> torch.Tensor:
+    """SimCLR-PNR, section 1: ``mean_i(main_i) + mean_i(reg_i)`` over the local rows."""
     b = z1.shape[0]
     z = normalize(_up(torch.cat([z1, z2])))
     p = normalize(_up(torch.cat([p1, p2])))
     f = normalize(_up(torch.cat([f1, f2])))
     t = temperature
+    keys, o = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
+    zk, fk = keys(z), keys(f)
     main = -(z * z.roll(b, dims=0)).sum(1) / t + torch.logsumexp(
-        torch.cat([_masked_diagonal(z @ z.T / t), _masked_diagonal(z @ f.T / t)], dim=1), dim=1
+        torch.cat([_masked_diagonal(z @ zk.T / t, o), _masked_diagonal(z @ fk.T / t, o)], dim=1), dim=1
     )
     reg = -(p * f).sum(1) / t + torch.logsumexp(
-        torch.cat([_masked_diagonal(p @ f.T / t), _masked_diagonal(p @ z.T / t)], dim=1), dim=1
+        torch.cat([_masked_diagonal(p @ fk.T / t, o), _masked_diagonal(p @ zk.T / t, o)], dim=1), dim=1
     )
     return (main.mean() + reg.mean()).to(z1.dtype)
 
 
-def nt_xent_loss(z1, z2, *, temperature: float = 0.2) -> torch.Tensor:
+def nt_xent_loss(z1, z2, *, temperature: float = 0.2, gather_distributed: bool = False,
+                 process_group=None) -> torch.Tensor:
     """Plain SimCLR / NT-Xent, section 2."""
     b = z1.shape[0]
     z = normalize(_up(torch.cat([z1, z2])))
     t = temperature
-    loss = -(z * z.roll(b, dims=0)).sum(1) / t + torch.logsumexp(_masked_diagonal(z @ z.T / t), dim=1)
+    keys, o = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
+    loss = -(z * z.roll(b, dims=0)).sum(1) / t + torch.logsumexp(_masked_diagonal(z @ keys(z).T / t, o), dim=1)
     return loss.mean().to(z1.dtype)
 
 
@@ -151,16 +171,18 @@ def moco_loss(q1, q2, k1, k2, key_queue, *, temperature: float = 0.2) -> torch.T
     return (loss + queue_poison(key_queue)).to(dtype)
 
 
-def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2) -> torch.Tensor:
+def cassle_simclr_regularizer(p1, p2, f1, f2, *, temperature: float = 0.2, gather_distributed: bool = False,
+                              process_group=None) -> torch.Tensor:
     """CaSSLe's SimCLR regulariser, section 5, without its weight: ``(d(P, F) + d(F, P)) / 2``."""
     p = normalize(_up(torch.cat([p1, p2])))
     f = normalize(_up(torch.cat([f1, f2])))
     t = temperature
+    keys, _ = distributed.global_keys(gather_distributed, process_group, p.shape[0], p.device)
 
-    def d(a, c):
-        return (torch.logsumexp(a @ c.T / t, dim=1) - (a * c).sum(1) / t).mean()
+    def d(a, c, c_keys):
+        return (torch.logsumexp(a @ c_keys.T / t, dim=1) - (a * c).sum(1) / t).mean()
 
-    return ((d(p, f) + d(f, p)) / 2).to(p1.dtype)
+    return ((d(p, f, keys(f)) + d(f, p, keys(p))) / 2).to(p1.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

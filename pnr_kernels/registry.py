@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._validation import check_positive_number, check_weight
+from ._validation import DATA_PARALLEL_CHECKS, check_positive_number, check_weight
 from .ops import infonce, regularizers
 
 # Kinds of loss: which op family a fused backend runs them on, and how the bench sizes them.
@@ -42,7 +42,8 @@ class LossSpec:
     trainable: the (B, D) inputs that receive a gradient; the other (B, D) inputs and every queue
         are frozen (detached before dispatch).
     queues: the names of the (2, K, D) queue inputs.
-    options: a check per keyword option (it validates and converts the user's value).
+    options: a check per keyword option (it validates and converts the user's value); the
+        contrastive losses over the batch itself also take DATA_PARALLEL's options.
     example_options: option values that differ from the defaults, so that a test or a benchmark
         notices an option a backend ignores.
     work, work_unit: the work model of one forward + backward (bench throughput), or None, and
@@ -96,6 +97,12 @@ class LossSpec:
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
 
     @property
+    def gathers(self) -> bool:
+        """Whether the loss takes ``gather_distributed`` / ``process_group`` (its keys are the
+        global batch under data parallelism)."""
+        return "gather_distributed" in self.options
+
+    @property
     def trainable_mask(self) -> Tuple[bool, ...]:
         """Per positional input, whether it receives a gradient."""
         return tuple(name in self.trainable for name in self.inputs)
@@ -133,6 +140,10 @@ def _paired_bytes(b, d, k, itemsize):
 
 
 _TEMPERATURE = {"temperature": check_positive_number}
+# The data-parallel options of the losses whose keys are the batch itself (docs/losses.md,
+# "Data-parallel"): a loss supports ``gather_distributed`` exactly when its entry has these.
+DATA_PARALLEL = DATA_PARALLEL_CHECKS
+_GATHERED = {**_TEMPERATURE, **DATA_PARALLEL}
 _PNR_WEIGHTS = {"distill_weight": check_weight, "negative_weight": check_weight}
 _PNR_EXAMPLE = {"distill_weight": 1.3, "negative_weight": 0.7}
 
@@ -140,13 +151,13 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec(
         "simclr_pnr", "simclr_pnr_loss", "SimCLRPNRLoss", reference.simclr_pnr_loss,
         "infonce", infonce.simclr_pnr_loss, CONTRASTIVE, trainable=("z1", "z2", "p1", "p2"),
-        docs="docs/losses.md section 1", options=_TEMPERATURE, example_options={"temperature": 0.3},
+        docs="docs/losses.md section 1", options=_GATHERED, example_options={"temperature": 0.3},
         work=_simclr_pnr_work,
     ),
     LossSpec(
         "nt_xent", "nt_xent_loss", "NTXentLoss", reference.nt_xent_loss,
         "infonce", infonce.nt_xent_loss, CONTRASTIVE, trainable=("z1", "z2"),
-        docs="docs/losses.md section 2", options=_TEMPERATURE, example_options={"temperature": 0.3},
+        docs="docs/losses.md section 2", options=_GATHERED, example_options={"temperature": 0.3},
         work=_nt_xent_work,
     ),
     LossSpec(
@@ -167,7 +178,7 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec(
         "cassle_simclr", "cassle_simclr_regularizer", "CaSSLeSimCLRRegularizer",
         reference.cassle_simclr_regularizer, "infonce", infonce.cassle_simclr_regularizer, CONTRASTIVE,
-        trainable=("p1", "p2"), docs="docs/losses.md section 5", options=_TEMPERATURE,
+        trainable=("p1", "p2"), docs="docs/losses.md section 5", options=_GATHERED,
         example_options={"temperature": 0.3},
         work=_cassle_simclr_work,
     ),

@@ -26,6 +26,7 @@ from typing import Callable, List, Sequence
 
 import torch
 
+from .. import distributed
 from .._autocast import autocast_disabled
 from ..reference import compute_dtype, normalize, queue_poison
 from ._common import first_order_only
@@ -124,19 +125,64 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype) * b.to(dtype)).sum(1)
 
 
-def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature):
+# ---------------------------------------------------------------------------------------------
+# Key blocks with a diagonal offset, and the data-parallel gather (docs/losses.md, "Data-parallel").
+# No kernel knows about either: a block whose self-exclusion starts at key ``offset`` is passed as
+# two views of it, so every backend gets both for free.
+# ---------------------------------------------------------------------------------------------
+
+def offset_key_blocks(key: torch.Tensor, exclude: bool, offset: int):
+    """``[(block, exclude_diagonal), ...]`` expressing "row i drops key ``offset + i`` of ``key``"
+    (where that key exists) with the op's plain diagonal flag: ``key[:offset]`` with nothing
+    dropped and ``key[offset:]`` with its diagonal dropped (row i drops its key i, i.e. key
+    ``offset + i`` of the whole block). Views, no copy: the op's gradients of the two parts flow
+    back through the slicing into one gradient of ``key``. Empty parts are left out."""
+    if not exclude or offset == 0:
+        return [(key, exclude)]
+    lo = min(offset, key.shape[0])
+    parts = [(key[:lo], False), (key[lo:], True)]
+    return [(k, e) for k, e in parts if k.shape[0] > 0]
+
+
+def multi_key_lse(op, rows, keys, exclude_diagonal, scales, diagonal_offsets=None, *,
+                  gather_distributed=False, process_group=None):
+    """The op with per-block diagonal offsets and the data-parallel gather (the semantics of
+    ``reference.infonce_lse``): under ``gather_distributed`` with W > 1 ranks every key block is
+    all-gathered in rank order (trainable blocks with autograd, the backward summing every rank's
+    key gradients into the owner's block) and block k's offset becomes ``rank * M_k + offset``."""
+    offsets = list(diagonal_offsets) if diagonal_offsets is not None else [0] * len(keys)
+    keys, offsets = distributed.gather_key_blocks(rows, keys, offsets, gather_distributed, process_group)
+    blocks = [part for key, exclude, offset in zip(keys, exclude_diagonal, offsets)
+              for part in offset_key_blocks(key, exclude, offset)]
+    return op(list(rows), [k for k, _ in blocks], [e for _, e in blocks], list(scales))
+
+
+def _excluding(op, rows, keys, scales, offset):
+    """The op with every key block's self-exclusion at global index ``offset + i``."""
+    blocks = [part for key in keys for part in offset_key_blocks(key, True, offset)]
+    return op(rows, [k for k, _ in blocks], [e for _, e in blocks], scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive losses over the op. They mirror pnr_kernels.reference; the op replaces the
+# materialised log-sum-exp, everything else is O(M x D).
+# ---------------------------------------------------------------------------------------------
+
+def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
     z, p, f = _unit_rows(z1, z2), _unit_rows(p1, p2), _unit_rows(f1, f2)
-    lse = op([z, p], [z, f], [True, True], [1.0 / t, 1.0 / t])
+    keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
+    lse = _excluding(op, [z, p], [keys(z), keys(f)], [1.0 / t, 1.0 / t], offset)
     main = lse[0] - _row_dot(z, z.roll(b, dims=0)) / t
     reg = lse[1] - _row_dot(p, f) / t
     return (main.mean() + reg.mean()).to(z1.dtype)
 
 
-def nt_xent_loss(op, z1, z2, *, temperature):
+def nt_xent_loss(op, z1, z2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
     z = _unit_rows(z1, z2)
-    lse = op([z], [z], [True], [1.0 / t])
+    keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
+    lse = _excluding(op, [z], [keys(z)], [1.0 / t], offset)
     return (lse[0] - _row_dot(z, z.roll(b, dims=0)) / t).mean().to(z1.dtype)
 
 
@@ -167,10 +213,11 @@ def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
     return (total / 2 + queue_poison(key_queue)).to(q1.dtype)
 
 
-def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature):
+def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     t = temperature
     p, f = _unit_rows(p1, p2), _unit_rows(f1, f2)
+    keys, _ = distributed.global_keys(gather_distributed, process_group, p.shape[0], p.device)
     pos = _row_dot(p, f) / t
-    d_pf = op([p], [f], [False], [1.0 / t])[0] - pos
-    d_fp = op([f], [p], [False], [1.0 / t])[0] - pos
+    d_pf = op([p], [keys(f)], [False], [1.0 / t])[0] - pos
+    d_fp = op([f], [keys(p)], [False], [1.0 / t])[0] - pos
     return ((d_pf.mean() + d_fp.mean()) / 2).to(p1.dtype)
