@@ -48,6 +48,10 @@ class LossSpec:
         notices an option a backend ignores.
     work, work_unit: the work model of one forward + backward (bench throughput), or None, and
         its unit ("FLOP": 2 per multiply-add of the products; "byte": memory traffic).
+    cpu_reference_below: on CPU tensors, ``backend="auto"`` runs the reference for batches below
+        this size (rows per view): the measured crossover under which the fused op's fixed
+        per-call cost (about 0.2 ms of custom-op dispatch and autograd wiring) loses to the
+        reference (docs/benchmarks.md, "Small batches").
     docs: where the mathematics is (docs/losses.md section).
     """
     name: str
@@ -64,6 +68,7 @@ class LossSpec:
     example_options: Dict[str, float] = field(default_factory=dict)
     work: Optional[WorkModel] = None
     work_unit: str = "FLOP"
+    cpu_reference_below: int = 0
 
     @property
     def function(self) -> Callable:
@@ -152,13 +157,13 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
         "simclr_pnr", "simclr_pnr_loss", "SimCLRPNRLoss", reference.simclr_pnr_loss,
         "infonce", infonce.simclr_pnr_loss, CONTRASTIVE, trainable=("z1", "z2", "p1", "p2"),
         docs="docs/losses.md section 1", options=_GATHERED, example_options={"temperature": 0.3},
-        work=_simclr_pnr_work,
+        work=_simclr_pnr_work, cpu_reference_below=64,
     ),
     LossSpec(
         "nt_xent", "nt_xent_loss", "NTXentLoss", reference.nt_xent_loss,
         "infonce", infonce.nt_xent_loss, CONTRASTIVE, trainable=("z1", "z2"),
         docs="docs/losses.md section 2", options=_GATHERED, example_options={"temperature": 0.3},
-        work=_nt_xent_work,
+        work=_nt_xent_work, cpu_reference_below=128,
     ),
     LossSpec(
         "moco_pnr", "moco_pnr_loss", "MoCoPNRLoss", reference.moco_pnr_loss,
@@ -173,14 +178,14 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
         "infonce", infonce.moco_loss, QUEUE, trainable=("q1", "q2"),
         queues=("key_queue",), docs="docs/losses.md section 3", options=_TEMPERATURE,
         example_options={"temperature": 0.3},
-        work=_moco_work,
+        work=_moco_work, cpu_reference_below=128,
     ),
     LossSpec(
         "cassle_simclr", "cassle_simclr_regularizer", "CaSSLeSimCLRRegularizer",
         reference.cassle_simclr_regularizer, "infonce", infonce.cassle_simclr_regularizer, CONTRASTIVE,
         trainable=("p1", "p2"), docs="docs/losses.md section 5", options=_GATHERED,
         example_options={"temperature": 0.3},
-        work=_cassle_simclr_work,
+        work=_cassle_simclr_work, cpu_reference_below=256,
     ),
     LossSpec(
         "byol_pnr", "byol_pnr_regularizer", "BYOLPNRRegularizer", reference.byol_pnr_regularizer,

@@ -269,3 +269,20 @@ def test_public_names():
         assert getattr(pnr_kernels, spec.public) is spec.function
         assert spec.public in pnr_kernels.__all__ and spec.module in pnr_kernels.__all__
         assert spec.reference is getattr(reference, spec.public)
+
+
+def test_auto_takes_the_reference_below_the_measured_cpu_crossover(monkeypatch):
+    from pnr_kernels import backends
+
+    chosen = []
+    real = backends.loss_function
+    monkeypatch.setattr(backends, "loss_function", lambda backend, loss: chosen.append(backend) or real(backend, loss))
+    spec = LOSSES["nt_xent"]
+    fused = pnr_kernels.available_backends("cpu")[0]
+    for batch in (spec.cpu_reference_below - 1, spec.cpu_reference_below):
+        args, kwargs = make_inputs("nt_xent", batch, 4, torch.float32)
+        spec.function(*args, **kwargs)
+    assert chosen == ["reference", fused]
+    args, kwargs = make_inputs("moco_pnr", 3, 4, torch.float32)  # no crossover: fused at any size
+    LOSSES["moco_pnr"].function(*args, **kwargs)
+    assert chosen[-1] == fused
