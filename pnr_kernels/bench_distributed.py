@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,8 +31,8 @@ import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+from .bench import DTYPES
+from .testing import free_port
 
 
 def _inputs(loss, batch, dim, dtype, device, seed):
@@ -121,11 +120,6 @@ def _worker(rank, world, port, config, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _slowest_rank_median(per_rank, key):
     """Median over repeats of the slowest rank's time in each repeat."""
@@ -145,7 +139,7 @@ def measure(config: dict) -> list:
     os.environ["OMP_NUM_THREADS"] = str(config["threads"])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        mp.spawn(_worker, args=(world, _free_port(), config, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), config, out), nprocs=world, join=True)
         with open(out) as f:
             per_rank = json.load(f)
     global_batch = world * config["batch"]

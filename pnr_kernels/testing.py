@@ -10,12 +10,14 @@ benchmark runner and the trainer's ``--verify-backend``.
   reference on the same values in float64.
 - :func:`make_inputs`: random inputs of any registered loss (``pnr_kernels.registry``).
 - :func:`restride`: the same values in another memory layout (transposed, sliced, expanded).
+- :func:`free_port`: a free TCP port on the loopback (multi-process gloo tests and benchmarks).
 - :func:`fused_losses`: the registered losses of one op family composed over given ops (to test
   the glue with stand-in kernels).
 """
 from __future__ import annotations
 
 import functools
+import socket
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +25,7 @@ import torch
 
 from .registry import LOSSES, make_inputs
 
-__all__ = ["TOLERANCES", "Comparison", "assert_close_relative", "check_against_reference", "fused_losses",
+__all__ = ["TOLERANCES", "Comparison", "assert_close_relative", "check_against_reference", "free_port", "fused_losses",
            "make_inputs", "relative_error", "restride", "where_it_differs"]
 
 # docs/losses.md "Precision": (loss, gradients) relative tolerances against the float64 reference.
@@ -144,3 +146,10 @@ def restride(x: torch.Tensor, layout: str) -> torch.Tensor:
 def fused_losses(family: str, ops) -> Dict[str, functools.partial]:
     """Every registered loss of op ``family`` composed over ``ops`` (as a backend runs them)."""
     return {name: functools.partial(spec.fused, ops) for name, spec in LOSSES.items() if spec.family == family}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,7 +14,6 @@ import copy
 import datetime
 import json
 import os
-import socket
 import tempfile
 import traceback
 
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import pnr_kernels
 from pnr_kernels import backends, distributed, reference
 from pnr_kernels.registry import LOSSES
-from pnr_kernels.testing import TOLERANCES, assert_close_relative, relative_error
+from pnr_kernels.testing import TOLERANCES, assert_close_relative, free_port, relative_error
 
 CPU = torch.device("cpu")
 GATHERED = sorted(name for name, spec in LOSSES.items() if spec.gathers)
@@ -163,7 +162,7 @@ def test_world_of_one_is_exactly_the_local_loss(loss, backend):
 
     base, base_grads = run()
     results = [run(gather_distributed=True)]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         results.append(run(gather_distributed=True))
         results.append(run(gather_distributed=True, process_group=dist.group.WORLD))
@@ -450,11 +449,6 @@ def _worker(rank, world, port, out_dir, cases):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _cases(world):
     cases = [("ddp", loss, backend) for loss in GATHERED for backend in BACKENDS]
@@ -474,7 +468,7 @@ def spawned(world):
     if world not in _SPAWNED:
         with tempfile.TemporaryDirectory() as out_dir:
             # Triton joins on CPU under TRITON_INTERPRET=1 (set by conftest; the children inherit it).
-            mp.spawn(_worker, args=(world, _free_port(), out_dir, _cases(world)), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), out_dir, _cases(world)), nprocs=world, join=True)
             per_rank = []
             for rank in range(world):
                 with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

@@ -3,7 +3,6 @@ cross-correlation C over ranks before the Barlow loss; the expected value is der
 in one process from every rank's inputs (mean over ranks of the per-rank C, then the loss), and so
 is the expected gradient: the all-reduce's backward sums the ranks' identical dL/dC-bar, so rank r
 receives ``world * d(hand loss)/d(its inputs)`` for the Barlow part, the local cosine part as is."""
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,7 +10,7 @@ import torch.multiprocessing as mp
 
 from pnr_kernels import backends, losses, reference
 
-from pnr_kernels.testing import TOLERANCES, assert_close_relative
+from pnr_kernels.testing import TOLERANCES, assert_close_relative, free_port
 
 WORLD, BATCH, DIM = 2, 6, 11
 WEIGHTS = dict(distill_weight=1.3, negative_weight=0.7, off_diagonal_weight=0.05, scale=0.2)
@@ -69,17 +68,12 @@ def _worker(rank, port, names):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_correlation_is_averaged_over_ranks():
     names = [n for n in CASES if backends.unavailable_reason(n, "barlow_pnr", torch.device("cpu"), CASES[n]) is None]
     assert "reference" in names
     # Triton joins on CPU under TRITON_INTERPRET=1 (set by conftest; the children inherit it).
-    mp.spawn(_worker, args=(_free_port(), names), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), names), nprocs=WORLD, join=True)
 
 
 def test_hand_derivation_is_not_the_concatenated_batch():
