@@ -1,7 +1,7 @@
 """The PNR losses in plain PyTorch: the ground truth every fused backend is tested against.
 
 Readable and unoptimised: the similarity matrices are materialised. Formulas follow
-docs/losses.md (the project's write-up of ../shared/SPEC.md); section numbers below refer to it.
+docs/losses.md (the project's statement of the losses); section numbers below refer to it.
 Half-precision inputs are computed in float32 and the loss is returned in the input dtype;
 float64 inputs are computed in float64. These functions assume validated inputs (see
 ``pnr_kernels.losses`` for the checked public API) and that frozen inputs were already detached.

@@ -17,7 +17,7 @@ from pnr_kernels.cssl.evaluation import save_plot  # noqa: E402
 from pnr_kernels.cssl.methods import Learner  # noqa: E402
 from pnr_kernels.cssl.trainer import Trainer, bars_enabled, prepare_native, train  # noqa: E402
 
-from .test_cssl_parts import write_fake_cifar10  # noqa: E402
+from .fake_cifar import write_fake_cifar10  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tasks", "2", "--epochs", "1", "--batch-size", "8", "--limit-train", "16", "--max-steps-per-epoch", "2",

@@ -14,17 +14,7 @@ from pnr_kernels.cssl.data import ImageData, TwoViewAugment, load_cifar_data, lo
 from pnr_kernels.cssl.evaluation import forgetting, knn_scores, task_accuracies
 from pnr_kernels.cssl.trainer import train
 
-
-def write_fake_cifar10(root, per_batch=6, test=10):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    gen = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
-        entry = {b"data": gen.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-                 b"labels": [int(x) for x in (np.arange(n) + len(name)) % 10]}
-        with open(folder / name, "wb") as handle:
-            pickle.dump(entry, handle)
-    return folder
+from .fake_cifar import write_fake_cifar10
 
 
 def test_cifar_pickle_reader(tmp_path):

@@ -14,7 +14,7 @@ from pnr_kernels.cssl.data import ImageData, PaperAugment, make_augment, shift_h
 from pnr_kernels.cssl.methods import Learner, LossRunner  # noqa: E402
 from pnr_kernels.cssl.trainer import Trainer, lars_adapt_  # noqa: E402
 
-from .test_cssl_parts import write_fake_cifar10  # noqa: E402
+from .fake_cifar import write_fake_cifar10  # noqa: E402
 
 
 def linears(module):

@@ -1,4 +1,4 @@
-"""The native backend's CUDA kernels against the fp64 reference (SPEC.md section 6). Runs where a
+"""The native backend's CUDA kernels against the fp64 reference (docs/losses.md, "Precision"). Runs where a
 GPU and the CUDA part of the extension are present (the GPU check script); skipped elsewhere."""
 import pytest
 import torch
@@ -8,9 +8,8 @@ from pnr_kernels.registry import LOSSES
 
 from pnr_kernels.testing import check_against_reference, make_inputs
 
-from .test_infonce_native_cpu import (PUBLIC, check_losses_nonfinite,
-                                      check_nonfinite_grad_propagates, check_nonfinite_inputs_propagate,
-                                      check_op_against_reference, op_inputs)
+from .infonce_native_checks import (PUBLIC, check_losses_nonfinite, check_nonfinite_grad_propagates,
+                                    check_nonfinite_inputs_propagate, check_op_against_reference, op_inputs)
 
 CUDA = torch.device("cuda")
 pytestmark = pytest.mark.skipif(
