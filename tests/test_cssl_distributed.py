@@ -1,0 +1,94 @@
+"""pnr-cssl under torchrun: 2 CPU processes (gloo) end to end, and a stopped run resumed.
+
+Each run is ``python -m torch.distributed.run --standalone --nproc-per-node 2 -m pnr_kernels.cssl``
+in a subprocess (--standalone: a free rendezvous port on localhost), one OpenMP thread per rank, with
+a timeout. Tiny settings: about 8 s per run on 2 idle cores.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("sklearn")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tasks", "2", "--epochs", "2", "--batch-size", "8", "--limit-train", "64", "--max-steps-per-epoch", "2",
+        "--limit-test", "60", "--limit-probe", "120", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "64",
+        "--no-progress"]
+TIMEOUT = 300
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is needed")
+
+
+def torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "pnr_kernels.cssl", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def simclr_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simclr_w2")
+    return out, torchrun(TINY + ["--output-dir", str(out)])
+
+
+def test_two_rank_run_writes_rank0_outputs(simclr_run):
+    out, result = simclr_run
+    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "metrics.json"]  # nothing per rank
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["completed"] and metrics["config"]["method"] == "simclr" and metrics["config"]["strategy"] == "pnr"
+    assert len(metrics["accuracy_matrix"]) == 2 and all(len(row) == 2 for row in metrics["accuracy_matrix"])
+    assert all(0 <= a <= 100 for row in metrics["accuracy_matrix"] for a in row)
+    assert 30 <= metrics["average_accuracy"] <= 100 and metrics["knn_average_accuracy"] is not None
+    # 64 images per task, 8 per rank and step: a global batch of 16, capped at 2 steps.
+    assert [(e["task"], e["epoch"], e["steps"]) for e in metrics["epochs"]] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    assert all(torch.isfinite(torch.tensor(e["mean_loss"])) for e in metrics["epochs"])
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng_ranks"]) == 2
+    # Ranks draw different augmentations, the same data order.
+    assert not torch.equal(checkpoint["rng_ranks"][0]["generators"]["augment"],
+                           checkpoint["rng_ranks"][1]["generators"]["augment"])
+    assert torch.equal(checkpoint["rng_ranks"][0]["generators"]["data"], checkpoint["rng_ranks"][1]["generators"]["data"])
+    # Rank 0 alone logs: each line once.
+    assert "data-parallel: 2 ranks (gloo), 8 images per rank and step, global batch 16" in result.stdout
+    assert result.stdout.count("task 1/2 epoch 1/2:") == 1 and result.stdout.count("after task 2/2:") == 1
+
+
+def test_two_rank_moco_pnr_stopped_and_resumed_matches_the_uninterrupted_run(tmp_path):
+    """MoCo-PNR (queues fed by both ranks, CaSSLe-free PNR path): stop after 3 epochs (inside the
+    second task, after its checkpoint), resume with --resume: every rank restarts from rank 0's
+    checkpoint and its own generator states, and metrics.json equals the uninterrupted run's."""
+    common = TINY + ["--method", "mocov2plus", "--seed", "1"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    torchrun(common + ["--output-dir", str(full)])
+    stopped = torchrun(common + ["--output-dir", str(broken), "--stop-after-epochs", "3"])
+    assert stopped.stderr.count("stopped after 3 epoch(s)") == 1
+    partial = json.loads((broken / "metrics.json").read_text())
+    assert not partial["completed"] and len(partial["accuracy_matrix"]) == 1
+    resumed = torchrun(common + ["--output-dir", str(broken), "--resume"])
+    assert "resuming from" in resumed.stdout and "task 2/2, 1 of 2 epoch(s) done" in resumed.stdout
+    assert (broken / "metrics.json").read_bytes() == (full / "metrics.json").read_bytes()
+
+
+def test_resume_with_another_number_of_ranks_is_refused(simclr_run, tmp_path):
+    out, _ = simclr_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-m", "pnr_kernels.cssl", *TINY, "--output-dir", str(copy), "--resume"],
+                            cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "written by a run of 2 rank(s), this one has 1" in result.stderr
