@@ -6,6 +6,8 @@ a timeout. Tiny settings: about 8 s per run on 2 idle cores.
 """
 import json
 import os
+import signal
+import time
 import subprocess
 import sys
 
@@ -25,13 +27,21 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is needed")
 
 
-def torchrun(args, nproc=2):
+def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "pnr_kernels.cssl", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    return env
+
+
+def _command(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "pnr_kernels.cssl", *args]
+
+
+def torchrun(args, nproc=2):
+    result = subprocess.run(_command(args, nproc), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -92,3 +102,46 @@ def test_resume_with_another_number_of_ranks_is_refused(simclr_run, tmp_path):
                             cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
     assert "written by a run of 2 rank(s), this one has 1" in result.stderr
+
+
+def _children(pid):
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks through /proc (Linux)")
+def test_two_rank_run_killed_after_its_first_checkpoint_resumes_to_the_same_metrics(simclr_run, tmp_path):
+    """SIGKILL to both ranks and torchrun as soon as checkpoint.pt appears,
+    then --resume: metrics.json equals the uninterrupted run's (the module's SimCLR-PNR run)."""
+    full, _ = simclr_run
+    out = tmp_path / "killed"
+    args = TINY + ["--output-dir", str(out)]
+    process = subprocess.Popen(_command(args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (out / "checkpoint.pt").exists(), "no checkpoint was written"
+    finally:
+        # torchrun starts each rank in a session of its own: kill the ranks by pid, then torchrun.
+        for pid in _children(process.pid) + [process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(timeout=60)
+    assert not (out / "metrics.json").exists() or not json.loads((out / "metrics.json").read_text())["completed"]
+    resumed = torchrun(args + ["--resume"])
+    assert "resuming from" in resumed.stdout
+    assert (out / "metrics.json").read_bytes() == (full / "metrics.json").read_bytes()

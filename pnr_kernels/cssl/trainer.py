@@ -541,7 +541,7 @@ class Trainer:
                 f"{self.checkpoint_path} is not a checkpoint of this pnr-cssl version (format "
                 f"{checkpoint.get('format')!r}, expected 2{'; lacks ' + ', '.join(missing) if missing else ''}); "
                 f"delete it to start over, or choose another --output-dir")
-        saved, now = checkpoint["config"], self.cfg.fingerprint()
+        saved, now = {"sync_bn": False, **checkpoint["config"]}, self.cfg.fingerprint()  # sync_bn: new field
         if saved != now:
             keys = sorted(set(saved) | set(now))
             diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
