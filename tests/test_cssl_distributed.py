@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tasks", "2", "--epochs", "2", "--batch-size", "8", "--limit-train", "64", "--max-steps-per-epoch", "2",
         "--limit-test", "60", "--limit-probe", "120", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "64",
         "--no-progress"]
-TIMEOUT = 300
+TIMEOUT = 180
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
@@ -40,10 +40,31 @@ def _command(args, nproc=2):
 
 
 def torchrun(args, nproc=2):
-    result = subprocess.run(_command(args, nproc), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    """Run torchrun to its end; on a timeout, SIGABRT the ranks (faulthandler prints where each one
+    waits), kill them and fail with their output. torchrun starts each rank in a session of its
+    own, so they are found and killed by pid."""
+    process = subprocess.Popen(_command(args, nproc), cwd=ROOT, env=dict(_env(), PYTHONFAULTHANDLER="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        ranks = _children(process.pid)
+        _kill(ranks, signal.SIGABRT)
+        time.sleep(2)
+        _kill(ranks + [process.pid], signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"torchrun did not finish in {TIMEOUT} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def _kill(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +128,7 @@ def test_resume_with_another_number_of_ranks_is_refused(simclr_run, tmp_path):
 def _children(pid):
     """The processes whose parent is ``pid`` (from /proc)."""
     out = []
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as handle:
@@ -135,11 +156,7 @@ def test_two_rank_run_killed_after_its_first_checkpoint_resumes_to_the_same_metr
         assert (out / "checkpoint.pt").exists(), "no checkpoint was written"
     finally:
         # torchrun starts each rank in a session of its own: kill the ranks by pid, then torchrun.
-        for pid in _children(process.pid) + [process.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(_children(process.pid) + [process.pid], signal.SIGKILL)
         process.wait(timeout=60)
     assert not (out / "metrics.json").exists() or not json.loads((out / "metrics.json").read_text())["completed"]
     resumed = torchrun(args + ["--resume"])

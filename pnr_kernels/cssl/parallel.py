@@ -19,12 +19,16 @@ What the trainer does with W > 1 ranks (docs/trainer.md, "Data-parallel training
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+
+TIMEOUT = datetime.timedelta(hours=1)
 
 
 @dataclass
@@ -106,7 +110,9 @@ def setup(device: str) -> Parallel:
         torch.cuda.set_device(env["local_rank"])
     initialized_here = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        # Rank 0 evaluates while the others wait in the next collective: a timeout of an hour
+        # (not nccl's default 10 minutes) leaves room for a CIFAR linear probe.
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=TIMEOUT)
         initialized_here = True
     if dist.get_world_size() != env["world"] or dist.get_rank() != env["rank"]:
         raise RuntimeError("the initialised process group disagrees with RANK/WORLD_SIZE")

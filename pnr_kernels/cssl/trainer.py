@@ -15,6 +15,10 @@ the frozen model, the optimiser, every RNG state (python, numpy, torch, the data
 augmentation generators) and the position (task, epochs done, evaluated). Whatever happens after
 a checkpoint is a deterministic function of it (deterministic algorithms are switched on), so a
 run resumed from it ends with the metrics of the uninterrupted run, bit for bit on the same device.
+
+Under torchrun with 2+ ranks (parallel.py, docs/trainer.md "Data-parallel training (torchrun)"):
+each rank trains on its slice of every global batch through DistributedDataParallel; rank 0 alone
+logs, evaluates and writes; the checkpoint holds every rank's generator states.
 """
 from __future__ import annotations
 
