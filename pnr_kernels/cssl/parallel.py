@@ -120,6 +120,14 @@ def setup(device: str) -> Parallel:
                     initialized_here=initialized_here)
 
 
-def teardown(parallel: Parallel) -> None:
+def teardown(parallel: Parallel, synchronise: bool = True) -> None:
+    """End the process group that :func:`setup` started: with ``synchronise`` (every rank ends
+    here alike: a finished or stopped run) after a barrier; without (an error on this rank) at once.
+    The caller frees DistributedDataParallel first."""
+    import gc
+
+    gc.collect()
     if parallel.initialized_here and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()

@@ -574,7 +574,21 @@ class Trainer:
 def train(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``cfg`` (see :class:`Trainer`) and return its metrics."""
     parallel = setup_parallel(resolve(cfg).device)  # torchrun's process group, when there is one
+    trainer, clean = None, False
     try:
-        return Trainer(cfg, log=log or _log, parallel=parallel).run()
+        trainer = Trainer(cfg, log=log or _log, parallel=parallel)
+        metrics = trainer.run()
+        clean = True
+        return metrics
+    except StopRequested:
+        clean = True  # raised on every rank after the same checkpoint
+        raise
     finally:
-        teardown_parallel(parallel)
+        # Free DistributedDataParallel (its reducer holds the process group) now, while every rank
+        # is alive: freed later, with the exception's traceback, after a peer has exited, gloo's
+        # destructor can wait for that peer forever. Then a barrier (when every rank got here) and
+        # the process group's end.
+        if trainer is not None:
+            trainer.model = trainer.learner
+        trainer = None
+        teardown_parallel(parallel, synchronise=clean)
