@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import List, Optional
@@ -23,6 +24,7 @@ examples:
   pnr-cssl --dataset cifar100 --data-dir ~/data --method simclr --strategy pnr --device cuda
   pnr-cssl --dataset cifar100 --data-dir ~/data --method byol --recipe paper --device cuda  # the authors' settings
   pnr-cssl ... --output-dir DIR --resume                            # continue a killed run
+  torchrun --nproc-per-node 2 -m pnr_kernels.cssl --output-dir DIR   # data-parallel, 2 ranks (gloo on CPU)
   pnr-cssl ... --backend triton --verify-backend triton --device cuda  # check every loss against the reference
 
 outputs in --output-dir (mode 0644): checkpoint.pt (every --checkpoint-every epochs and after each
@@ -83,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "record the largest relative loss/gradient differences per epoch and stop past the "
                           "docs/losses.md (\"Precision\") tolerance")
 
+    run.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun with 2+ ranks: synchronise BatchNorm statistics over the ranks "
+                          "(nn.SyncBatchNorm; GPU only). Without it each rank normalises by its own batch")
+
     hp = parser.add_argument_group("hyper-parameters")
-    hp.add_argument("--batch-size", type=int, help=f"images per step (each seen in two views) {d}")
+    hp.add_argument("--batch-size", type=int,
+                    help=f"images per step and rank (each seen in two views); under torchrun the global batch is "
+                         f"ranks x this, and --lr is not rescaled {d}")
     hp.add_argument("--optimizer", choices=OPTIMIZERS,
                     help=f"lars: SGD with momentum 0.9 and the clipped LARS trust ratio (eta 0.02) {d}")
     hp.add_argument("--lr", type=float, help=f"peak learning rate, cosine decay over each task {d}")
@@ -140,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         train(cfg)
     except StopRequested as stop:
-        print(f"pnr-cssl: {stop}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 says it
+            print(f"pnr-cssl: {stop}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         if cfg.debug:

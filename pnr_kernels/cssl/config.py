@@ -110,6 +110,7 @@ class Config:
     resume: bool = False
     stop_after_epochs: Optional[int] = None
     checkpoint_every: int = 1
+    sync_bn: bool = False
     progress: bool = True
     debug: bool = False
 

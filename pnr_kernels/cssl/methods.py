@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .. import losses as api
 from .. import registry
 from ..testing import check_against_reference
@@ -68,6 +69,8 @@ class LossRunner:
         """Both backends on detached copies, against the float64 reference, with the one
         toolbox and tolerance table of ``pnr_kernels.testing``."""
         leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        # The backend is checked on this rank's own rows (the gather is the same for every backend).
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("gather_distributed", "process_group")}
         comparison = check_against_reference(registry.spec_of(name).name, self.verify_backend, leaves, kwargs,
                                              assert_close=False)
         loss_diff, grad_diff = comparison.loss, max(comparison.gradients.values(), default=0.0)
@@ -119,11 +122,23 @@ class Learner(nn.Module):
         modules = [self.online, self.predictor, None if self.cfg.strategy == "finetune" else self.distill_predictor]
         return [p for m in modules if m is not None for p in m.parameters()]
 
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, frozen: Optional[Encoder],
+                runner: LossRunner) -> Tuple[torch.Tensor, dict]:
+        """:meth:`loss`: what DistributedDataParallel calls under torchrun."""
+        return self.loss(x1, x2, frozen, runner)
+
     def loss(self, x1: torch.Tensor, x2: torch.Tensor, frozen: Optional[Encoder],
              runner: LossRunner) -> Tuple[torch.Tensor, dict]:
         """The training loss of one batch of two views; returns it and what :meth:`after_step`
-        needs (the keys to enqueue)."""
+        needs (the keys to enqueue).
+
+        Under torch.distributed (torchrun, 2+ ranks) SimCLR's NT-Xent, SimCLR-PNR and CaSSLe's
+        SimCLR regulariser gather every rank's keys (``gather_distributed=True``: the loss of the
+        global batch, docs/losses.md "Data-parallel"); MoCo's negatives are its queues, which
+        :meth:`after_step` fills with every rank's keys; BYOL, VICReg and Barlow Twins and their
+        regularisers are computed on the local batch."""
         cfg = self.cfg
+        gather = dict(gather_distributed=True) if distributed.world_size() > 1 else {}
         _, z1 = self.online(x1)
         _, z2 = self.online(x2)
         distill = frozen is not None and cfg.strategy != "finetune"
@@ -138,9 +153,9 @@ class Learner(nn.Module):
         pending = {}
         if cfg.method in ("simclr", "mocov2plus"):
             if cfg.method == "simclr" and pnr:
-                loss = runner("simclr_pnr_loss", z1, z2, p1, p2, f1, f2, temperature=cfg.temperature)
+                loss = runner("simclr_pnr_loss", z1, z2, p1, p2, f1, f2, temperature=cfg.temperature, **gather)
             elif cfg.method == "simclr":
-                loss = runner("nt_xent_loss", z1, z2, temperature=cfg.temperature)
+                loss = runner("nt_xent_loss", z1, z2, temperature=cfg.temperature, **gather)
             else:
                 with torch.no_grad():
                     k1, k2 = self.momentum(x1)[1], self.momentum(x2)[1]
@@ -154,7 +169,7 @@ class Learner(nn.Module):
                     loss = runner("moco_loss", z1, z2, k1, k2, self.key_queue, temperature=cfg.temperature)
             if distill and not pnr:
                 loss = loss + cfg.cassle_weight * runner(
-                    "cassle_simclr_regularizer", p1, p2, f1, f2, temperature=cfg.distill_temperature)
+                    "cassle_simclr_regularizer", p1, p2, f1, f2, temperature=cfg.distill_temperature, **gather)
             return loss, pending
         if cfg.method == "byol":
             with torch.no_grad():
@@ -172,7 +187,9 @@ class Learner(nn.Module):
 
     @torch.no_grad()
     def after_step(self, pending: dict, tau: float) -> None:
-        """Momentum update ``m <- tau m + (1 - tau) online`` and FIFO enqueue of the new keys."""
+        """Momentum update ``m <- tau m + (1 - tau) online`` and FIFO enqueue of the new keys (of
+        every rank, all-gathered in rank order, as pnr_kernels.PNRQueue.enqueue does, so that all
+        ranks keep the same queues)."""
         if self.momentum is not None:
             for m, p in zip(self.momentum.parameters(), self.online.parameters()):
                 m.mul_(tau).add_(p.detach(), alpha=1 - tau)
@@ -182,6 +199,8 @@ class Learner(nn.Module):
 
     def _enqueue(self, queue: torch.Tensor, slot: int, views: Tuple[torch.Tensor, torch.Tensor]) -> None:
         size = queue.shape[1]
+        if distributed.world_size() > 1:
+            views = [distributed.gather_rows(v.detach(), differentiable=False) for v in views]
         rows = [_unit(v.detach().to(queue.dtype))[-size:] for v in views]
         index = (self.queue_pointers[slot] + torch.arange(rows[0].shape[0], device=queue.device)) % size
         for view, r in enumerate(rows):

@@ -15,6 +15,10 @@ the frozen model, the optimiser, every RNG state (python, numpy, torch, the data
 augmentation generators) and the position (task, epochs done, evaluated). Whatever happens after
 a checkpoint is a deterministic function of it (deterministic algorithms are switched on), so a
 run resumed from it ends with the metrics of the uninterrupted run, bit for bit on the same device.
+
+Under torchrun with 2+ ranks (parallel.py, docs/trainer.md "Data-parallel training (torchrun)"):
+each rank trains on its slice of every global batch through DistributedDataParallel; rank 0 alone
+logs, evaluates and writes; the checkpoint holds every rank's generator states.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from .data import load_data, make_augment, make_tasks
 from .evaluation import (extract_features, forgetting, format_table, knn_scores, linear_probe_logits,
                          save_plot, task_accuracies)
 from .methods import Learner, LossRunner
+from .parallel import Parallel, setup as setup_parallel, teardown as teardown_parallel
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -202,18 +207,28 @@ def lars_adapt_(params: List[torch.nn.Parameter], lr: float, weight_decay: float
 class Trainer:
     """Runs one configuration end to end; ``run()`` returns the final metrics dictionary."""
 
-    def __init__(self, cfg: Config, log: Callable[[str], None] = _log):
+    def __init__(self, cfg: Config, log: Callable[[str], None] = _log, parallel: Optional[Parallel] = None):
         self.cfg = cfg = resolve(cfg)
-        self.log = log
-        self.bars = bars_enabled(cfg.progress)
+        # Under torchrun with 2+ ranks (parallel.py): rank 0 logs, writes and evaluates.
+        self.parallel = par = parallel if parallel is not None else Parallel()
+        self.log = log if par.is_main else (lambda _message: None)
+        self.bars = bars_enabled(cfg.progress) and par.is_main
         check_output_dir(cfg.output_dir)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
+        if cfg.sync_bn and par.enabled and cfg.device != "cuda":
+            raise ValueError("--sync-bn needs --device cuda (nn.SyncBatchNorm runs on GPUs only); "
+                             "drop --sync-bn on CPU (each rank then normalises by its own batch)")
         if cfg.device == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.device = torch.device(cfg.device)
-        if native_needed(cfg, self.device):
-            prepare_native(log)
+        self.device = torch.device(cfg.device, par.local_rank) if cfg.device == "cuda" and par.enabled \
+            else torch.device(cfg.device)
+        if native_needed(cfg, self.device):  # rank 0 builds (once, into the cache) before the others look
+            if par.is_main:
+                prepare_native(self.log)
+            par.barrier()
+            if not par.is_main:
+                prepare_native(self.log)
         for option, name in (("--backend", cfg.backend), ("--verify-backend", cfg.verify_backend)):
             reason = None if name in (None, "auto") else backends.unavailable_reason(
                 name, None, self.device, torch.float32)
@@ -239,9 +254,15 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        # The data order is the same on every rank (each takes its slice of the global batch); the
+        # augmentations are drawn per rank (rank 0's generator is the single-process one).
         self.generators = {"data": torch.Generator().manual_seed(cfg.seed + 1),
-                           "augment": torch.Generator().manual_seed(cfg.seed + 2)}
+                           "augment": torch.Generator().manual_seed(cfg.seed + 2 + 1_000_003 * par.rank)}
         self.learner = Learner(cfg, self.data.channels).to(self.device)
+        if par.enabled and cfg.sync_bn:
+            self.learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.learner)
+        self.model = self.learner  # what a training step calls: the Learner, or DDP around it (_wrap)
+        self._wrapped = None
         self.frozen = None
         self.optimizer = None
         self.runner = LossRunner(cfg.backend, cfg.verify_backend)
@@ -255,17 +276,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg = self.cfg
-        prepare_output_dir(cfg.output_dir)
-        stale = remove_stale_temporaries(cfg.output_dir, (CHECKPOINT, METRICS, PLOT))
-        if stale:
-            self.log(f"removed {len(stale)} temporary file(s) left by an interrupted write: "
-                     + ", ".join(os.path.basename(p) for p in stale))
-        if os.path.exists(self.checkpoint_path):
-            if not cfg.resume:
-                raise FileExistsError(
-                    f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --output-dir")
-            self._restore(load_checkpoint(self.checkpoint_path))
+        cfg, par = self.cfg, self.parallel
+        checkpoint = par.broadcast_object(self._prepare_and_read)  # rank 0 reads, every rank gets it
+        if checkpoint is not None:
+            self._restore(checkpoint)
             pos = self.position
             if pos["evaluated"] and pos["task"] == cfg.tasks - 1:
                 self.log(f"{self.checkpoint_path} holds a finished run: its results again "
@@ -276,6 +290,10 @@ class Trainer:
                 self.log(f"resuming from {self.checkpoint_path}: task {pos['task'] + 1}/{cfg.tasks}, {state}")
         elif cfg.resume:
             self.log(f"no checkpoint in {cfg.output_dir} yet: starting a new run")
+        if par.enabled:
+            self.log(f"data-parallel: {par.world} ranks ({'nccl' if self.device.type == 'cuda' else 'gloo'}), "
+                     f"{cfg.batch_size} images per rank and step, global batch {par.world * cfg.batch_size}"
+                     f"{', SyncBatchNorm' if cfg.sync_bn else ''}; rank 0 writes {cfg.output_dir}")
         deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if cfg.threads:
@@ -286,12 +304,30 @@ class Trainer:
             torch.use_deterministic_algorithms(deterministic)
             torch.set_num_threads(threads)
         metrics = self.metrics(completed=True)
-        write_json(os.path.join(cfg.output_dir, METRICS), metrics)
-        if not save_plot(metrics, os.path.join(cfg.output_dir, PLOT)):
-            self.log("matplotlib is not installed: no plot (pip install 'pnr-kernels[train]')")
-        self.log(format_table(metrics))
-        self.log(f"outputs in {cfg.output_dir}: {METRICS}, {PLOT}, {CHECKPOINT}")
+        if par.is_main:
+            write_json(os.path.join(cfg.output_dir, METRICS), metrics)
+            if not save_plot(metrics, os.path.join(cfg.output_dir, PLOT)):
+                self.log("matplotlib is not installed: no plot (pip install 'pnr-kernels[train]')")
+            self.log(format_table(metrics))
+            self.log(f"outputs in {cfg.output_dir}: {METRICS}, {PLOT}, {CHECKPOINT}")
+        par.barrier()
         return metrics
+
+    def _prepare_and_read(self) -> Optional[dict]:
+        """Create the output folder, clear stale temporaries and read the checkpoint, if any
+        (on rank 0 only under torchrun)."""
+        cfg = self.cfg
+        prepare_output_dir(cfg.output_dir)
+        stale = remove_stale_temporaries(cfg.output_dir, (CHECKPOINT, METRICS, PLOT))
+        if stale:
+            self.log(f"removed {len(stale)} temporary file(s) left by an interrupted write: "
+                     + ", ".join(os.path.basename(p) for p in stale))
+        if not os.path.exists(self.checkpoint_path):
+            return None
+        if not cfg.resume:
+            raise FileExistsError(
+                f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --output-dir")
+        return load_checkpoint(self.checkpoint_path)
 
     def _run_tasks(self) -> None:
         cfg, pos = self.cfg, self.position
@@ -314,17 +350,42 @@ class Trainer:
                     raise StopRequested(f"stopped after {self.epochs_this_process} epoch(s) as asked "
                                         f"(--stop-after-epochs); continue with --resume")
             if not pos["evaluated"]:
-                self._evaluate(t)
+                if self.parallel.is_main:  # rank 0 evaluates; the others wait in _save's collectives
+                    self._evaluate(t)
                 pos["evaluated"] = True
                 self._save()
-                write_json(os.path.join(cfg.output_dir, METRICS), self.metrics(completed=False))
+                if self.parallel.is_main:
+                    write_json(os.path.join(cfg.output_dir, METRICS), self.metrics(completed=False))
 
     def _start_task(self, task: int) -> None:
         if task > 0:
+            # Every rank's frozen model is rank 0's (BatchNorm running statistics differ per rank
+            # without --sync-bn; the weights are the same).
+            self.parallel.broadcast_buffers(self.learner)
             self.frozen = copy.deepcopy(self.learner.online).requires_grad_(False).eval()
         self.optimizer = self._new_optimizer()
         self.log(f"task {task + 1}/{self.cfg.tasks}: classes {self.tasks[task].classes}, "
                  f"{len(self.tasks[task].train_indices)} training images")
+
+    def _wrap(self, task: int) -> None:
+        """Under torchrun: DistributedDataParallel around the Learner (gradients averaged over the
+        ranks). The distillation predictor g is unused in the first task (and under fine-tuning):
+        DDP looks for unused parameters then only. Buffers (BatchNorm statistics, MoCo's queues)
+        are not synchronised per step: the queues are the same on every rank anyway, and the
+        statistics are taken from rank 0 where they matter (the frozen copy at each task's start,
+        evaluation, checkpoints)."""
+        unused = task == 0 or self.cfg.strategy == "finetune"
+        if not self.parallel.enabled or self._wrapped == unused:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+        import inspect
+        buffers = (dict(forward_sync_buffers=False)
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else dict(broadcast_buffers=False))
+        self.model = DistributedDataParallel(
+            self.learner, device_ids=[self.parallel.local_rank] if self.device.type == "cuda" else None,
+            find_unused_parameters=unused, **buffers)
+        self._wrapped = unused
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, self.learner.trainable_parameters()
@@ -335,10 +396,11 @@ class Trainer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
     def _steps_per_epoch(self, task: int) -> tuple:
-        """(batch size, steps per epoch): full batches only (the last partial one is dropped)."""
-        n = len(self.tasks[task].train_indices)
-        batch = min(self.cfg.batch_size, n)
-        steps = n // batch
+        """(batch size per rank, steps per epoch): full global batches only (the last partial one
+        is dropped)."""
+        n, world = len(self.tasks[task].train_indices), self.parallel.world
+        batch = min(self.cfg.batch_size, n // world)
+        steps = n // (batch * world)
         if self.cfg.max_steps_per_epoch is not None:
             steps = min(steps, self.cfg.max_steps_per_epoch)
         return batch, steps
@@ -364,22 +426,28 @@ class Trainer:
         total_steps = steps * cfg.epochs
         indices = self.tasks[task].train_indices
         order = indices[torch.randperm(len(indices), generator=self.generators["data"])]
-        self.learner.train()
+        par = self.parallel
+        self._wrap(task)
+        self.model.train()
         losses = []
         started = time.perf_counter()
         bar = _progress(range(steps), self.bars, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
         params = self.learner.trainable_parameters() if cfg.optimizer == "lars" else None
         for step in bar:
-            images = self.data.train_x[order[step * batch:(step + 1) * batch]].to(self.device)
+            first = (step * par.world + par.rank) * batch  # this rank's slice of the global batch
+            images = self.data.train_x[order[first:first + batch]].to(self.device)
             x1 = self.augment(images, self.generators["augment"], view=0)
             x2 = self.augment(images, self.generators["augment"], view=1)
             lr, tau = self._schedule(epoch * steps + step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.runner.where = f"task {task + 1}, epoch {epoch + 1}, step {step + 1}"
-            loss, pending = self.learner.loss(x1, x2, self.frozen, self.runner)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()} at {self.runner.where}; "
+            loss, pending = self.model(x1, x2, self.frozen, self.runner)
+            # The mean over ranks (the loss of the global batch): logged, and checked on every rank
+            # alike so that all of them stop together.
+            value = par.mean(loss)
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"the loss is {value.item()} at {self.runner.where}; "
                                          f"try a lower --lr (now {cfg.lr})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -387,7 +455,7 @@ class Trainer:
                 lars_adapt_(params, lr, cfg.weight_decay, PAPER_LARS_ETA, cfg.lars_exclude_bias_norm)
             self.optimizer.step()
             self.learner.after_step(pending, tau)
-            losses.append(loss.item())
+            losses.append(value.item())
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         mean_loss = sum(losses) / len(losses)
@@ -450,16 +518,24 @@ class Trainer:
         return out
 
     def _save(self) -> None:
-        save_checkpoint(self.checkpoint_path, {
-            "format": 2,
-            "config": self.cfg.fingerprint(),
-            "position": dict(self.position),
-            "records": self.records,
-            "learner": self.learner.state_dict(),
-            "frozen": None if self.frozen is None else self.frozen.state_dict(),
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "rng": rng_state(self.generators),
-        })
+        """Write the checkpoint (rank 0, holding every rank's generator states; a barrier after)."""
+        par = self.parallel
+        states = par.all_gather_object(rng_state(self.generators))
+        if par.is_main:
+            payload = {
+                "format": 2,
+                "config": self.cfg.fingerprint(),
+                "position": dict(self.position),
+                "records": self.records,
+                "learner": self.learner.state_dict(),
+                "frozen": None if self.frozen is None else self.frozen.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "rng": states[0],
+            }
+            if par.enabled:
+                payload.update(world_size=par.world, rng_ranks=states)
+            save_checkpoint(self.checkpoint_path, payload)
+        par.barrier()
 
     def _restore(self, checkpoint: dict) -> None:
         missing = [k for k in ("config", "position", "records", "learner", "frozen", "optimizer", "rng")
@@ -469,7 +545,7 @@ class Trainer:
                 f"{self.checkpoint_path} is not a checkpoint of this pnr-cssl version (format "
                 f"{checkpoint.get('format')!r}, expected 2{'; lacks ' + ', '.join(missing) if missing else ''}); "
                 f"delete it to start over, or choose another --output-dir")
-        saved, now = checkpoint["config"], self.cfg.fingerprint()
+        saved, now = {"sync_bn": False, **checkpoint["config"]}, self.cfg.fingerprint()  # sync_bn: new field
         if saved != now:
             keys = sorted(set(saved) | set(now))
             diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
@@ -477,6 +553,11 @@ class Trainer:
             raise ConfigMismatchError(
                 f"{self.checkpoint_path} was written by a different configuration ("
                 + "; ".join(diffs) + "); rerun with the same options or use another --output-dir")
+        saved_world = checkpoint.get("world_size", 1)
+        if saved_world != self.parallel.world:
+            raise ConfigMismatchError(
+                f"{self.checkpoint_path} was written by a run of {saved_world} rank(s), this one has "
+                f"{self.parallel.world}; resume with the same torchrun --nproc-per-node x --nnodes")
         self.learner.load_state_dict(checkpoint["learner"])
         if checkpoint["frozen"] is not None:
             self.frozen = copy.deepcopy(self.learner.online).requires_grad_(False).eval()
@@ -486,9 +567,28 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.position = dict(checkpoint["position"])
         self.records = checkpoint["records"]
-        set_rng_state(checkpoint["rng"], self.generators)
+        set_rng_state(checkpoint["rng_ranks"][self.parallel.rank] if self.parallel.enabled else checkpoint["rng"],
+                      self.generators)
 
 
 def train(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``cfg`` (see :class:`Trainer`) and return its metrics."""
-    return Trainer(cfg, log=log or _log).run()
+    parallel = setup_parallel(resolve(cfg).device)  # torchrun's process group, when there is one
+    trainer, clean = None, False
+    try:
+        trainer = Trainer(cfg, log=log or _log, parallel=parallel)
+        metrics = trainer.run()
+        clean = True
+        return metrics
+    except StopRequested:
+        clean = True  # raised on every rank after the same checkpoint
+        raise
+    finally:
+        # Free DistributedDataParallel (its reducer holds the process group) now, while every rank
+        # is alive: freed later, with the exception's traceback, after a peer has exited, gloo's
+        # destructor can wait for that peer forever. Then a barrier (when every rank got here) and
+        # the process group's end.
+        if trainer is not None:
+            trainer.model = trainer.learner
+        trainer = None
+        teardown_parallel(parallel, synchronise=clean)
