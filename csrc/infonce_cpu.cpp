@@ -225,22 +225,28 @@ bool use_half_products(at::ScalarType dtype) {
 // ---------------------------------------------------------------------------------------------
 
 #if defined(__x86_64__)
+// The vector exp's constants, shared by the AVX-512 and AVX2 versions (Cephes expf): log2(e), ln 2
+// split into a high part exact in float and a low correction, and the polynomial of exp(r) - 1 - r
+// on [-ln2/2, ln2/2] divided by r^2, highest degree first.
+constexpr float kExpLog2e = 1.44269504088896341f;
+constexpr float kExpLn2High = 0.693359375f;
+constexpr float kExpLn2Low = -2.12194440e-4f;
+constexpr int kExpPolynomialTerms = 6;
+constexpr float kExpPolynomial[kExpPolynomialTerms] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                                       4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 #define PNR_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
 
 // exp(x) to about 1 ulp (Cephes polynomial on [-ln2/2, ln2/2], scaled by 2^n with vscalefps, so
 // that overflow gives +inf and underflow 0); -inf gives 0 and NaN stays NaN.
 PNR_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(kExpLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExpLn2High), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExpLn2Low), r);
+  __m512 p = _mm512_set1_ps(kExpPolynomial[0]);
+  for (int i = 1; i < kExpPolynomialTerms; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPolynomial[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512 result = _mm512_scalef_ps(p, n);
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), result, x);  // NaN in, NaN out
@@ -315,16 +321,12 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) void ex
 PNR_AVX2 inline __m256 exp256(__m256 x) {
   const __m256 low = _mm256_set1_ps(-87.0f), high = _mm256_set1_ps(88.0f);
   const __m256 clamped = _mm256_min_ps(_mm256_max_ps(x, low), high);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(kExpLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2High), clamped);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Low), r);
+  __m256 p = _mm256_set1_ps(kExpPolynomial[0]);
+  for (int i = 1; i < kExpPolynomialTerms; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPolynomial[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
