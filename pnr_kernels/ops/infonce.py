@@ -152,6 +152,11 @@ def multi_key_lse(op, rows, keys, exclude_diagonal, scales, diagonal_offsets=Non
     key gradients into the owner's block) and block k's offset becomes ``rank * M_k + offset``."""
     offsets = list(diagonal_offsets) if diagonal_offsets is not None else [0] * len(keys)
     keys, offsets = distributed.gather_key_blocks(rows, keys, offsets, gather_distributed, process_group)
+    return _with_offsets(op, rows, keys, exclude_diagonal, scales, offsets)
+
+
+def _with_offsets(op, rows, keys, exclude_diagonal, scales, offsets):
+    """The op with block k's self-exclusion starting at key ``offsets[k]`` (see offset_key_blocks)."""
     blocks = [part for key, exclude, offset in zip(keys, exclude_diagonal, offsets)
               for part in offset_key_blocks(key, exclude, offset)]
     return op(list(rows), [k for k, _ in blocks], [e for _, e in blocks], list(scales))
@@ -159,8 +164,7 @@ def multi_key_lse(op, rows, keys, exclude_diagonal, scales, diagonal_offsets=Non
 
 def _excluding(op, rows, keys, scales, offset):
     """The op with every key block's self-exclusion at global index ``offset + i``."""
-    blocks = [part for key in keys for part in offset_key_blocks(key, True, offset)]
-    return op(rows, [k for k, _ in blocks], [e for _, e in blocks], scales)
+    return _with_offsets(op, rows, keys, [True] * len(keys), scales, [offset] * len(keys))
 
 
 # ---------------------------------------------------------------------------------------------
