@@ -26,16 +26,8 @@ import torch
 CLOCK = time.perf_counter
 ONLY_NATIVE = False
 
-from pnr_kernels import losses, reference
-from pnr_kernels.bench import make_inputs
-
-PUBLIC = {
-    "simclr_pnr": losses.simclr_pnr_loss,
-    "nt_xent": losses.nt_xent_loss,
-    "moco": losses.moco_loss,
-    "cassle_simclr": losses.cassle_simclr_regularizer,
-    "moco_pnr": losses.moco_pnr_loss,
-}
+import pnr_kernels
+from pnr_kernels.registry import LOSSES, make_inputs
 
 
 def step_fn(fn, args, kwargs, env=None):
@@ -79,16 +71,16 @@ def compare(title, candidates, repeats, warmup=2):
 
 
 def native(loss):
-    return lambda *a, **k: PUBLIC[loss](*a, **k, backend="native")
+    return lambda *a, **k: getattr(pnr_kernels, LOSSES[loss].public)(*a, **k, backend="native")
 
 
 def ref(loss):
-    return lambda *a, **k: PUBLIC[loss](*a, **k, backend="reference")
+    return lambda *a, **k: getattr(pnr_kernels, LOSSES[loss].public)(*a, **k, backend="reference")
 
 
 def large(repeats):
     for loss in ("simclr_pnr", "nt_xent"):
-        compiled = torch.compile(reference.LOSSES[loss])
+        compiled = torch.compile(LOSSES[loss].reference)
         for batch in (1024, 2048):
             args, kwargs = make_inputs(loss, batch, 128, torch.float32, requires_grad=True)
             cands = {"native": step_fn(native(loss), args, kwargs),

@@ -12,6 +12,8 @@
 //   d keys tile += P^T @ (scale * g * rows tile) (into the calling thread's own accumulator:
 //                                                 thread 0's is the result, the others are
 //                                                 allocated when first used and added at the end)
+// except for a key block that is its row set itself (z against z), whose symmetric logits give
+// both sides of its gradient from one product (see is_symmetric_block).
 // The element-wise passes (tile max, sum of exponentials, the weights) are fused loops over the
 // tile, AVX-512 or AVX2 where the CPU has it (chosen at run time: the build flags have no -march).
 // The products call the BLAS of the torch library directly (sgemm_/dgemm_), without ATen's
@@ -310,6 +312,18 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) void ex
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + j), mask, reinterpret_cast<const __m256i&>(h));
   }
 }
+
+PNR_AVX512 void symmetric_weights_avx512(const float* x, int64_t n, float shift, float g, const float* shifts,
+                                         const float* gs, float* w) {
+  const __m512 s = _mm512_set1_ps(shift), gv = _mm512_set1_ps(g);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + j);
+    const __m512 own = exp512(_mm512_sub_ps(v, s));
+    const __m512 other = exp512(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(mask, shifts + j)));
+    _mm512_mask_storeu_ps(w + j, mask, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, gs + j), other, _mm512_mul_ps(gv, own)));
+  }
+}
 #endif
 
 #if defined(__x86_64__)
@@ -392,6 +406,19 @@ PNR_AVX2 void exp_shift_avx2(const float* x, int64_t n, float shift, out_t* y) {
   }
   for (; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));
 }
+
+PNR_AVX2 void symmetric_weights_avx2(const float* x, int64_t n, float shift, float g, const float* shifts,
+                                     const float* gs, float* w) {
+  const __m256 s = _mm256_set1_ps(shift), gv = _mm256_set1_ps(g);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 own = exp256(_mm256_sub_ps(v, s));
+    const __m256 other = exp256(_mm256_sub_ps(v, _mm256_loadu_ps(shifts + j)));
+    _mm256_storeu_ps(w + j, _mm256_fmadd_ps(_mm256_loadu_ps(gs + j), other, _mm256_mul_ps(gv, own)));
+  }
+  for (; j < n; ++j) w[j] = g * std::exp(x[j] - shift) + gs[j] * std::exp(x[j] - shifts[j]);
+}
 #endif
 
 template <typename acc_t>
@@ -430,6 +457,20 @@ void exp_shift(const acc_t* x, int64_t n, acc_t shift, out_t* y) {
   }
 #endif
   for (int64_t j = 0; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));
+}
+
+// The weights of a symmetric block (see backward_kernel): w[j] = g exp(x[j] - shift) +
+// gs[j] exp(x[j] - shifts[j]); w may be x.
+template <typename acc_t>
+void symmetric_weights(const acc_t* x, int64_t n, acc_t shift, acc_t g, const acc_t* shifts, const acc_t* gs,
+                       acc_t* w) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx512()) return symmetric_weights_avx512(x, n, shift, g, shifts, gs, w);
+    if (cpu_has_avx2()) return symmetric_weights_avx2(x, n, shift, g, shifts, gs, w);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) w[j] = g * std::exp(x[j] - shift) + gs[j] * std::exp(x[j] - shifts[j]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -665,18 +706,41 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
   });
 }
 
+// A key block that is its row set itself (NT-Xent's and SimCLR-PNR's z against z, outside data
+// parallelism): its logits are symmetric, S[i, j] = S[j, i], so the key side of the gradient,
+// d z[i] += sum_j scale g[j] p[j, i] z[j] with p[j, i] = exp(S[i, j] - lse[j]), needs no logits of
+// another row tile, and backward folds both sides into one product per tile:
+//   d z[i] += sum_j W[i, j] z[j],  W[i, j] = scale (g[i] exp(S[i, j] - lse[i]) + g[j] exp(S[i, j] - lse[j]))
+// (2 N^2 D FLOPs instead of 4 N^2 D, for one more exp per logit). Only for float32 / float64
+// products; the half products keep the two-product form and its rescaling of g.
+bool is_symmetric_block(const at::Tensor& rows, const at::Tensor& keys, bool rows_need_grad, bool keys_need_grad) {
+  return rows.const_data_ptr() == keys.const_data_ptr() && rows.sizes() == keys.sizes() &&
+         rows.strides() == keys.strides() && rows.scalar_type() == keys.scalar_type() &&
+         rows_need_grad == keys_need_grad;
+}
+
 template <typename acc_t, typename in_t>
 void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Operands& ops,
                      const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
                      const std::vector<bool>& rows_need_grad, const std::vector<bool>& keys_need_grad,
-                     std::vector<at::Tensor>& rows_grad, std::vector<std::vector<at::Tensor>>& keys_grad_per_thread,
-                     acc_t grad_scale, acc_t* stash) {
+                     const std::vector<std::vector<bool>>& symmetric, std::vector<at::Tensor>& rows_grad,
+                     std::vector<std::vector<at::Tensor>>& keys_grad_per_thread, acc_t grad_scale, acc_t* stash) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
   const int64_t num_threads = at::get_num_threads();
   const acc_t* lse_data = lse.const_data_ptr<acc_t>();
   const acc_t* g_data = grad_lse.const_data_ptr<acc_t>();
   const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // Per row: the exp shift (lse, or +inf for a row with no key at all, whose weights are then 0)
+  // and scale * g, read along the keys of symmetric blocks.
+  std::vector<acc_t> shifts(lse.numel()), scaled_g(lse.numel());
+  for (int64_t r = 0; r < lse.size(0); ++r) {
+    for (int64_t i = 0; i < num_rows; ++i) {
+      const acc_t l = lse_data[r * num_rows + i];
+      shifts[r * num_rows + i] = l == -inf ? inf : l;
+      scaled_g[r * num_rows + i] = static_cast<acc_t>(scales[r]) * g_data[r * num_rows + i];
+    }
+  }
   struct Scratch {
     std::vector<acc_t> logits;
     std::vector<in_t> weights, scaled_rows;  // weights: only for half products
@@ -694,9 +758,9 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
     const in_t* a = ptr<in_t>(ops.rows[r]) + i0 * dim;
     const acc_t scale = static_cast<acc_t>(scales[r]);
     const acc_t* g = g_data + r * num_rows + i0;
-    const acc_t* row_lse = lse_data + r * num_rows + i0;
+    const acc_t* row_shift = shifts.data() + r * num_rows + i0;
     bool any_key_grad = false;
-    for (size_t k = 0; k < ops.keys.size(); ++k) any_key_grad = any_key_grad || keys_need_grad[k];
+    for (size_t k = 0; k < ops.keys.size(); ++k) any_key_grad = any_key_grad || (keys_need_grad[k] && !symmetric[r][k]);
     if (any_key_grad) {  // scale * g * rows / grad_scale, the right operand of the key gradient
       for (int64_t i = 0; i < tm; ++i) {
         const acc_t factor = scale * g[i] / grad_scale;
@@ -710,8 +774,10 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
       row_grad = rows_grad[r].data_ptr<acc_t>() + i0 * dim;
       std::fill(row_grad, row_grad + tm * dim, acc_t(0));
     }
-    for (size_t k = 0; k < ops.keys.size(); ++k) {
-      if (!rows_need_grad[r] && !keys_need_grad[k]) continue;
+    // Key block k's tiles: the ordinary blocks, whose row gradient is scaled by scale * g[i] once
+    // they are all in, then the symmetric ones, whose weights carry that factor.
+    auto block = [&](size_t k) {
+      const bool sym = symmetric[r][k];
       const int64_t num_keys = ops.keys[k].size(0);
       for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
         const int64_t tn = std::min(kKeyTile, num_keys - j0);
@@ -732,9 +798,15 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
           ldw = tn;
         }
         for (int64_t i = 0; i < tm; ++i) {
-          // A row with no key at all has lse = -inf and gets no gradient: +inf makes its weights 0.
-          const acc_t shift = row_lse[i] == -inf ? inf : row_lse[i];
-          exp_shift(logits + i * ld, tn, shift, weights + i * ldw);
+          if constexpr (std::is_same_v<acc_t, in_t>) {
+            if (sym) {
+              const acc_t* key_shift = shifts.data() + r * num_rows + j0;
+              const acc_t* key_g = scaled_g.data() + r * num_rows + j0;
+              symmetric_weights(logits + i * ld, tn, row_shift[i], scale * g[i], key_shift, key_g, weights + i * ldw);
+              continue;
+            }
+          }
+          exp_shift(logits + i * ld, tn, row_shift[i], weights + i * ldw);
         }
         if (exclude_diagonal[k]) {
           const int64_t first = std::max<int64_t>(0, j0 - i0), last = std::min(tm, j0 + tn - i0);
@@ -744,19 +816,25 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
           gemm<acc_t, in_t>(false, kt.column_major, tm, dim, tn, acc_t(1), weights, ldw, kt.data, kt.ld, acc_t(1), row_grad,
                             dim);
         }
-        if (keys_need_grad[k]) {
+        if (keys_need_grad[k] && !sym) {
           at::Tensor& accumulator = keys_grad_per_thread[k][thread];
           if (!accumulator.defined()) accumulator = at::zeros(ops.keys[k].sizes(), acc_options);
           gemm<acc_t, in_t>(true, false, tn, dim, tm, acc_t(1), weights, ldw, s.scaled_rows.data(), dim, acc_t(1),
                accumulator.data_ptr<acc_t>() + j0 * dim, dim);
         }
       }
+    };
+    for (size_t k = 0; k < ops.keys.size(); ++k) {
+      if ((rows_need_grad[r] || keys_need_grad[k]) && !symmetric[r][k]) block(k);
     }
     if (row_grad != nullptr) {
       for (int64_t i = 0; i < tm; ++i) {
         const acc_t factor = scale * g[i];
         for (int64_t d = 0; d < dim; ++d) row_grad[i * dim + d] *= factor;
       }
+    }
+    for (size_t k = 0; k < ops.keys.size(); ++k) {
+      if (symmetric[r][k]) block(k);
     }
   });
 }
@@ -823,10 +901,16 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
     const double largest = finite.numel() > 0 ? finite.max().item<double>() : 0;
     if (largest > 0) grad_scale = largest;
   }
+  std::vector<std::vector<bool>> symmetric(rows.size(), std::vector<bool>(keys.size(), false));
+  for (size_t r = 0; r < rows.size() && !half_products; ++r) {
+    for (size_t k = 0; k < keys.size(); ++k) {
+      symmetric[r][k] = rows_need_grad[r] && is_symmetric_block(rows[r], keys[k], rows_need_grad[r], keys_need_grad[k]);
+    }
+  }
   dispatch_types(input, half_products, [&](auto acc, auto in) {
     using acc_t = decltype(acc);
     backward_kernel<acc_t, decltype(in)>(grad_c, lse_c, ops, exclude_diagonal, scales, rows_need_grad,
-                                         keys_need_grad, rows_grad, keys_grad_per_thread,
+                                         keys_need_grad, symmetric, rows_grad, keys_grad_per_thread,
                                          static_cast<acc_t>(grad_scale),
                                          stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
   });

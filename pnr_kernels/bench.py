@@ -337,13 +337,18 @@ def _cpu_peak_extra_mb(step) -> float:
 
 def _keep_freed_memory() -> None:
     """After the memory measurement, let glibc keep freed blocks of up to 32 MiB for reuse, as a
-    long-running training process ends up doing (its mmap threshold adapts upwards): the worker
-    starts with every allocation of 64 KiB or more mmapped and unmapped when freed, which is what
-    the peak-memory measurement needs but charges every step's large allocations with page faults
-    (a 10x slower step for kernels that allocate per call). No-op without glibc."""
+    long-running training process ends up doing: the worker starts with every allocation of 64 KiB
+    or more mmapped and unmapped when freed, which is what the peak-memory measurement needs but
+    charges every step's large allocations with page faults (a 10x slower step for kernels that
+    allocate per call). glibc's own adaptation raises the mmap threshold to the largest block
+    freed so far (at most 32 MiB) and the trim threshold to twice that; both are set here, since
+    an mmap threshold alone leaves the trim threshold at 128 KiB, and a large block freed at the
+    top of the heap is then handed back to the kernel and faulted in again by the next step
+    (NT-Xent at B = 1024, native: 16.8 ms a step instead of 11.9). No-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 2 ** 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 2 ** 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -124,7 +124,7 @@ def test_stash_budget_counts_live_stashes_only(env):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("loss", ["simclr_pnr", "moco_pnr", "cassle_simclr"])
+@pytest.mark.parametrize("loss", ["simclr_pnr", "nt_xent", "moco_pnr", "cassle_simclr"])
 def test_stashed_and_recomputed_gradients_agree(env, loss, dtype):
     args, kwargs = make_inputs(loss, 300, 24, dtype, requires_grad=True, queue_size=700)
     trainable = [a for a in args if a.requires_grad]
@@ -138,6 +138,59 @@ def test_stashed_and_recomputed_gradients_agree(env, loss, dtype):
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def _aliased_and_copied_keys(dtype, exclude_self):
+    """Row sets [z, p] against key blocks [z, f] (block 0 is row set 0 itself), and the same with
+    a copy of z as block 0; sizes cross the row tile (256) and key tile (512)."""
+    torch.manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(600, 24, dtype=dtype))
+    p, f = torch.randn(600, 24, dtype=dtype) / 5, torch.randn(530, 24, dtype=dtype) / 5
+    exclude, scales = [exclude_self, False], [2.5, 1.5]
+    return [z, p], [z, f], [z.clone(), f], exclude, scales
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
+def test_key_block_that_is_its_row_set_gets_both_sides_from_one_product(dtype, exclude_self):
+    """Backward sees that key block 0 is row set 0 itself (same tensor: symmetric logits) and
+    returns both sides of that block's gradient in the row slot; the key slot keeps only what row
+    set 1 adds to key block 0 (autograd adds the two slots). The sum equals the two-product path
+    on a copy of the keys."""
+    rows, keys, copied, exclude, scales = _aliased_and_copied_keys(dtype, exclude_self)
+    forward, backward = torch.ops.pnr_kernels.infonce_lse_forward, torch.ops.pnr_kernels.infonce_lse_backward
+    lse = forward(rows, keys, exclude, scales)
+    torch.testing.assert_close(lse, forward(rows, copied, exclude, scales), rtol=0, atol=0)
+    grad = torch.rand_like(lse) - 0.3
+    need_rows, need_keys = [True, True], [True, False]
+    dz_rows, dp, dz_keys = backward(grad, lse, rows, keys, exclude, scales, need_rows, need_keys)
+    two_rows, two_p, two_keys = backward(grad, lse, rows, copied, exclude, scales, need_rows, need_keys)
+    from_p = backward(grad * torch.tensor([[0.0], [1.0]], dtype=grad.dtype), lse, rows, copied, exclude, scales,
+                      [False, False], need_keys)[0]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(dz_keys, from_p, rtol=tol, atol=tol * from_p.abs().max().item())
+    torch.testing.assert_close(dz_rows + dz_keys, two_rows + two_keys, rtol=tol,
+                               atol=tol * dz_rows.abs().max().item())
+    torch.testing.assert_close(dp, two_p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget", [16, 0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
+def test_key_block_that_is_its_row_set_matches_the_reference(env, dtype, budget):
+    """The one-product path through autograd, from the stash (16 MiB) and recomputed (0), against
+    float64 (row set 0 is also the key block of row set 1, whose key gradient adds to it)."""
+    env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=budget)
+    rows, keys, _, exclude, scales = _aliased_and_copied_keys(dtype, True)
+    z, p = (r.clone().requires_grad_() for r in rows)
+    lse = _op()([z, p], [z, keys[1]], exclude, scales)
+    weights = torch.rand(lse.shape, dtype=torch.float64)
+    got = torch.autograd.grad((lse * weights.to(lse.dtype)).sum(), [z, p])
+    exact = [r.double().requires_grad_() for r in rows]
+    want_lse = reference.infonce_lse(exact, [exact[0], keys[1].double()], exclude, scales)
+    want = torch.autograd.grad((want_lse * weights).sum(), exact)
+    _, grad_tol = TOLERANCES[dtype]
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= grad_tol
 
 
 def test_second_backward_recomputes(env):
@@ -189,16 +242,18 @@ def test_fallbacks_match_reference(variables):
     PNR_KERNELS_CPU_NO_AVX2=1 as well the scalar ones; here with float64, float32 and the bf16 /
     fp16 products, at tau = 0.05 so that many weights underflow."""
     script = textwrap.dedent("""
-        import os, torch
-        from pnr_kernels import losses, reference
+        import itertools, os, torch
+        from pnr_kernels.registry import LOSSES
         from pnr_kernels.testing import TOLERANCES, make_inputs
         os.environ["PNR_KERNELS_CPU_PRODUCTS"] = "half"
-        for dtype, (loss_tol, grad_tol) in TOLERANCES.items():
-            args, kwargs = make_inputs("moco_pnr", 133, 37, dtype, requires_grad=True, queue_size=517,
-                                       options=dict(temperature=0.05, distill_temperature=0.075))
-            got = losses.moco_pnr_loss(*args, **kwargs, backend="native")
+        options = {"moco_pnr": dict(temperature=0.05, distill_temperature=0.075),
+                   "simclr_pnr": dict(temperature=0.05)}  # simclr_pnr: the one-product z-z block
+        for (dtype, (loss_tol, grad_tol)), loss in itertools.product(TOLERANCES.items(), options):
+            args, kwargs = make_inputs(loss, 133, 37, dtype, requires_grad=True, queue_size=517,
+                                       options=options[loss])
+            got = LOSSES[loss].function(*args, **kwargs, backend="native")
             exact = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
-            want = reference.moco_pnr_loss(*exact, **kwargs)
+            want = LOSSES[loss].reference(*exact, **kwargs)
             assert abs(got.item() - want.item()) <= loss_tol * abs(want.item()), (dtype, got, want)
             grads = torch.autograd.grad(got, [a for a in args if a.requires_grad])
             want_grads = torch.autograd.grad(want, [a for a in exact if a.requires_grad])
