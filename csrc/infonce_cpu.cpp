@@ -321,7 +321,8 @@ PNR_AVX512 void symmetric_weights_avx512(const float* x, int64_t n, float shift,
     const __m512 v = _mm512_maskz_loadu_ps(mask, x + j);
     const __m512 own = exp512(_mm512_sub_ps(v, s));
     const __m512 other = exp512(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(mask, shifts + j)));
-    _mm512_mask_storeu_ps(w + j, mask, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, gs + j), other, _mm512_mul_ps(gv, own)));
+    const __m512 key_g = _mm512_maskz_loadu_ps(mask, gs + j);
+    _mm512_mask_storeu_ps(w + j, mask, _mm512_fmadd_ps(key_g, other, _mm512_mul_ps(gv, own)));
   }
 }
 #endif
@@ -760,7 +761,9 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
     const acc_t* g = g_data + r * num_rows + i0;
     const acc_t* row_shift = shifts.data() + r * num_rows + i0;
     bool any_key_grad = false;
-    for (size_t k = 0; k < ops.keys.size(); ++k) any_key_grad = any_key_grad || (keys_need_grad[k] && !symmetric[r][k]);
+    for (size_t k = 0; k < ops.keys.size(); ++k) {
+      any_key_grad = any_key_grad || (keys_need_grad[k] && !symmetric[r][k]);  // symmetric: no key product
+    }
     if (any_key_grad) {  // scale * g * rows / grad_scale, the right operand of the key gradient
       for (int64_t i = 0; i < tm; ++i) {
         const acc_t factor = scale * g[i] / grad_scale;
