@@ -50,8 +50,8 @@ class LossSpec:
         its unit ("FLOP": 2 per multiply-add of the products; "byte": memory traffic).
     cpu_reference_below: on CPU tensors, ``backend="auto"`` runs the reference for batches below
         this size (rows per view): the measured crossover under which the fused op's fixed
-        per-call cost (about 0.2 ms of custom-op dispatch and autograd wiring) loses to the
-        reference (docs/benchmarks.md, "Small batches").
+        per-call cost (Python dispatch and autograd wiring, about 0.1 ms per op call) loses to
+        the reference (docs/benchmarks.md, "Small batches").
     docs: where the mathematics is (docs/losses.md section).
     """
     name: str

@@ -81,3 +81,46 @@ def test_composition_traces_under_torch_compile(loss):
     trainable = [a for a in args if a.requires_grad]
     for g, w in zip(torch.autograd.grad(got, trainable), torch.autograd.grad(want, trainable)):
         assert_close_relative(g, w, GRAD_TOL, f"{loss} gradient")
+
+
+def _op_step(op, rows, keys):
+    lse = op(rows, keys, [True, False], [2.0, 0.5])
+    weights = torch.arange(lse.numel(), dtype=lse.dtype).reshape(lse.shape)
+    return lse, torch.autograd.grad((lse * weights).sum(), [rows[0], rows[1], keys[1]])
+
+
+def test_eager_calls_take_the_autograd_function_with_the_custom_ops_results():
+    """Outside tracing the op runs as the eager autograd.Function of ops/_common.py (its node in
+    the graph says so), and gives bitwise the loss and gradients of the registered custom op."""
+    torch.manual_seed(0)
+    rows = [torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    keys = [rows[0], torch.randn(7, 3, dtype=torch.float64, requires_grad=True)]
+    eager_lse, eager_grads = _op_step(OP, rows, keys)
+    custom_lse, custom_grads = _op_step(OP.custom_op, rows, keys)
+    assert type(eager_lse.grad_fn).__name__ == "_EagerBackward"
+    assert "pnr_kernels" in type(custom_lse.grad_fn).__name__
+    assert torch.equal(eager_lse, custom_lse)
+    for e, c in zip(eager_grads, custom_grads):
+        assert torch.equal(e, c)
+
+
+def test_fake_tensors_take_the_custom_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        rows = [torch.empty(6, 3), torch.empty(6, 3)]
+        lse = OP(rows, [rows[0], torch.empty(9, 3)], [True, False], [2.0, 0.5])
+    assert lse.shape == (2, 6)
+
+
+def test_first_order_gradients_with_create_graph_match_and_second_order_is_refused():
+    """create_graph=True: the first-order gradients are the same; differentiating them raises
+    the fused backends' clear error, on the eager path as on the custom op."""
+    rows = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True)]
+    for op in (OP, OP.custom_op):
+        lse = op(rows, [rows[0]], [True], [2.0])
+        (grad,) = torch.autograd.grad(lse.sum(), rows, create_graph=True)
+        (plain,) = torch.autograd.grad(op(rows, [rows[0]], [True], [2.0]).sum(), rows)
+        assert torch.equal(grad, plain)
+        with pytest.raises(RuntimeError, match="first-order gradients only.*backend='reference'"):
+            torch.autograd.grad(grad.square().sum(), rows)

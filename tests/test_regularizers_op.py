@@ -128,3 +128,24 @@ def test_ops_trace_under_torch_compile_fake_tensors():
     assert terms.shape == (6, 4) and norms.shape == (6, 4)
     assert loss.shape == () and stats.shape == (5, 5) and gram.shape == (6, 6)
     assert correlation_loss.shape == ()
+
+
+def test_eager_calls_match_the_custom_ops_bitwise():
+    """Outside tracing each op runs as the eager autograd.Function of ops/_common.py, with the
+    registered custom op's results, loss and gradient, bitwise."""
+    torch.manual_seed(0)
+    p1, f1 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64)
+    p2, f2 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64)
+    c = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    calls = [(OPS.paired_terms, (p1, p2, f1, f2, "cosine"), [p1, p2]),
+             (OPS.barlow_gram_loss, (p1, f1, 5e-3, 0.1), [p1]),
+             (OPS.barlow_correlation_loss, (c, 5e-3, 0.1), [c])]
+    for op, args, trainable in calls:
+        results = []
+        for fn in (op, op.custom_op):
+            out = fn(*args)
+            first = out[0] if isinstance(out, tuple) else out
+            results.append((first.detach(), torch.autograd.grad(first.sum(), trainable)))
+        (eager, eager_grads), (custom, custom_grads) = results
+        assert torch.equal(eager, custom)
+        assert all(torch.equal(e, g) for e, g in zip(eager_grads, custom_grads))

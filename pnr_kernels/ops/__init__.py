@@ -12,7 +12,9 @@ is one op family:
 A fused backend supplies, through its one hookup ``kernels()``, a kernel set per family;
 :func:`backend_ops` turns it into ``torch.library`` custom ops with registered autograd and fake
 kernels (so the losses trace under ``torch.compile``), once per process and backend, and the
-compositions in ``pnr_kernels.registry`` call them.
+compositions in ``pnr_kernels.registry`` call them. Each op is defined by
+``_common.define_fused_op``: in eager mode it runs as an autograd.Function over the same
+functions, skipping the custom op's Python dispatch.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ Z and F this way). Its gradient, with ``g = grad_lse`` and ``p = exp(logit - lse
 
 A backend provides an :class:`InfoNCEKernels` pair (forward, backward) that never materialises
 anything of size rows x keys; :func:`define_infonce_op` wraps it into a ``torch.library`` custom op
-with registered autograd (so it works under ``torch.compile``), and the loss functions below add
+with registered autograd (so it works under ``torch.compile``; eager calls take the equivalent
+autograd.Function of ``_common.define_fused_op``), and the loss functions below add
 the positives, which are O(M x D), in PyTorch. Inputs that do not require a gradient (the frozen
 previous-model blocks) get no gradient work at all: the backward kernel is told which are needed.
 """
@@ -29,7 +30,7 @@ import torch
 from .. import distributed
 from .._autocast import autocast_disabled
 from ..reference import compute_dtype, normalize, queue_poison
-from ._common import first_order_only
+from ._common import define_fused_op
 
 # forward(rows, keys, exclude_diagonal, scales) -> lse (R, M)
 ForwardKernel = Callable[[List[torch.Tensor], List[torch.Tensor], List[bool], List[float]], torch.Tensor]
@@ -58,21 +59,17 @@ def infonce_flops(row_sizes: Sequence[int], key_sizes: Sequence[int], dim: int,
 
 
 def define_infonce_op(backend: str, kernels: InfoNCEKernels):
-    """Register ``pnr_kernels::infonce_lse_<backend>`` (and its backward op) and return the
-    forward op, callable as ``op(rows, keys, exclude_diagonal, scales)``."""
-    name = f"pnr_kernels::infonce_lse_{backend}"
+    """Register ``pnr_kernels::infonce_lse_<backend>`` (and its backward op) and return the op,
+    callable as ``op(rows, keys, exclude_diagonal, scales)`` (see ``_common.define_fused_op``)."""
 
-    @torch.library.custom_op(name, mutates_args=())
     def forward(rows: List[torch.Tensor], keys: List[torch.Tensor], exclude_diagonal: List[bool],
                 scales: List[float]) -> torch.Tensor:
         with autocast_disabled(rows[0].device.type):
             return kernels.forward(rows, keys, exclude_diagonal, scales)
 
-    @forward.register_fake
-    def _(rows, keys, exclude_diagonal, scales):
+    def forward_fake(rows, keys, exclude_diagonal, scales):
         return rows[0].new_empty((len(rows), rows[0].shape[0]), dtype=compute_dtype(rows[0].dtype))
 
-    @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward(grad_lse: torch.Tensor, lse: torch.Tensor, rows: List[torch.Tensor],
                  keys: List[torch.Tensor], exclude_diagonal: List[bool], scales: List[float],
                  rows_need_grad: List[bool], keys_need_grad: List[bool]) -> List[torch.Tensor]:
@@ -80,8 +77,7 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
             return kernels.backward(grad_lse.contiguous(), lse, rows, keys, exclude_diagonal, scales,
                                     rows_need_grad, keys_need_grad)
 
-    @backward.register_fake
-    def _(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad):
+    def backward_fake(grad_lse, lse, rows, keys, exclude_diagonal, scales, rows_need_grad, keys_need_grad):
         needed = [r for r, g in zip(rows, rows_need_grad) if g] + [k for k, g in zip(keys, keys_need_grad) if g]
         return [torch.empty_like(t) for t in needed]
 
@@ -94,7 +90,7 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
         ctx.rows_need_grad = [r.requires_grad for r in rows]
         ctx.keys_need_grad = [k.requires_grad for k in keys]
 
-    def backward_autograd(ctx, grad_lse):
+    def formula(ctx, backward, grad_lse):
         lse, *tensors = ctx.saved_tensors
         rows, keys = tensors[:ctx.num_rows], tensors[ctx.num_rows:]
         grads = iter(backward(grad_lse, lse, rows, keys, ctx.exclude_diagonal, ctx.scales,
@@ -103,9 +99,8 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
         keys_grad = [next(grads) if need else None for need in ctx.keys_need_grad]
         return rows_grad, keys_grad, None, None
 
-    forward.register_autograd(backward_autograd, setup_context=setup_context)
-    first_order_only(backward, backend)
-    return forward
+    return define_fused_op(f"pnr_kernels::infonce_lse_{backend}", backend, forward, forward_fake, backward,
+                           backward_fake, setup_context, formula)
 
 
 # ---------------------------------------------------------------------------------------------

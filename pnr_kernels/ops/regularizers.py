@@ -54,7 +54,7 @@ import torch
 from .. import distributed, reference
 from .._autocast import autocast_disabled
 from ..reference import compute_dtype
-from ._common import first_order_only
+from ._common import define_fused_op
 
 KINDS = ("cosine", "squared_distance")
 
@@ -97,21 +97,18 @@ class RegularizerOps:
 def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
     """Register ``pnr_kernels::paired_terms_<backend>``, ``pnr_kernels::barlow_gram_loss_<backend>``
     and ``pnr_kernels::barlow_correlation_loss_<backend>`` (each with its backward op, autograd and
-    fake kernels) over ``kernels``."""
+    fake kernels) over ``kernels``, and return the ops (see ``_common.define_fused_op``)."""
     prefix = "pnr_kernels::"
 
-    @torch.library.custom_op(f"{prefix}paired_terms_{backend}", mutates_args=())
     def paired_terms(p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
                      kind: str) -> Tuple[torch.Tensor, torch.Tensor]:
         with autocast_disabled(p1.device.type):
             return kernels.paired_forward(p1, p2, f1, f2, kind)
 
-    @paired_terms.register_fake
-    def _(p1, p2, f1, f2, kind):
+    def paired_fake(p1, p2, f1, f2, kind):
         b, dtype = p1.shape[0], compute_dtype(p1.dtype)
         return p1.new_empty((b, 4), dtype=dtype), p1.new_empty((b, 4 if kind == "cosine" else 0), dtype=dtype)
 
-    @torch.library.custom_op(f"{prefix}paired_terms_{backend}_backward", mutates_args=())
     def paired_backward(grad_terms: torch.Tensor, terms: torch.Tensor, norms: torch.Tensor,
                         p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
                         kind: str, p1_needs_grad: bool, p2_needs_grad: bool) -> List[torch.Tensor]:
@@ -119,8 +116,7 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
             return kernels.paired_backward(grad_terms.contiguous(), terms, norms, p1, p2, f1, f2, kind,
                                            p1_needs_grad, p2_needs_grad)
 
-    @paired_backward.register_fake
-    def _(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad):
+    def paired_backward_fake(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad):
         return [torch.empty_like(p) for p, need in ((p1, p1_needs_grad), (p2, p2_needs_grad)) if need]
 
     def paired_setup(ctx, inputs, output):
@@ -131,33 +127,27 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         ctx.kind = kind
         ctx.needs = (p1.requires_grad, p2.requires_grad)
 
-    def paired_autograd(ctx, grad_terms, _grad_norms):
+    def paired_formula(ctx, backward, grad_terms, _grad_norms):
         terms, norms, p1, p2, f1, f2 = ctx.saved_tensors
-        grads = iter(paired_backward(grad_terms, terms, norms, p1, p2, f1, f2, ctx.kind, *ctx.needs))
+        grads = iter(backward(grad_terms, terms, norms, p1, p2, f1, f2, ctx.kind, *ctx.needs))
         return (next(grads) if ctx.needs[0] else None, next(grads) if ctx.needs[1] else None,
                 None, None, None)
 
-    paired_terms.register_autograd(paired_autograd, setup_context=paired_setup)
-
-    @torch.library.custom_op(f"{prefix}barlow_gram_loss_{backend}", mutates_args=())
     def barlow_gram_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal_weight: float,
                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast_disabled(a.device.type):
             return kernels.barlow_forward(a, b, off_diagonal_weight, scale)
 
-    @barlow_gram_loss.register_fake
-    def _(a, b, off_diagonal_weight, scale):
+    def barlow_fake(a, b, off_diagonal_weight, scale):
         (n, d), dtype = a.shape, compute_dtype(a.dtype)
         return a.new_empty((), dtype=dtype), a.new_empty((5, d), dtype=dtype), a.new_empty((n, n), dtype=dtype)
 
-    @torch.library.custom_op(f"{prefix}barlow_gram_loss_{backend}_backward", mutates_args=())
     def barlow_backward(grad_loss: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
                         gram_b: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
         with autocast_disabled(a.device.type):
             return kernels.barlow_backward(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale)
 
-    @barlow_backward.register_fake
-    def _(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale):
+    def barlow_backward_fake(grad_loss, a, b, stats, gram_b, off_diagonal_weight, scale):
         return torch.empty_like(a)
 
     def barlow_setup(ctx, inputs, output):
@@ -167,30 +157,24 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         ctx.save_for_backward(a, b, stats, gram_b)
         ctx.weights = (off_diagonal_weight, scale)
 
-    def barlow_autograd(ctx, grad_loss, _grad_stats, _grad_gram):
+    def barlow_formula(ctx, backward, grad_loss, _grad_stats, _grad_gram):
         a, b, stats, gram_b = ctx.saved_tensors
-        grad_a = barlow_backward(grad_loss, a, b, stats, gram_b, *ctx.weights) if a.requires_grad else None
+        grad_a = backward(grad_loss, a, b, stats, gram_b, *ctx.weights) if a.requires_grad else None
         return grad_a, None, None, None
 
-    barlow_gram_loss.register_autograd(barlow_autograd, setup_context=barlow_setup)
-
-    @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}", mutates_args=())
     def correlation_loss(c: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
         with autocast_disabled(c.device.type):
             return kernels.correlation_loss_forward(c, off_diagonal_weight, scale)
 
-    @correlation_loss.register_fake
-    def _(c, off_diagonal_weight, scale):
+    def correlation_fake(c, off_diagonal_weight, scale):
         return c.new_empty(())
 
-    @torch.library.custom_op(f"{prefix}barlow_correlation_loss_{backend}_backward", mutates_args=())
-    def correlation_loss_backward(grad_loss: torch.Tensor, c: torch.Tensor, off_diagonal_weight: float,
-                                  scale: float) -> torch.Tensor:
+    def correlation_backward(grad_loss: torch.Tensor, c: torch.Tensor, off_diagonal_weight: float,
+                             scale: float) -> torch.Tensor:
         with autocast_disabled(c.device.type):
             return kernels.correlation_loss_backward(grad_loss, c, off_diagonal_weight, scale)
 
-    @correlation_loss_backward.register_fake
-    def _(grad_loss, c, off_diagonal_weight, scale):
+    def correlation_backward_fake(grad_loss, c, off_diagonal_weight, scale):
         return torch.empty_like(c)
 
     def correlation_setup(ctx, inputs, output):
@@ -198,14 +182,18 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         ctx.save_for_backward(c)
         ctx.weights = (off_diagonal_weight, scale)
 
-    def correlation_autograd(ctx, grad_loss):
+    def correlation_formula(ctx, backward, grad_loss):
         (c,) = ctx.saved_tensors
-        return correlation_loss_backward(grad_loss, c, *ctx.weights), None, None
+        return backward(grad_loss, c, *ctx.weights), None, None
 
-    correlation_loss.register_autograd(correlation_autograd, setup_context=correlation_setup)
-    for op in (paired_backward, barlow_backward, correlation_loss_backward):
-        first_order_only(op, backend)
-    return RegularizerOps(paired_terms, barlow_gram_loss, correlation_loss)
+    return RegularizerOps(
+        define_fused_op(f"{prefix}paired_terms_{backend}", backend, paired_terms, paired_fake, paired_backward,
+                        paired_backward_fake, paired_setup, paired_formula),
+        define_fused_op(f"{prefix}barlow_gram_loss_{backend}", backend, barlow_gram_loss, barlow_fake,
+                        barlow_backward, barlow_backward_fake, barlow_setup, barlow_formula),
+        define_fused_op(f"{prefix}barlow_correlation_loss_{backend}", backend, correlation_loss, correlation_fake,
+                        correlation_backward, correlation_backward_fake, correlation_setup, correlation_formula),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
