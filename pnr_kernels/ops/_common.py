@@ -52,8 +52,10 @@ def _first_order(backward: Callable, backend: str) -> Callable:
     differentiated."""
     def call(*args):
         result = backward(*args)
+        if not torch.is_grad_enabled():
+            return result
         inputs = [t for t in _flatten(args)[1] if t.requires_grad]
-        if not torch.is_grad_enabled() or not inputs:
+        if not inputs:
             return result
         tensors = list(result) if isinstance(result, (list, tuple)) else [result]
         wrapped = list(_FirstOrderOnly.apply(backend, len(tensors), *tensors, *inputs))
