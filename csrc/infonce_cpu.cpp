@@ -12,8 +12,8 @@
 //   d keys tile += P^T @ (scale * g * rows tile) (into the calling thread's own accumulator:
 //                                                 thread 0's is the result, the others are
 //                                                 allocated when first used and added at the end)
-// except for a key block that is its row set itself (z against z), whose symmetric logits give
-// both sides of its gradient from one product (see is_symmetric_block).
+// except for a key block that is its row set itself (z against z), whose symmetric logits are
+// visited only from each unit's own rows on (see is_symmetric_block).
 // The element-wise passes (tile max, sum of exponentials, the weights) are fused loops over the
 // tile, AVX-512 or AVX2 where the CPU has it (chosen at run time: the build flags have no -march).
 // The products call the BLAS of the torch library directly (sgemm_/dgemm_), without ATen's
@@ -222,6 +222,32 @@ bool use_half_products(at::ScalarType dtype) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Column statistics of a (rows x n) logits tile with leading dimension ld, for the symmetric
+// blocks' forward (see forward_kernel): merges, for each column j, the max over the tile's rows
+// and the sum of exp(x - max) into the running run_max[j], run_sum[j] (the online log-sum-exp,
+// along columns; a NaN reaches the sum). Generic loops here, AVX-512 and AVX2 versions below.
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+void column_stats_scalar(const acc_t* x, int64_t rows, int64_t n, int64_t ld, acc_t* run_max, acc_t* run_sum) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  std::vector<acc_t> shift(run_max, run_max + n), sum(n);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < n; ++j) shift[j] = std::max(shift[j], x[i * ld + j]);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t new_max = shift[j];
+    shift[j] = new_max == neg_inf ? acc_t(0) : new_max;  // -inf - -inf would make a NaN
+    sum[j] = run_sum[j] * std::exp(run_max[j] - shift[j]);
+    run_max[j] = new_max;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < n; ++j) sum[j] += std::exp(x[i * ld + j] - shift[j]);
+  }
+  std::copy(sum.begin(), sum.end(), run_sum);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Element-wise row passes: max, sum of exp(x - shift), exp(x - shift) stored in the product type.
 // Generic loops, and AVX-512 and AVX2 versions for float32.
 // ---------------------------------------------------------------------------------------------
@@ -325,6 +351,26 @@ PNR_AVX512 void symmetric_weights_avx512(const float* x, int64_t n, float shift,
     _mm512_mask_storeu_ps(w + j, mask, _mm512_fmadd_ps(key_g, other, _mm512_mul_ps(gv, own)));
   }
 }
+
+PNR_AVX512 void column_stats_avx512(const float* x, int64_t rows, int64_t n, float* run_max, float* run_sum) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    __m512 m = neg_inf;
+    for (int64_t i = 0; i < rows; ++i) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg_inf, mask, x + i * n + j));
+    const __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mask, run_max + j);
+    const __m512 new_max = _mm512_max_ps(old_max, m);
+    // Shift by 0 where every logit so far is -inf, so that -inf - -inf never makes a NaN.
+    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(new_max, neg_inf, _CMP_EQ_OQ), new_max,
+                                              _mm512_setzero_ps());
+    __m512 sum = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, run_sum + j), exp512(_mm512_sub_ps(old_max, shift)));
+    for (int64_t i = 0; i < rows; ++i) {
+      sum = _mm512_add_ps(sum, exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(neg_inf, mask, x + i * n + j), shift)));
+    }
+    _mm512_mask_storeu_ps(run_max + j, mask, new_max);
+    _mm512_mask_storeu_ps(run_sum + j, mask, sum);
+  }
+}
 #endif
 
 #if defined(__x86_64__)
@@ -420,6 +466,23 @@ PNR_AVX2 void symmetric_weights_avx2(const float* x, int64_t n, float shift, flo
   }
   for (; j < n; ++j) w[j] = g * std::exp(x[j] - shift) + gs[j] * std::exp(x[j] - shifts[j]);
 }
+
+PNR_AVX2 void column_stats_avx2(const float* x, int64_t rows, int64_t n, float* run_max, float* run_sum) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 m = neg_inf;
+    for (int64_t i = 0; i < rows; ++i) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i * n + j));
+    const __m256 old_max = _mm256_loadu_ps(run_max + j);
+    const __m256 new_max = _mm256_max_ps(old_max, m);
+    const __m256 shift = _mm256_blendv_ps(new_max, _mm256_setzero_ps(), _mm256_cmp_ps(new_max, neg_inf, _CMP_EQ_OQ));
+    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(run_sum + j), exp256(_mm256_sub_ps(old_max, shift)));
+    for (int64_t i = 0; i < rows; ++i) sum = _mm256_add_ps(sum, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i * n + j), shift)));
+    _mm256_storeu_ps(run_max + j, new_max);
+    _mm256_storeu_ps(run_sum + j, sum);
+  }
+  if (j < n) column_stats_scalar(x + j, rows, n - j, n, run_max + j, run_sum + j);
+}
 #endif
 
 template <typename acc_t>
@@ -460,6 +523,17 @@ void exp_shift(const acc_t* x, int64_t n, acc_t shift, out_t* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));
 }
 
+template <typename acc_t>
+void column_stats(const acc_t* x, int64_t rows, int64_t n, acc_t* run_max, acc_t* run_sum) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx512()) return column_stats_avx512(x, rows, n, run_max, run_sum);
+    if (cpu_has_avx2()) return column_stats_avx2(x, rows, n, run_max, run_sum);
+  }
+#endif
+  column_stats_scalar(x, rows, n, n, run_max, run_sum);
+}
+
 // The weights of a symmetric block (see backward_kernel): w[j] = g exp(x[j] - shift) +
 // gs[j] exp(x[j] - shifts[j]); w may be x.
 template <typename acc_t>
@@ -486,7 +560,10 @@ int64_t row_tile(int64_t num_row_sets, int64_t num_rows) {
 }
 
 // Calls body(scratch, r, i0, tm) for row set r, rows i0 .. i0 + tm, for every unit, in parallel;
-// `make_scratch()` is called once per thread chunk.
+// `make_scratch()` is called once per thread chunk. Units alternate between the row sets, and the
+// row tiles of a row set come first, last, second, second to last, ..., so that the contiguous
+// ranges of units the threads get carry about equal work where a unit's work depends on its row
+// set and shrinks with its position (symmetric blocks).
 template <typename MakeScratch, typename F>
 void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, const MakeScratch& make_scratch, const F& body) {
   const int64_t tile = row_tile(num_row_sets, num_rows), tiles = ceil_div(num_rows, tile);
@@ -494,11 +571,74 @@ void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, const MakeScratch
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     auto scratch = make_scratch(tile);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / tiles, i0 = (unit % tiles) * tile;
+      const int64_t r = unit % num_row_sets, order = unit / num_row_sets;
+      const int64_t i0 = (order % 2 == 0 ? order / 2 : tiles - 1 - order / 2) * tile;
       body(scratch, r, i0, std::min(tile, num_rows - i0));
     }
   });
 }
+
+// A key block that is its row set itself (NT-Xent's and SimCLR-PNR's z against z, outside data
+// parallelism) has symmetric logits, S[i, j] = S[j, i]. Forward and backward then visit only the
+// keys from the unit's first row on (the upper triangle, by row tiles): the square of the unit's
+// own rows and the keys after it.
+//   forward:  the keys after the square also give the column statistics of those keys (max and
+//             sum of exp over the unit's rows), merged per thread; a row's LSE is its own
+//             statistics merged with every thread's column statistics (which hold its keys before
+//             its unit). Half the logits products.
+//   backward: W[i, j] = scale (g[i] p[i, j] + g[j] p[j, i]), p[j, i] = exp(S[i, j] - lse[j]), is
+//             symmetric and dz = W z: the square gives d rows += W z (row side only), a tile after
+//             it both d rows += W z_J and, into the key accumulator, d z_J += W^T z_I. Half the
+//             logits recomputation and half the exps of a full-square pass.
+// Only for float32 / float64 products (the half products keep the general form and its rescaling
+// of g), and only where the row set and the key block need a gradient alike, so that forward and
+// backward agree on the stash layout.
+bool is_symmetric_block(const at::Tensor& rows, const at::Tensor& keys, bool rows_need_grad, bool keys_need_grad) {
+  return rows.const_data_ptr() == keys.const_data_ptr() && rows.sizes() == keys.sizes() &&
+         rows.strides() == keys.strides() && rows.scalar_type() == keys.scalar_type() &&
+         rows_need_grad == keys_need_grad;
+}
+
+std::vector<std::vector<bool>> symmetric_blocks(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
+                                                const std::vector<bool>& rows_need_grad,
+                                                const std::vector<bool>& keys_need_grad, bool half_products) {
+  std::vector<std::vector<bool>> symmetric(rows.size(), std::vector<bool>(keys.size(), false));
+  for (size_t r = 0; r < rows.size() && !half_products; ++r) {
+    for (size_t k = 0; k < keys.size(); ++k) {
+      symmetric[r][k] = is_symmetric_block(rows[r], keys[k], rows_need_grad[r], keys_need_grad[k]);
+    }
+  }
+  return symmetric;
+}
+
+// Where each (row set, key block) keeps its logits in the stash: a general block (M x M_k) as
+// (row tile x key tile) blocks, each contiguous (tm x tn), unit after unit; a symmetric block
+// only each unit's square and the keys after it, tm x (M - i0) per unit (about half of M x M).
+struct StashLayout {
+  int64_t tile, num_rows;
+  std::vector<std::vector<bool>> symmetric;
+  std::vector<std::vector<int64_t>> start;  // first element of block (r, k)
+  int64_t total = 0;
+
+  StashLayout(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
+              std::vector<std::vector<bool>> symmetric_)
+      : tile(row_tile(rows.size(), rows[0].size(0))), num_rows(rows[0].size(0)), symmetric(std::move(symmetric_)) {
+    for (size_t r = 0; r < rows.size(); ++r) {
+      start.emplace_back();
+      for (size_t k = 0; k < keys.size(); ++k) {
+        start[r].push_back(total);
+        total += symmetric[r][k] ? unit_start(ceil_div(num_rows, tile)) : num_rows * keys[k].size(0);
+      }
+    }
+  }
+  // Elements of a symmetric block before unit u: sum over earlier units of tile x (M - i0).
+  int64_t unit_start(int64_t u) const { return tile * (u * num_rows - tile * u * (u - 1) / 2); }
+  // The (tm x tn) tile of keys j0 .. j0 + tn of the unit of rows i0 .. i0 + tm in block (r, k).
+  int64_t offset(int64_t r, int64_t k, int64_t i0, int64_t j0, int64_t tm, int64_t num_keys) const {
+    if (!symmetric[r][k]) return start[r][k] + i0 * num_keys + j0 * tm;
+    return start[r][k] + unit_start(i0 / tile) + (j0 - i0) * tm;
+  }
+};
 
 // The operands as the products read them: contiguous, in the product dtype.
 struct Operands {
@@ -554,18 +694,9 @@ KeyTile<in_t> key_tile(const at::Tensor& keys, int64_t j0) {
 // recomputes), and dropped as soon as its lse has been freed without a backward.
 // ---------------------------------------------------------------------------------------------
 
-int64_t stash_offset(const Operands& ops, int64_t r, size_t k) {
-  int64_t total = 0, before = 0;
-  for (size_t b = 0; b < ops.keys.size(); ++b) {
-    if (b == k) before = total;
-    total += ops.keys[b].size(0);
-  }
-  const int64_t num_rows = ops.rows[0].size(0);
-  return (r * total + before) * num_rows;
-}
-
 struct StashKey {
-  int64_t row_tile;  // the layout: each (row tile, key tile) block is contiguous (tm x tn)
+  int64_t row_tile;  // the layout (StashLayout): the row tile and which blocks are symmetric
+  std::vector<std::vector<bool>> symmetric;
   std::vector<const void*> data;
   std::vector<int64_t> versions;
   std::vector<bool> exclude_diagonal;
@@ -593,8 +724,9 @@ int64_t stash_budget_bytes() {
 
 // The key of the inputs, or nullopt where they cannot be told apart later (inference tensors).
 std::optional<StashKey> stash_key(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
-                                  const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales) {
-  StashKey key{row_tile(rows.size(), rows[0].size(0)), {}, {}, exclude_diagonal, scales};
+                                  const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
+                                  const StashLayout& layout) {
+  StashKey key{layout.tile, layout.symmetric, {}, {}, exclude_diagonal, scales};
   for (const auto* list : {&rows, &keys}) {
     for (const auto& t : *list) {
       if (t.is_inference()) return std::nullopt;
@@ -615,15 +747,14 @@ int64_t prune_stashes() {
 }
 
 // A logits buffer for forward, or an undefined tensor where it would not fit the budget.
-at::Tensor new_stash(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys, at::ScalarType dtype) {
+at::Tensor new_stash(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys, const StashLayout& layout,
+                     at::ScalarType dtype) {
   bool any_grad = false;
   for (const auto* list : {&rows, &keys}) {
     for (const auto& t : *list) any_grad = any_grad || t.requires_grad();
   }
   if (!any_grad) return {};
-  int64_t total_keys = 0;
-  for (const auto& k : keys) total_keys += k.size(0);
-  const int64_t numel = static_cast<int64_t>(rows.size()) * rows[0].size(0) * total_keys;
+  const int64_t numel = layout.total;
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t budget = stash_budget_bytes();
   if (numel == 0 || bytes > budget) return {};
@@ -659,13 +790,44 @@ const T* ptr(const at::Tensor& t) {
   return static_cast<const T*>(t.const_data_ptr());
 }
 
+// Merges the log-sum-exp statistics (max_b, sum_b) into (max_a, sum_a).
+template <typename acc_t>
+void merge_stats(acc_t& max_a, acc_t& sum_a, acc_t max_b, acc_t sum_b) {
+  const acc_t new_max = std::max(max_a, max_b);
+  const acc_t shift = new_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : new_max;
+  sum_a = sum_a * std::exp(max_a - shift) + sum_b * std::exp(max_b - shift);
+  max_a = new_max;
+}
+
+// The key tiles a unit (rows i0 .. i0 + tm) visits in a key block of num_keys keys: every tile of
+// kKeyTile keys, or in a symmetric block the square [i0, i0 + tm) and then the tiles after it.
+// Calls f(j0, tn) for each.
+template <typename F>
+void for_each_key_tile(bool symmetric, int64_t i0, int64_t tm, int64_t num_keys, const F& f) {
+  int64_t j0 = 0;
+  if (symmetric) {
+    f(i0, tm);
+    j0 = i0 + tm;
+  }
+  for (; j0 < num_keys; j0 += kKeyTile) f(j0, std::min(kKeyTile, num_keys - j0));
+}
+
 // in_t: the product operand type (acc_t itself, or at::BFloat16 / at::Half with acc_t = float).
 template <typename acc_t, typename in_t>
 void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
-                    at::Tensor& lse, acc_t* stash) {
+                    const StashLayout& layout, at::Tensor& lse, acc_t* stash) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
-  acc_t* lse_data = lse.data_ptr<acc_t>();
+  const int64_t num_sets = ops.rows.size(), num_threads = at::get_num_threads();
+  bool any_symmetric = false;
+  for (const auto& row : layout.symmetric) {
+    for (bool b : row) any_symmetric = any_symmetric || b;
+  }
+  // Each row's own statistics (max, sum of exp(logit - max)); with symmetric blocks also every
+  // thread's column statistics of the keys after its units' squares. Merged into lse at the end.
+  std::vector<acc_t> own_max(num_sets * num_rows), own_sum(num_sets * num_rows);
+  const int64_t columns = any_symmetric ? num_threads * num_sets * num_rows : 0;
+  std::vector<acc_t> column_max(columns, neg_inf), column_sum(columns, acc_t(0));
   struct Scratch {
     std::vector<acc_t> logits, maxima, sums;
   };
@@ -674,6 +836,8 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
                    std::vector<acc_t>(tile)};
   };
   for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
     acc_t* maxima = s.maxima.data();
     acc_t* sums = s.sums.data();
     std::fill(maxima, maxima + tm, neg_inf);
@@ -682,11 +846,11 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
     const acc_t scale = static_cast<acc_t>(scales[r]);
     for (size_t k = 0; k < ops.keys.size(); ++k) {
       const int64_t num_keys = ops.keys[k].size(0);
-      for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
-        const int64_t tn = std::min(kKeyTile, num_keys - j0);
+      const bool symmetric = layout.symmetric[r][k];
+      for_each_key_tile(symmetric, i0, tm, num_keys, [&](int64_t j0, int64_t tn) {
         const KeyTile<in_t> kt = key_tile<in_t>(ops.keys[k], j0);
         // Into the stash (kept for backward) when there is one, else into the thread's buffer.
-        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0 * tm;
+        acc_t* logits = stash == nullptr ? s.logits.data() : stash + layout.offset(r, k, i0, j0, tm, num_keys);
         const int64_t ld = tn;
         gemm<acc_t, in_t>(false, !kt.column_major, tm, tn, dim, scale, a, dim, kt.data, kt.ld, acc_t(0), logits, ld);
         if (exclude_diagonal[k]) {
@@ -701,31 +865,34 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
           sums[i] = sums[i] * std::exp(maxima[i] - shift) + sum_exp(x, tn, shift);
           maxima[i] = new_max;
         }
-      }
+        if (symmetric && j0 > i0) {
+          const int64_t at = (thread * num_sets + r) * num_rows + j0;
+          column_stats(logits, tm, tn, column_max.data() + at, column_sum.data() + at);
+        }
+      });
     }
-    for (int64_t i = 0; i < tm; ++i) lse_data[r * num_rows + i0 + i] = maxima[i] + std::log(sums[i]);
+    std::copy(maxima, maxima + tm, own_max.begin() + r * num_rows + i0);
+    std::copy(sums, sums + tm, own_sum.begin() + r * num_rows + i0);
   });
-}
-
-// A key block that is its row set itself (NT-Xent's and SimCLR-PNR's z against z, outside data
-// parallelism): its logits are symmetric, S[i, j] = S[j, i], so the key side of the gradient,
-// d z[i] += sum_j scale g[j] p[j, i] z[j] with p[j, i] = exp(S[i, j] - lse[j]), needs no logits of
-// another row tile, and backward folds both sides into one product per tile:
-//   d z[i] += sum_j W[i, j] z[j],  W[i, j] = scale (g[i] exp(S[i, j] - lse[i]) + g[j] exp(S[i, j] - lse[j]))
-// (2 N^2 D FLOPs instead of 4 N^2 D, for one more exp per logit). Only for float32 / float64
-// products; the half products keep the two-product form and its rescaling of g.
-bool is_symmetric_block(const at::Tensor& rows, const at::Tensor& keys, bool rows_need_grad, bool keys_need_grad) {
-  return rows.const_data_ptr() == keys.const_data_ptr() && rows.sizes() == keys.sizes() &&
-         rows.strides() == keys.strides() && rows.scalar_type() == keys.scalar_type() &&
-         rows_need_grad == keys_need_grad;
+  acc_t* lse_data = lse.data_ptr<acc_t>();
+  at::parallel_for(0, num_sets * num_rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t m = own_max[i], total = own_sum[i];
+      for (int64_t t = 0; t < num_threads && columns > 0; ++t) {
+        merge_stats(m, total, column_max[t * num_sets * num_rows + i], column_sum[t * num_sets * num_rows + i]);
+      }
+      lse_data[i] = m + std::log(total);
+    }
+  });
 }
 
 template <typename acc_t, typename in_t>
 void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Operands& ops,
                      const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
                      const std::vector<bool>& rows_need_grad, const std::vector<bool>& keys_need_grad,
-                     const std::vector<std::vector<bool>>& symmetric, std::vector<at::Tensor>& rows_grad,
+                     const StashLayout& layout, std::vector<at::Tensor>& rows_grad,
                      std::vector<std::vector<at::Tensor>>& keys_grad_per_thread, acc_t grad_scale, acc_t* stash) {
+  const auto& symmetric = layout.symmetric;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
   const int64_t num_threads = at::get_num_threads();
@@ -782,11 +949,10 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
     auto block = [&](size_t k) {
       const bool sym = symmetric[r][k];
       const int64_t num_keys = ops.keys[k].size(0);
-      for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
-        const int64_t tn = std::min(kKeyTile, num_keys - j0);
+      for_each_key_tile(sym, i0, tm, num_keys, [&](int64_t j0, int64_t tn) {
         const KeyTile<in_t> kt = key_tile<in_t>(ops.keys[k], j0);
         // The forward's logits from the stash, else recomputed into the thread's buffer.
-        acc_t* logits = stash == nullptr ? s.logits.data() : stash + stash_offset(ops, r, k) + i0 * num_keys + j0 * tm;
+        acc_t* logits = stash == nullptr ? s.logits.data() : stash + layout.offset(r, k, i0, j0, tm, num_keys);
         const int64_t ld = tn;
         if (stash == nullptr) {
           gemm<acc_t, in_t>(false, !kt.column_major, tm, tn, dim, scale, a, dim, kt.data, kt.ld, acc_t(0), logits, ld);
@@ -819,13 +985,15 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
           gemm<acc_t, in_t>(false, kt.column_major, tm, dim, tn, acc_t(1), weights, ldw, kt.data, kt.ld, acc_t(1), row_grad,
                             dim);
         }
-        if (keys_need_grad[k] && !sym) {
+        // The key side: scale * g * rows for an ordinary block; in a symmetric block the weights
+        // carry g, and the square's key side is its row side.
+        if (keys_need_grad[k] && !(sym && j0 == i0)) {
           at::Tensor& accumulator = keys_grad_per_thread[k][thread];
           if (!accumulator.defined()) accumulator = at::zeros(ops.keys[k].sizes(), acc_options);
-          gemm<acc_t, in_t>(true, false, tn, dim, tm, acc_t(1), weights, ldw, s.scaled_rows.data(), dim, acc_t(1),
-               accumulator.data_ptr<acc_t>() + j0 * dim, dim);
+          gemm<acc_t, in_t>(true, false, tn, dim, tm, acc_t(1), weights, ldw, sym ? a : s.scaled_rows.data(), dim,
+                            acc_t(1), accumulator.data_ptr<acc_t>() + j0 * dim, dim);
         }
-      }
+      });
     };
     for (size_t k = 0; k < ops.keys.size(); ++k) {
       if ((rows_need_grad[r] || keys_need_grad[k]) && !symmetric[r][k]) block(k);
@@ -837,7 +1005,7 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
       }
     }
     for (size_t k = 0; k < ops.keys.size(); ++k) {
-      if (symmetric[r][k]) block(k);
+      if (symmetric[r][k] && rows_need_grad[r]) block(k);
     }
   });
 }
@@ -861,11 +1029,15 @@ at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::v
   const Operands ops = operands(rows, keys, half_products);
   at::Tensor lse = at::empty({static_cast<int64_t>(rows.size()), rows[0].size(0)},
                              rows[0].options().dtype(compute_dtype(input)));
-  const std::optional<StashKey> key = stash_key(rows, keys, exclude_diagonal, scales);
-  at::Tensor stash = key.has_value() ? new_stash(rows, keys, lse.scalar_type()) : at::Tensor();
+  std::vector<bool> rows_grad(rows.size()), keys_grad(keys.size());
+  for (size_t r = 0; r < rows.size(); ++r) rows_grad[r] = rows[r].requires_grad();
+  for (size_t k = 0; k < keys.size(); ++k) keys_grad[k] = keys[k].requires_grad();
+  const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_grad, keys_grad, half_products));
+  const std::optional<StashKey> key = stash_key(rows, keys, exclude_diagonal, scales, layout);
+  at::Tensor stash = key.has_value() ? new_stash(rows, keys, layout, lse.scalar_type()) : at::Tensor();
   dispatch_types(input, half_products, [&](auto acc, auto in) {
     using acc_t = decltype(acc);
-    forward_kernel<acc_t, decltype(in)>(ops, exclude_diagonal, scales, lse,
+    forward_kernel<acc_t, decltype(in)>(ops, exclude_diagonal, scales, layout, lse,
                                         stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
   });
   if (stash.defined()) keep_stash(lse, *key, std::move(stash));
@@ -882,7 +1054,9 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType input = rows[0].scalar_type();
   const bool half_products = use_half_products(input);
-  at::Tensor stash = take_stash(lse, stash_key(rows, keys, exclude_diagonal, scales));
+  // Forward chose the same layout from the inputs' requires_grad, which the need flags repeat.
+  const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_need_grad, keys_need_grad, half_products));
+  at::Tensor stash = take_stash(lse, stash_key(rows, keys, exclude_diagonal, scales, layout));
   const Operands ops = operands(rows, keys, half_products);
   const auto options = rows[0].options().dtype(compute_dtype(input));
   const at::Tensor grad_c = grad_lse.to(options.dtype()).contiguous(), lse_c = lse.to(options.dtype()).contiguous();
@@ -904,16 +1078,10 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
     const double largest = finite.numel() > 0 ? finite.max().item<double>() : 0;
     if (largest > 0) grad_scale = largest;
   }
-  std::vector<std::vector<bool>> symmetric(rows.size(), std::vector<bool>(keys.size(), false));
-  for (size_t r = 0; r < rows.size() && !half_products; ++r) {
-    for (size_t k = 0; k < keys.size(); ++k) {
-      symmetric[r][k] = rows_need_grad[r] && is_symmetric_block(rows[r], keys[k], rows_need_grad[r], keys_need_grad[k]);
-    }
-  }
   dispatch_types(input, half_products, [&](auto acc, auto in) {
     using acc_t = decltype(acc);
     backward_kernel<acc_t, decltype(in)>(grad_c, lse_c, ops, exclude_diagonal, scales, rows_need_grad,
-                                         keys_need_grad, symmetric, rows_grad, keys_grad_per_thread,
+                                         keys_need_grad, layout, rows_grad, keys_grad_per_thread,
                                          static_cast<acc_t>(grad_scale),
                                          stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
   });
