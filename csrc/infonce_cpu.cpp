@@ -679,7 +679,8 @@ KeyTile<in_t> key_tile(const at::Tensor& keys, int64_t j0) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The logits stash: forward keeps its logits (R x M x total keys, in the accumulation dtype) for
+// The logits stash: forward keeps its logits (R x M x total keys, in the accumulation dtype, about
+// half of that for a symmetric block: see StashLayout) for
 // backward when they fit PNR_KERNELS_CPU_LOGITS_BUDGET_MB (default 16 MiB, all stashes together;
 // 0 turns it off) and some input requires a gradient; backward then skips recomputing them (SimCLR-
 // PNR: 20 instead of 28 N^2 D FLOPs). Beyond the budget the kernels recompute, so the extra memory
