@@ -34,8 +34,9 @@ import torch
 from . import distributed, losses
 from ._autocast import autocast_disabled
 from ._validation import check_bool, check_embeddings, check_same_dtype_device
+from .ops.infonce import _queue_ce, _row_dot, _unit_rows
 from .queue import PNRQueue
-from .reference import compute_dtype, normalize, queue_poison
+from .reference import queue_poison
 
 __all__ = [
     "PreviousModelQueue",
@@ -50,15 +51,6 @@ __all__ = [
     "simsiam_loss_func",
     "vicreg_pnr_distill_loss",
 ]
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """``n(x)`` in the compute dtype (float64 stays float64, the rest float32)."""
-    return normalize(x.to(compute_dtype(x.dtype)))
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(1)
 
 
 def _check_terms(return_terms) -> bool:
@@ -98,12 +90,12 @@ def simclr_moco_loss_func(p1, p2, z1, z2, f1, f2, temperature=0.1, labels=None, 
         return losses.simclr_pnr_loss(z1, z2, p1, p2, f1, f2, temperature=temperature, backend=backend)
     b, _ = check_embeddings(dict(p1=p1, p2=p2, z1=z1, z2=z2, f1=f1, f2=f2))
     with autocast_disabled(z1.device.type):
-        z, p, f = _unit(torch.cat([z1, z2])), _unit(torch.cat([p1, p2])), _unit(torch.cat([f1, f2]).detach())
+        z, p, f = _unit_rows(z1, z2), _unit_rows(p1, p2), _unit_rows(f1.detach(), f2.detach())
         # one pass of the central op: rows [Z, P] against keys [Z, F], each row's own key dropped
         lse = losses.multi_key_infonce([z, p], [z, f], temperature=temperature, exclude_diagonal=True,
                                        backend=backend)
-        loss1 = (lse[0] - _dot(z, z.roll(b, dims=0)) / temperature).mean().to(z1.dtype)
-        loss2 = (lse[1] - _dot(p, f) / temperature).mean().to(z1.dtype)
+        loss1 = (lse[0] - _row_dot(z, z.roll(b, dims=0)) / temperature).mean().to(z1.dtype)
+        loss2 = (lse[1] - _row_dot(p, f) / temperature).mean().to(z1.dtype)
     return loss1 + loss2, {"loss1": loss1, "loss2": loss2}
 
 
@@ -149,18 +141,13 @@ def moco_pnr_loss_func(query1, key1, queue1, distill1, query2, key2, queue2, dis
         _check_queue_dk(name, queue, dim=dim, like_name="query1", like=query1)
     return_terms = _check_terms(return_terms)
     with autocast_disabled(query1.device.type):
-        q, p = _unit(query1), _unit(distill1)
-        k, f = _unit(key1.detach()), _unit(query2.detach())
-        up = compute_dtype(query1.dtype)
-        keys = [queue1.detach().to(up).T, queue2.detach().to(up).T]  # (K, D) views
+        q, p, k, f = (_unit_rows(x) for x in (query1, distill1, key1.detach(), query2.detach()))
+        keys = [queue1.detach().T, queue2.detach().T]  # (K, D) views of the (D, K) queues
         lse = losses.multi_key_infonce([q, p], keys, temperature=[temperature, distill_temperature],
                                        backend=backend)
         poison = queue_poison(queue1, queue2)
-        terms = []
-        for row_lse, anchor, positive, t in ((lse[0], q, k, temperature), (lse[1], p, f, distill_temperature)):
-            pos = _dot(anchor, positive) / t
-            terms.append((torch.logaddexp(row_lse, pos) - pos).mean() + poison)
-        loss1, loss2 = (x.to(query1.dtype) for x in terms)
+        loss1 = (_queue_ce(lse[0], q, k, temperature) + poison).to(query1.dtype)
+        loss2 = (_queue_ce(lse[1], p, f, distill_temperature) + poison).to(query1.dtype)
     total = loss1 + loss2
     return (total, {"loss1": loss1, "loss2": loss2}) if return_terms else total
 
@@ -174,16 +161,16 @@ def simclr_distill_loss_func(p1, p2, z1, z2, temperature=0.1, *, backend="auto")
 
         d(A, C) = mean_i( -A_i.C_i/t + LSE({A_i.C_j/t : all j}) )
 
-    nothing masked (upstream's logit mask is all ones). Both arguments pairs receive gradients
+    nothing masked (upstream's logit mask is all ones). Both pairs of arguments receive gradients
     when they require one (the distiller's second call puts the trainable p as keys). The
     distiller's average of both calls is ``pnr_kernels.cassle_simclr_regularizer(p1, p2, f1, f2,
     temperature=t)`` (docs/losses.md section 5), one call.
     """
     check_embeddings(dict(p1=p1, p2=p2, z1=z1, z2=z2))
     with autocast_disabled(p1.device.type):
-        a, c = _unit(torch.cat([p1, p2])), _unit(torch.cat([z1, z2]))
+        a, c = _unit_rows(p1, p2), _unit_rows(z1, z2)
         lse = losses.multi_key_infonce([a], [c], temperature=temperature, backend=backend)[0]
-        return (lse - _dot(a, c) / temperature).mean().to(p1.dtype)
+        return (lse - _row_dot(a, c) / temperature).mean().to(p1.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +365,8 @@ class PreviousModelQueue(PNRQueue):
         _, dim = check_embeddings(dict(f1=f1, f2=f2))
         if dim != self.dim:
             raise ValueError(f"f1 has dim {dim}, the queue holds dim {self.dim}")
+        if f1.device != self.key_storage.device:
+            raise ValueError(f"f1 is on {f1.device}, the queue on {self.key_storage.device}")
         super().enqueue(f1, f2, gather_distributed=gather_distributed, process_group=process_group)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -358,3 +358,32 @@ def test_byol_pnr_distiller_switches_by_import():
     assert_same(total, want, xs, "byol_pnr_distill_loss")
     assert_close_relative(terms["train_byol_pnr_positive_loss"], positive_loss, LOSS_TOL, "positive")
     assert_close_relative(terms["train_byol_pnr_negative_loss"], negative_loss, LOSS_TOL, "negative")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_inputs_meet_the_float32_tolerances(backend):
+    """The compositions cast as the library's own losses do: float32 in, float32 out, within the
+    float32 contract of the float64 formula on the same values."""
+    loss_tol, grad_tol = TOLERANCES[torch.float32]
+    xs64 = leaves(6)
+    xs32 = [x.detach().float().requires_grad_(True) for x in xs64]
+    queue = unit_queue()
+
+    def cases(xs, q):
+        p1, p2, z1, z2, f1, f2 = xs
+        return {
+            "simclr_moco terms": lambda: compat.simclr_moco_loss_func(p1, p2, z1, z2, f1, f2, 0.3, return_terms=True,
+                                                                      backend=backend)[0],
+            "moco_pnr": lambda: compat.moco_pnr_loss_func(unit(z1), unit(z2), q[0], unit(p1), unit(f1), z2, q[1], p2,
+                                                          0.3, 0.45, backend=backend),
+            "simclr_distill": lambda: compat.simclr_distill_loss_func(p1, p2, f1, f2, 0.3, backend=backend),
+        }
+
+    want = {name: f() for name, f in cases(xs64, queue).items()}
+    for name, f in cases(xs32, queue.float()).items():
+        got = f()
+        assert got.dtype == torch.float32, name
+        assert_close_relative(got, want[name], loss_tol, f"{name} float32 loss")
+        for g, w in zip(grads(got, xs32), grads(want[name], xs64)):
+            if w is not None:
+                assert_close_relative(g, w, grad_tol, f"{name} float32 grad")
