@@ -240,7 +240,7 @@ def barlow_loss_func(z1, z2, lamb=5e-3, scale_loss=0.025, *, differentiable_all_
 
 
 # ---------------------------------------------------------------------------------------------
-# The BYOL/VICReg/Barlow-PNR distillers' added loss, in one fused call
+# The BYOL/VICReg/Barlow-PNR distillers' added loss, in one fused call (two with the terms)
 # ---------------------------------------------------------------------------------------------
 
 def _pnr_distill(regularizer, p1, p2, frozen_z1, frozen_z2, distill_lamb, negative_lamb, names, return_terms,
@@ -388,7 +388,8 @@ class PreviousModelQueue(PNRQueue):
                               f"{tuple(self.key_storage.shape)}")
             queue = None
         if pointer is not None:
-            if pointer.numel() != 1 or pointer.dtype.is_floating_point or not 0 <= int(pointer.reshape(-1)[0]) < self.size:
+            valid = pointer.numel() == 1 and not pointer.dtype.is_floating_point
+            if not valid or not 0 <= int(pointer.reshape(-1)[0]) < self.size:
                 error_msgs.append(f"{prefix}queue2_ptr must be one integer in [0, {self.size}), got {pointer!r}")
                 pointer = None
         with torch.no_grad():

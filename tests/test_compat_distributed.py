@@ -42,7 +42,7 @@ def _authors_barlow(z1, z2):
 def _worker(rank, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        z1, z2, p2, f2 = xs = _inputs(rank)
+        z1, z2, p2, f2 = _inputs(rank)
         theirs = _authors_barlow(z1, z2)
         their_grads = torch.autograd.grad(theirs, [z1, z2])
         exact = compat.barlow_loss_func(z1, z2, LAMB, SCALE)
@@ -69,7 +69,6 @@ def _worker(rank, port):
             assert_close_relative(g, w, GRAD_TOL, f"rank {rank} barlow_pnr_distill_loss grad {name}")
         plain = compat.barlow_pnr_distill_loss(p1, p2, f1, f2.detach(), **weights)
         assert_close_relative(plain, want, LOSS_TOL, f"rank {rank} barlow_pnr_distill_loss exact value")
-        del xs
     finally:
         dist.destroy_process_group()
 
