@@ -68,7 +68,9 @@ SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST=9.0  # the H200; every step sees it, so all share one build (cache key)
+# the H200; every step sees it, so all share one build (cache key). PNR_GPU_CHECK_ARCHS overrides
+# it (the dry run's test reuses the suite's build that way).
+export TORCH_CUDA_ARCH_LIST=${PNR_GPU_CHECK_ARCHS:-9.0}
 if [ "$DRY_RUN" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
 STATUS="$OUT_DIR/status.txt"
 START=$(date +%s)
@@ -94,8 +96,9 @@ run_step() {
     local name=$1 limit=$2 log=$3 note=$4
     shift 5
     if [ "$limit" -lt 5 ]; then
-        RC=-
-        record "$name" - 0 "$limit" "skipped: the budget of ${BUDGET} s is spent"
+        RC=- SECS=0 LIMIT=$limit
+        record "$name" - 0 "$limit" "NOT RUN: the budget of ${BUDGET} s is spent"
+        FAILED_STEPS+=("$name")
         return
     fi
     echo "== $name: $* (timeout ${limit} s)" >> "$log"
@@ -134,7 +137,7 @@ fi
 # --- env: device, driver and versions ----------------------------------------------------------
 SANITIZER=$(command -v compute-sanitizer || { [ -x /usr/local/cuda/bin/compute-sanitizer ] && echo /usr/local/cuda/bin/compute-sanitizer; })
 cat > "$SCRATCH/env.py" <<'EOF'
-import importlib, platform, sys
+import importlib, importlib.metadata, platform, sys
 import torch
 print("python", sys.version.split()[0], platform.machine())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cuda available", torch.cuda.is_available())
@@ -142,12 +145,13 @@ if torch.cuda.is_available():
     props = torch.cuda.get_device_properties(0)
     print("device", props.name, "capability", f"{props.major}.{props.minor}", "SMs", props.multi_processor_count,
           "memory", f"{props.total_memory / 2 ** 30:.1f} GiB")
-for name in ("triton", "numpy", "pytest", "xdist", "pytest_timeout", "inf_cl"):
+for dist, module in (("triton", "triton"), ("numpy", "numpy"), ("pytest", "pytest"), ("pytest-xdist", "xdist"),
+                     ("pytest-timeout", "pytest_timeout"), ("inf-cl", "inf_cl")):
     try:
-        module = importlib.import_module(name)
-        print(name, getattr(module, "__version__", "(no __version__)"))
+        importlib.import_module(module)
+        print(dist, importlib.metadata.version(dist))
     except Exception as error:  # noqa: BLE001
-        print(name, "MISSING:", type(error).__name__, error)
+        print(dist, "MISSING:", type(error).__name__, error)
 EOF
 ENV_NOTE="nvidia-smi, torch, triton, nvcc, compute-sanitizer"
 [ "$DRY_RUN" = 1 ] && ENV_NOTE="DRY RUN: no GPU here, nvidia-smi and the device lines are absent"
@@ -164,8 +168,8 @@ run_step env "$(step_timeout 30 380)" "$OUT_DIR/env.txt" "$ENV_NOTE" -- bash -c 
     if [ -n "$3" ]; then "$3" --version | head -2; else echo "compute-sanitizer: not found"; fi
 ' env "$PY" "$SCRATCH/env.py" "$SANITIZER"
 HAVE_XDIST=0; HAVE_TIMEOUT=0
-grep -q '^xdist [0-9]' "$OUT_DIR/env.txt" && HAVE_XDIST=1
-grep -q '^pytest_timeout [0-9]' "$OUT_DIR/env.txt" && HAVE_TIMEOUT=1
+grep -qs '^pytest-xdist [0-9]' "$OUT_DIR/env.txt" && HAVE_XDIST=1
+grep -qs '^pytest-timeout [0-9]' "$OUT_DIR/env.txt" && HAVE_TIMEOUT=1
 
 # --- build: the native extension, CUDA part for sm_90 only --------------------------------------
 BUILD_LOG="$OUT_DIR/build.log"
@@ -173,7 +177,7 @@ BUILD_NOTE="TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 [ "$DRY_RUN" = 1 ] && BUILD_NOTE="DRY RUN: CPU torch, the CUDA part is compiled as a check only; $BUILD_NOTE"
 run_step build "$(step_timeout 120 330)" "$BUILD_LOG" "$BUILD_NOTE" -- "$PY" -m pnr_kernels.native build
 BUILD_OK=0
-if [ "$RC" = 0 ] && grep -q '^CUDA part: ' "$BUILD_LOG"; then
+if [ "$RC" = 0 ] && grep -qs '^CUDA part: ' "$BUILD_LOG"; then
     BUILD_OK=1
     LIBRARY=$(sed -n 's/^\(built\|cached\): //p' "$BUILD_LOG" | tail -1)
     if command -v cuobjdump >/dev/null && [ -n "$LIBRARY" ]; then
@@ -186,7 +190,7 @@ elif [ "$RC" = 0 ]; then
 fi
 if [ "$BUILD_OK" = 0 ]; then
     echo "native build failed or has no CUDA part; the end of build.log:"
-    tail -25 "$BUILD_LOG"
+    tail -25 "$BUILD_LOG" 2>/dev/null
 fi
 
 # --- tests: the ones that touch CUDA tensors -----------------------------------------------------
@@ -227,7 +231,8 @@ for case in root.iter("testcase"):
         for node in case.findall(outcome):
             print(f"  {outcome}: {case.get('classname')}::{case.get('name')}: {(node.get('message') or '')[:160]}")
 EOF
-[ "$DRY_RUN" = 1 ] && grep -c '::' "$OUT_DIR/tests.log" | sed 's/^/tests: collected (dry run) /' >> "$STATUS"
+[ "$DRY_RUN" = 1 ] && [ -f "$OUT_DIR/tests.log" ] && \
+    grep -c '::' "$OUT_DIR/tests.log" | sed 's/^/tests: collected (dry run) /' >> "$STATUS"
 
 # --- sanitizer: memcheck and racecheck on the smallest native CUDA cases --------------------------
 SAN_LOG="$OUT_DIR/sanitizer.log"
