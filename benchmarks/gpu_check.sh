@@ -14,8 +14,9 @@
 #              one compiler per source), -> build.log; fails when the CUDA part was not built,
 #              and the sanitizer steps are then skipped;
 #   tests      the tests that touch CUDA tensors (compiled Triton kernels, native CUDA kernels,
-#              the build's CUDA checks) with pytest-xdist -n 8 and pytest-timeout per test, when
-#              installed -> tests.log, tests.xml (JUnit);
+#              the public layer on CUDA with an NCCL world of one, the build's CUDA checks) with
+#              pytest-xdist -n 8 and pytest-timeout per test, when installed -> tests.log,
+#              tests.xml (JUnit);
 #   memcheck,  compute-sanitizer on the smallest native CUDA cases (benchmarks/gpu_sanitize_cases.py),
 #   racecheck  our kernels only (--kernel-name kns=pnr_kernels) -> sanitizer.log; a runtime that
 #              refuses the device is recorded as such;
@@ -195,7 +196,7 @@ fi
 
 # --- tests: the ones that touch CUDA tensors -----------------------------------------------------
 TEST_FILES=(tests/test_infonce_triton.py tests/test_regularizers_triton.py tests/test_common_triton.py
-            tests/test_infonce_native_cuda.py tests/test_regularizers_native.py
+            tests/test_infonce_native_cuda.py tests/test_regularizers_native.py tests/test_public_cuda.py
             tests/test_native_build.py::test_library_registers_cuda_kernels_when_nvcc_is_present
             tests/test_native_build.py::test_cuda_reasons_on_a_torch_with_cuda)
 # test_regularizers_native.py also holds CPU tests: only its CUDA ones (ids and names say cuda)
