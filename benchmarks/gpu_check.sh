@@ -7,8 +7,8 @@
 # benchmark its last records), each recorded in OUT_DIR/status.txt as
 # `step NAME rc=RC seconds=S timeout=T NOTE`, and each run whatever the earlier ones gave:
 #
-#   wheels     installs the wheels of .whl/ (benchmarks/gpu_wheels.sh; inf-cl) into a scratch
-#              folder on PYTHONPATH, when there are any;
+#   wheels     installs the wheels of .whl/ (benchmarks/gpu_wheels.sh; inf-cl; another folder
+#              with PNR_GPU_CHECK_WHEELS) into a scratch folder on PYTHONPATH, when there are any;
 #   env        device, driver, torch/CUDA/triton/nvcc/compute-sanitizer versions -> env.txt;
 #   build      the native extension with its CUDA part for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0,
 #              one compiler per source), -> build.log; fails when the CUDA part was not built,
@@ -123,7 +123,7 @@ echo "gpu_check mode=$MODE started=$(date -u +%Y-%m-%dT%H:%M:%SZ) budget=${BUDGE
 
 # --- wheels: carried packages the device machine lacks (benchmarks/gpu_wheels.sh) -------------
 shopt -s nullglob
-WHEELS=("$ROOT"/.whl/*.whl)
+WHEELS=("${PNR_GPU_CHECK_WHEELS:-$ROOT/.whl}"/*.whl)
 shopt -u nullglob
 if [ ${#WHEELS[@]} -gt 0 ]; then
     SITE="$SCRATCH/site"
@@ -252,11 +252,13 @@ sanitize() {  # sanitize TOOL CAP RESERVE
     fi
     if [ "$BUILD_OK" = 0 ]; then record "$tool" - 0 0 "skipped: no native CUDA build"; return; fi
     if [ -z "$SANITIZER" ]; then record "$tool" 1 0 0 "FAILED: compute-sanitizer not found"; return; fi
-    local before
+    local before filter=() what="every kernel (this compute-sanitizer has no --kernel-name)"
+    if "$SANITIZER" --help 2>&1 | grep -q -- '--kernel-name'; then
+        filter=(--kernel-name kns=pnr_kernels) what="our kernels only (--kernel-name kns=pnr_kernels)"
+    fi
     before=$(wc -l < "$SAN_LOG" 2>/dev/null || echo 0)
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" "$(step_timeout "$cap" "$reserve")" "$SAN_LOG" \
-        "our kernels only (--kernel-name kns=pnr_kernels)" -- "$SANITIZER" --tool "$tool" --error-exitcode 99 \
-        --print-limit 20 --kernel-name kns=pnr_kernels "${CASES[@]}"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" "$(step_timeout "$cap" "$reserve")" "$SAN_LOG" "$what" -- \
+        "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 20 "${filter[@]}" "${CASES[@]}"
     if [ "$RC" != - ] && tail -n +"$((before + 1))" "$SAN_LOG" | grep -q 'Device not supported\|error 999'; then
         sed -i '$d' "$STATUS"
         [ "$RC" != 0 ] && unset 'FAILED_STEPS[-1]'

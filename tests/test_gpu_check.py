@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pnr_kernels import bench_report, native
 
@@ -27,11 +28,11 @@ pytestmark = pytest.mark.skipif(native._find_nvcc()[0] is None or native._find_c
                                 reason="the dry run builds the native extension's CUDA part: needs nvcc and g++")
 
 
-def run_script(out: Path, **env) -> subprocess.CompletedProcess:
+def run_script(out: Path, *, dry_run: bool = True, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in ("OUT", "PNR_GPU_CHECK_DRY_RUN")}
     environment.update({"PYTHON": sys.executable, "PNR_GPU_CHECK_ARCHS": SUITE_ARCHS, **env})
-    return subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd="/", env=environment,
-                          capture_output=True, text=True, timeout=900)
+    command = ["bash", str(SCRIPT), *(["--dry-run"] if dry_run else []), str(out)]
+    return subprocess.run(command, cwd="/", env=environment, capture_output=True, text=True, timeout=900)
 
 
 def steps(status: str):
@@ -146,3 +147,40 @@ def test_a_spent_budget_skips_steps_and_fails(tmp_path):
     for name in ("env", "build", "tests", "memcheck", "bench", "compile"):
         assert found[name][0] == "-" and found[name][3].startswith("NOT RUN: the budget of 0 s is spent"), found[name]
     assert len([p for p in out.iterdir()]) <= 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the device branches where no GPU answers")
+def test_device_mode_without_a_gpu_runs_every_branch_and_fails_cleanly(tmp_path):
+    """The script's device branches (not the dry run's), here where nothing answers: the sanitizer
+    steps with a stand-in compute-sanitizer that refuses the device (as gVisor's runtime does) are
+    recorded as refused, not failed, and called with our kernel filter; the benchmark steps fail
+    with their reason; the tests run (every CUDA one skipped); every step is recorded."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    calls = tmp_path / "calls.txt"
+    sanitizer = tools / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/sh\n"
+                         'if [ "$1" = "--help" ]; then echo "  --kernel-name arg"; exit 0; fi\n'
+                         f'echo "$@" >> "{calls}"\n'
+                         'echo "========= Error: Device not supported"\n'
+                         "exit 1\n")
+    sanitizer.chmod(0o755)
+    out = tmp_path / "out"
+    no_wheels = tmp_path / "no_wheels"
+    no_wheels.mkdir()
+    result = run_script(out, dry_run=False, PATH=f"{tools}:{os.environ['PATH']}",
+                        PNR_GPU_CHECK_WHEELS=str(no_wheels))
+    assert result.returncode != 0
+    status = (out / "status.txt").read_text()
+    found = steps(status)
+    assert list(found) == STEPS, status
+    assert status.splitlines()[0].startswith("gpu_check mode=device ")
+    assert found["build"][0] == "0" and found["tests"][0] == "0", status
+    assert re.search(r"^tests: \d+ run, 0 failed, 0 errors, \d+ skipped$", status, re.M), status
+    for tool in ("memcheck", "racecheck"):
+        assert found[tool][0] == "-" and "refused the device" in found[tool][3], status
+    assert [line.split()[:2] for line in calls.read_text().splitlines() if line != "--version"] == [
+        ["--tool", "memcheck"], ["--tool", "racecheck"]]
+    assert all("--kernel-name kns=pnr_kernels" in line for line in calls.read_text().splitlines()[1:])
+    assert found["bench"][0] == "2" and "needs a CUDA GPU" in (out / "bench.log").read_text()
+    assert re.search(r"^result FAILED mode=device seconds=\d+ steps: bench compile report$", status, re.M), status
