@@ -139,12 +139,19 @@ def _flags(name: str, value, n: int, check, what: str) -> list:
     return [check(name, value)] * n
 
 
+# Every diagonal offset at or beyond this names a key that does not exist in any block (no tensor
+# holds 2**62 rows, gathered over ranks or not), so it is clamped here, the one place every
+# backend's offsets pass: "a key that does not exist leaves nothing out" then holds for offsets of
+# any size (2**64, 10**30), and ``rank * M_k + offset + i`` still fits the int64 index arithmetic.
+NO_KEY_OFFSET = 2 ** 62
+
+
 def _check_offset(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0 (row i drops key offset + i), got {value}")
-    return int(value)
+    return min(int(value), NO_KEY_OFFSET)
 
 
 def check_infonce_inputs(rows, keys, exclude_diagonal, temperature, diagonal_offsets):
@@ -152,7 +159,7 @@ def check_infonce_inputs(rows, keys, exclude_diagonal, temperature, diagonal_off
     one shape, ``keys`` a non-empty sequence of (M_k, D) tensors (M_k >= 1), all of one floating
     dtype and device; ``exclude_diagonal`` a bool or one per key block; ``temperature`` a positive
     number or one per row set; ``diagonal_offsets`` None or an int >= 0 per key block (or one for
-    all). Returns (rows, keys, exclude_diagonal, scales, diagonal_offsets) as lists."""
+    all), clamped to ``NO_KEY_OFFSET`` (an offset past every key drops nothing). Returns (rows, keys, exclude_diagonal, scales, diagonal_offsets) as lists."""
     for name, value in (("rows", rows), ("keys", keys)):
         if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list of 2-D tensors, got {type(value).__name__}"

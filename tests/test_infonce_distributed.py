@@ -65,6 +65,10 @@ OFFSET_CASES = {  # key block sizes, exclusion, offsets (M = 4 rows)
     "runs_past_the_end": ([6, 3], [True, False], [4, 0]),
     "beyond_the_block": ([5, 7], [True, True], [5, 20]),
     "fewer_keys_than_rows": ([2, 7], [True, True], [1, 0]),
+    # valid offsets past any int64 arithmetic: still "a key that does not exist leaves nothing out"
+    "near_2_63": ([5, 7], [True, True], [2 ** 63 - 1, 2 ** 63]),
+    "near_2_64": ([5, 7], [True, True], [2 ** 64 - 1, 2 ** 64 - 3]),  # int64 wrap-around: -1, -3
+    "2_64_and_1e30": ([5, 7], [True, True], [2 ** 64, 10 ** 30]),
 }
 
 
