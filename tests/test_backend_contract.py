@@ -2,10 +2,13 @@
 Triton under TRITON_INTERPRET=1, the native CPU kernels once built): values and gradients against
 the float64 reference, frozen inputs, non-finite and degenerate inputs, tiny temperatures,
 strided queues. Backend-specific kernel tests live in test_<backend>_*.py."""
+import math
+
 import pytest
 import torch
 
 from pnr_kernels import backends
+from pnr_kernels._validation import MIN_FLOAT16_TEMPERATURE, MIN_TEMPERATURE
 from pnr_kernels.registry import LOSSES, QUEUE, REGULARIZER
 from pnr_kernels.testing import (
     TOLERANCES,
@@ -69,6 +72,41 @@ def test_temperature_0_01_stays_finite_and_exact(backend, loss):
     tiny = {name: 0.01 for name in LOSSES[loss].options if name.endswith("temperature")}
     args, kwargs = make_inputs(loss, 4, 16, torch.float32, requires_grad=True, options=tiny)
     check_against_reference(loss, backend, args, kwargs)
+
+
+def _temperature_floor(dtype):
+    return MIN_FLOAT16_TEMPERATURE if dtype == torch.float16 else MIN_TEMPERATURE
+
+
+@pytest.mark.parametrize("backend,loss", [c for c in CASES if LOSSES[c[1]].kind != REGULARIZER])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_smallest_accepted_temperature_gives_the_float64_loss(backend, loss, dtype):
+    """At the smallest temperature the check accepts (2**-64; 2**-12 for float16, whose losses
+    are float16) every loss is finite and matches the float64 reference on the same inputs:
+    relatively on random inputs, and, where every view is the same batch (z2 = z1: the positive
+    is the largest logit and the loss cancels to the logits' rounding), within the tolerance
+    times the logits' scale 1/temperature. The next smaller temperature is refused by name."""
+    spec = LOSSES[loss]
+    if backends.unavailable_reason(backend, loss, CPU, dtype) is not None:
+        pytest.skip(backends.unavailable_reason(backend, loss, CPU, dtype))
+    floor = _temperature_floor(dtype)
+    names = [name for name in spec.options if name.endswith("temperature")]
+    tolerance = TOLERANCES[dtype][0]
+    args, kwargs = make_inputs(loss, 4, 16, dtype, queue_size=6, options={name: floor for name in names})
+    same = [a if name in spec.queues else args[0] for name, a in zip(spec.inputs, args)]
+    for inputs, scale in ((args, None), (same, 1 / floor)):
+        got = spec.function(*inputs, **kwargs, backend=backend)
+        want = spec.function(*[a.double() for a in inputs], **kwargs, backend="reference")
+        assert torch.isfinite(got), f"{loss} on {backend} ({dtype}) at temperature {floor}: {got}"
+        if scale is None:
+            assert_close_relative(got, want, tolerance, f"{loss} on {backend} ({dtype}) at temperature {floor}")
+        else:
+            error = abs(got.double() - want).item()
+            assert error <= tolerance * scale, f"{loss} on {backend} ({dtype}), z2 = z1: |{got} - {want}| > " \
+                                               f"{tolerance} / temperature"
+    for name in names:
+        with pytest.raises(ValueError, match=name):
+            spec.function(*args, **{**kwargs, name: math.nextafter(floor, 0)}, backend=backend)
 
 
 @pytest.mark.parametrize("backend,loss", [c for c in CASES if LOSSES[c[1]].kind == QUEUE])
