@@ -159,6 +159,51 @@ def test_huge_finite_inputs_give_the_loss_of_the_same_values(backend, loss, magn
     check_against_reference(loss, backend, huge, kwargs)
 
 
+def _magnitudes(dtype):
+    """The sweep's largest input magnitudes: near the smallest normal number, 1, 1e30 where the
+    dtype holds it, a quarter of the largest finite value and the largest itself."""
+    info = torch.finfo(dtype)
+    return [info.tiny * 2 ** 10, 1.0] + ([1e30] if info.max > 1e30 else []) + [info.max / 4, info.max]
+
+
+@pytest.mark.parametrize("backend,loss", CASES)
+def test_magnitude_sweep_up_to_the_dtype_max(backend, loss):
+    """Every input but the queues (which hold unit rows), most of its entries near +-1, scaled
+    so that its largest entry is each of ``_magnitudes(dtype)``, in float32, bfloat16 and float16.
+    At every magnitude the loss is finite and matches the float64 reference on the same values;
+    above 1 (1e30, max/4, max) every loss but VICReg-PNR is also the unscaled loss (scale
+    invariance; at 1 and below the eps of the norms and of Barlow's variance count, as in
+    torch.nn.functional).
+    VICReg-PNR's value scales with the squared magnitude: it is checked where that value fits
+    the dtype (its normal range)."""
+    spec = LOSSES[loss]
+    failures = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if backends.unavailable_reason(backend, loss, CPU, dtype) is not None:
+            continue
+        tolerance = TOLERANCES[dtype][0]
+        base, kwargs = make_inputs(loss, 4, 8, torch.float64, queue_size=6)
+        # most entries near +-1, so that at the largest magnitudes whole columns are near the
+        # dtype's max (their sums, squares and differences overflow a naive formula)
+        base = [a if name in spec.queues else torch.tanh(2 * a) for name, a in zip(spec.inputs, base)]
+        unscaled = spec.function(*base, **kwargs, backend="reference")
+        for magnitude in _magnitudes(dtype):
+            scaled = [a.to(dtype) if name in spec.queues else (a * (magnitude / a.abs().max())).to(dtype)
+                      for name, a in zip(spec.inputs, base)]
+            got = spec.function(*scaled, **kwargs, backend=backend)
+            want = spec.function(*[a.double() for a in scaled], **kwargs, backend="reference")
+            what = f"{dtype} at {magnitude:.3g}"
+            if loss == "vicreg_pnr" and not torch.finfo(dtype).tiny <= abs(want.item()) <= torch.finfo(dtype).max:
+                continue
+            try:
+                assert_close_relative(got, want, tolerance, what)
+                if loss != "vicreg_pnr" and magnitude > 1:
+                    assert_close_relative(got, unscaled, tolerance, f"{what} against the unscaled loss")
+            except AssertionError as exc:
+                failures.append(str(exc))
+    assert not failures, f"{loss} on {backend}:\n" + "\n".join(failures)
+
+
 @pytest.mark.parametrize("backend,loss", CASES)
 def test_autocast_does_not_lower_a_loss(backend, loss):
     """Losses follow their inputs' precision whatever the autocast state: the forward under
