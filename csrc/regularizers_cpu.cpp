@@ -9,7 +9,8 @@
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
 // Huge magnitudes: where a row's (cosine) or column's (Barlow statistics) sums overflow, that row or
 // column is summed again divided by a power of two near its largest magnitude (safe_math.h), so
-// inputs scaled by up to ~1e37 give the unit-scale cosines and standardisation; at ordinary scales
+// inputs up to the format's largest finite values give the unit-scale cosines and standardisation
+// (the standardised values themselves without forming x - mean: safe_math.h); at ordinary scales
 // nothing changes. NaN and Inf inputs propagate (the rescaled sums are non-finite again).
 #include "regularizers_cpu.h"
 
@@ -271,7 +272,8 @@ void barlow_stats_kernel(const scalar_t* a, int64_t sa, const scalar_t* b, int64
   });
 }
 
-// (x - mean) * rstd in the compute dtype, contiguous (B, D).
+// (x - mean) * rstd in the compute dtype, contiguous (B, D) (safe_math.h's standardise: finite up to
+// the format's largest values).
 template <typename scalar_t>
 at::Tensor standardised(const at::Tensor& x, const at::opmath_type<scalar_t>* mean,
                         const at::opmath_type<scalar_t>* rstd) {
@@ -282,7 +284,7 @@ at::Tensor standardised(const at::Tensor& x, const at::opmath_type<scalar_t>* me
   acc_t* o = out.data_ptr<acc_t>();
   at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t c = 0; c < D; ++c) o[r * D + c] = (static_cast<acc_t>(in[r * sx + c]) - mean[c]) * rstd[c];
+      for (int64_t c = 0; c < D; ++c) o[r * D + c] = standardise(static_cast<acc_t>(in[r * sx + c]), mean[c], rstd[c]);
     }
   });
   return out;
@@ -355,7 +357,7 @@ at::Tensor barlow_backward_kernel(double grad_loss, const at::Tensor& a_in, cons
       const acc_t* x = as + r * D + c0;
       const scalar_t* y = pb + r * sb + c0;
       for (int64_t c = 0; c < w; ++c) {
-        const acc_t y_std = (static_cast<acc_t>(y[c]) - mean_b[c0 + c]) * rstd_b[c0 + c];
+        const acc_t y_std = standardise(static_cast<acc_t>(y[c]), mean_b[c0 + c], rstd_b[c0 + c]);
         g[c] = alpha[c] * y_std + beta * g[c];
         sum_g[c] += g[c];
         sum_ga[c] += g[c] * x[c];

@@ -244,7 +244,7 @@ __global__ void standardise_kernel(Matrix<T> x, int64_t rows, int64_t cols, cons
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i % cols;
-    out[i] = (x.at(r, c) - mean[c]) * rstd[c];
+    out[i] = standardise(x.at(r, c), mean[c], rstd[c]);  // safe_math.h: no overflow
   }
 }
 
@@ -262,7 +262,7 @@ __global__ void barlow_grad_kernel(const float* grad_loss, Matrix<T> b, int64_t 
     const float alpha = g * (2.f * (diag - 1.f) - 2.f * off_diagonal_weight * diag) / rows;
     for (int64_t r = threadIdx.y; r < rows; r += kRowLanes) {
       const int64_t i = r * cols + c;
-      const float value = alpha * (b.at(r, c) - mean_b) * rstd_b + beta * grad_std[i];
+      const float value = alpha * standardise(b.at(r, c), mean_b, rstd_b) + beta * grad_std[i];
       grad_std[i] = value;
       sums[0] += value, sums[1] += value * a_std[i];
     }

@@ -60,4 +60,12 @@ PNR_HOST_DEVICE T scaled_rstd(T scaled_var, int e, T eps) {
   return std::ldexp(T(1) / std::sqrt(scaled_var + std::ldexp(eps, -2 * e)), -e);
 }
 
+// (x - mean) * rstd without forming x - mean, which overflows when x and mean, of opposite signs,
+// are near the format's largest value: (x/2 - mean/2) * (2 rstd). Halving and doubling are exact,
+// so this rounds exactly as the plain formula wherever x/2 and mean/2 are normal numbers.
+template <typename T>
+PNR_HOST_DEVICE T standardise(T x, T mean, T rstd) {
+  return (x * T(0.5) - mean * T(0.5)) * (rstd * T(2));
+}
+
 }  // namespace pnr_kernels

@@ -74,23 +74,42 @@ def check_queue(name: str, queue: torch.Tensor, *, dim: int, like_name: str, lik
     return queue.shape[1]
 
 
-# The smallest temperature whose reciprocal (the logits' scale) is finite in float32, the
-# precision every fused kernel accumulates in.
-MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+# The smallest temperature (docs/losses.md, "Precision and the numerical contract"). The logits
+# of unit rows are at most 1/temperature <= 2**64 in magnitude, so every kernel's base-2 scale
+# (1/temperature * log2 e), every loss (a few logit differences per row) and its sums over any
+# batch below 2**60 rows stay far inside float32's (and bfloat16's) 2**128. A floor just above
+# 1/float32_max left no such room: the logits, log2 e times them, or the batch means overflowed.
+MIN_TEMPERATURE = 2.0 ** -64
 
 
 def check_positive_number(name: str, value) -> float:
-    """A finite, strictly positive real number whose reciprocal is finite in float32
-    (temperatures: the logits are scaled by ``1 / temperature``)."""
+    """A finite real number of at least ``MIN_TEMPERATURE`` (temperatures: the logits are scaled
+    by ``1 / temperature``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     if value < MIN_TEMPERATURE:
-        raise ValueError(f"{name} must be at least {MIN_TEMPERATURE:.3g} so that 1/{name} is finite in "
-                         f"float32, got {value}")
+        raise ValueError(f"{name} must be at least 2**-64 (about {MIN_TEMPERATURE:.3g}), so that the logits "
+                         f"{name} divides stay finite in float32, got {value}")
     return value
+
+
+# float16 losses are returned in float16 (at most 65504, about 2**16) and a loss is at most about
+# 4/temperature plus logarithms of the batch: at 2**-12 and above it fits.
+MIN_FLOAT16_TEMPERATURE = 2.0 ** -12
+
+
+def check_temperatures_for_dtype(options: Mapping[str, float], dtype: torch.dtype) -> None:
+    """The temperatures among a loss's checked ``options`` (the names ending in "temperature")
+    against the floor of the inputs' ``dtype``: ``MIN_FLOAT16_TEMPERATURE`` for float16."""
+    if dtype != torch.float16:
+        return
+    for name, value in options.items():
+        if name.endswith("temperature") and value < MIN_FLOAT16_TEMPERATURE:
+            raise ValueError(f"{name} must be at least 2**-12 (about {MIN_FLOAT16_TEMPERATURE:.3g}) for float16 "
+                             f"inputs, whose loss is returned in float16 (at most 65504), got {value}")
 
 
 def check_backend(backend) -> str:
@@ -139,12 +158,19 @@ def _flags(name: str, value, n: int, check, what: str) -> list:
     return [check(name, value)] * n
 
 
+# Every diagonal offset at or beyond this names a key that does not exist in any block (no tensor
+# holds 2**62 rows, gathered over ranks or not), so it is clamped here, the one place every
+# backend's offsets pass: "a key that does not exist leaves nothing out" then holds for offsets of
+# any size (2**64, 10**30), and ``rank * M_k + offset + i`` still fits the int64 index arithmetic.
+NO_KEY_OFFSET = 2 ** 62
+
+
 def _check_offset(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0 (row i drops key offset + i), got {value}")
-    return int(value)
+    return min(int(value), NO_KEY_OFFSET)
 
 
 def check_infonce_inputs(rows, keys, exclude_diagonal, temperature, diagonal_offsets):
@@ -152,7 +178,7 @@ def check_infonce_inputs(rows, keys, exclude_diagonal, temperature, diagonal_off
     one shape, ``keys`` a non-empty sequence of (M_k, D) tensors (M_k >= 1), all of one floating
     dtype and device; ``exclude_diagonal`` a bool or one per key block; ``temperature`` a positive
     number or one per row set; ``diagonal_offsets`` None or an int >= 0 per key block (or one for
-    all). Returns (rows, keys, exclude_diagonal, scales, diagonal_offsets) as lists."""
+    all), clamped to ``NO_KEY_OFFSET`` (an offset past every key drops nothing). Returns (rows, keys, exclude_diagonal, scales, diagonal_offsets) as lists."""
     for name, value in (("rows", rows), ("keys", keys)):
         if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list of 2-D tensors, got {type(value).__name__}"

@@ -13,7 +13,7 @@ import torch
 from . import backends, reference, registry
 from ._autocast import autocast_disabled
 from ._validation import (DATA_PARALLEL_CHECKS, check_embeddings, check_infonce_inputs, check_queue,
-                          check_weight)
+                          check_temperatures_for_dtype, check_weight)
 
 
 def _dispatch(what: str, backend: str, first: torch.Tensor, function_of, *args, **options) -> torch.Tensor:
@@ -39,6 +39,7 @@ def _run(loss: str, backend: str, inputs, **options) -> torch.Tensor:
     for name in spec.queues:
         check_queue(name, named[name], dim=dim, like_name=first_name, like=first)
     options = {name: spec.options[name](name, value) for name, value in options.items()}
+    check_temperatures_for_dtype(options, first.dtype)
     args = [x if trainable else x.detach() for x, trainable in zip(inputs, spec.trainable_mask)]
     return _dispatch(loss, backend, first, lambda chosen: backends.loss_function(chosen, loss), *args, **options)
 

@@ -2,10 +2,13 @@
 Triton under TRITON_INTERPRET=1, the native CPU kernels once built): values and gradients against
 the float64 reference, frozen inputs, non-finite and degenerate inputs, tiny temperatures,
 strided queues. Backend-specific kernel tests live in test_<backend>_*.py."""
+import math
+
 import pytest
 import torch
 
 from pnr_kernels import backends
+from pnr_kernels._validation import MIN_FLOAT16_TEMPERATURE, MIN_TEMPERATURE
 from pnr_kernels.registry import LOSSES, QUEUE, REGULARIZER
 from pnr_kernels.testing import (
     TOLERANCES,
@@ -71,6 +74,41 @@ def test_temperature_0_01_stays_finite_and_exact(backend, loss):
     check_against_reference(loss, backend, args, kwargs)
 
 
+def _temperature_floor(dtype):
+    return MIN_FLOAT16_TEMPERATURE if dtype == torch.float16 else MIN_TEMPERATURE
+
+
+@pytest.mark.parametrize("backend,loss", [c for c in CASES if LOSSES[c[1]].kind != REGULARIZER])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_smallest_accepted_temperature_gives_the_float64_loss(backend, loss, dtype):
+    """At the smallest temperature the check accepts (2**-64; 2**-12 for float16, whose losses
+    are float16) every loss is finite and matches the float64 reference on the same inputs:
+    relatively on random inputs, and, where every view is the same batch (z2 = z1: the positive
+    is the largest logit and the loss cancels to the logits' rounding), within the tolerance
+    times the logits' scale 1/temperature. The next smaller temperature is refused by name."""
+    spec = LOSSES[loss]
+    if backends.unavailable_reason(backend, loss, CPU, dtype) is not None:
+        pytest.skip(backends.unavailable_reason(backend, loss, CPU, dtype))
+    floor = _temperature_floor(dtype)
+    names = [name for name in spec.options if name.endswith("temperature")]
+    tolerance = TOLERANCES[dtype][0]
+    args, kwargs = make_inputs(loss, 4, 16, dtype, queue_size=6, options={name: floor for name in names})
+    same = [a if name in spec.queues else args[0] for name, a in zip(spec.inputs, args)]
+    for inputs, scale in ((args, None), (same, 1 / floor)):
+        got = spec.function(*inputs, **kwargs, backend=backend)
+        want = spec.function(*[a.double() for a in inputs], **kwargs, backend="reference")
+        assert torch.isfinite(got), f"{loss} on {backend} ({dtype}) at temperature {floor}: {got}"
+        if scale is None:
+            assert_close_relative(got, want, tolerance, f"{loss} on {backend} ({dtype}) at temperature {floor}")
+        else:
+            error = abs(got.double() - want).item()
+            assert error <= tolerance * scale, f"{loss} on {backend} ({dtype}), z2 = z1: |{got} - {want}| > " \
+                                               f"{tolerance} / temperature"
+    for name in names:
+        with pytest.raises(ValueError, match=name):
+            spec.function(*args, **{**kwargs, name: math.nextafter(floor, 0)}, backend=backend)
+
+
 @pytest.mark.parametrize("backend,loss", [c for c in CASES if LOSSES[c[1]].kind == QUEUE])
 def test_moco_queue_strides_do_not_matter(backend, loss):
     args, kwargs = make_inputs(loss, 3, 8, torch.float32, queue_size=6)
@@ -119,6 +157,51 @@ def test_huge_finite_inputs_give_the_loss_of_the_same_values(backend, loss, magn
     huge = [a if name in spec.queues else (a * magnitude).requires_grad_(name in spec.trainable)
             for name, a in zip(spec.inputs, args)]
     check_against_reference(loss, backend, huge, kwargs)
+
+
+def _magnitudes(dtype):
+    """The sweep's largest input magnitudes: near the smallest normal number, 1, 1e30 where the
+    dtype holds it, a quarter of the largest finite value and the largest itself."""
+    info = torch.finfo(dtype)
+    return [info.tiny * 2 ** 10, 1.0] + ([1e30] if info.max > 1e30 else []) + [info.max / 4, info.max]
+
+
+@pytest.mark.parametrize("backend,loss", CASES)
+def test_magnitude_sweep_up_to_the_dtype_max(backend, loss):
+    """Every input but the queues (which hold unit rows), most of its entries near +-1, scaled
+    so that its largest entry is each of ``_magnitudes(dtype)``, in float32, bfloat16 and float16.
+    At every magnitude the loss is finite and matches the float64 reference on the same values;
+    above 1 (1e30, max/4, max) every loss but VICReg-PNR is also the unscaled loss (scale
+    invariance; at 1 and below the eps of the norms and of Barlow's variance count, as in
+    torch.nn.functional).
+    VICReg-PNR's value scales with the squared magnitude: it is checked where that value fits
+    the dtype (its normal range)."""
+    spec = LOSSES[loss]
+    failures = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if backends.unavailable_reason(backend, loss, CPU, dtype) is not None:
+            continue
+        tolerance = TOLERANCES[dtype][0]
+        base, kwargs = make_inputs(loss, 4, 8, torch.float64, queue_size=6)
+        # most entries near +-1, so that at the largest magnitudes whole columns are near the
+        # dtype's max (their sums, squares and differences overflow a naive formula)
+        base = [a if name in spec.queues else torch.tanh(2 * a) for name, a in zip(spec.inputs, base)]
+        unscaled = spec.function(*base, **kwargs, backend="reference")
+        for magnitude in _magnitudes(dtype):
+            scaled = [a.to(dtype) if name in spec.queues else (a * (magnitude / a.abs().max())).to(dtype)
+                      for name, a in zip(spec.inputs, base)]
+            got = spec.function(*scaled, **kwargs, backend=backend)
+            want = spec.function(*[a.double() for a in scaled], **kwargs, backend="reference")
+            what = f"{dtype} at {magnitude:.3g}"
+            if loss == "vicreg_pnr" and not torch.finfo(dtype).tiny <= abs(want.item()) <= torch.finfo(dtype).max:
+                continue
+            try:
+                assert_close_relative(got, want, tolerance, what)
+                if loss != "vicreg_pnr" and magnitude > 1:
+                    assert_close_relative(got, unscaled, tolerance, f"{what} against the unscaled loss")
+            except AssertionError as exc:
+                failures.append(str(exc))
+    assert not failures, f"{loss} on {backend}:\n" + "\n".join(failures)
 
 
 @pytest.mark.parametrize("backend,loss", CASES)

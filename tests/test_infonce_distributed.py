@@ -13,6 +13,7 @@ seconds to start); each case's figures come back as JSON and are checked by a te
 import copy
 import datetime
 import json
+import math
 import os
 import tempfile
 import traceback
@@ -65,6 +66,10 @@ OFFSET_CASES = {  # key block sizes, exclusion, offsets (M = 4 rows)
     "runs_past_the_end": ([6, 3], [True, False], [4, 0]),
     "beyond_the_block": ([5, 7], [True, True], [5, 20]),
     "fewer_keys_than_rows": ([2, 7], [True, True], [1, 0]),
+    # valid offsets past any int64 arithmetic: still "a key that does not exist leaves nothing out"
+    "near_2_63": ([5, 7], [True, True], [2 ** 63 - 1, 2 ** 63]),
+    "near_2_64": ([5, 7], [True, True], [2 ** 64 - 1, 2 ** 64 - 3]),  # int64 wrap-around: -1, -3
+    "2_64_and_1e30": ([5, 7], [True, True], [2 ** 64, 10 ** 30]),
 }
 
 
@@ -93,6 +98,24 @@ def test_public_op_diagonal_offsets(backend, case):
     for name, g_, w in zip(("rows[0]", "rows[1]", "keys[1]"), got_grads, want_grads):
         assert_close_relative(g_, w, grad_tol, f"{case} on {backend}: grad {name}")
     assert cast[2].grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_public_op_at_the_smallest_temperature(backend):
+    """Unit rows at the temperature floor (2**-64): the LSEs, about 1/temperature, are finite and
+    those of the materialised statement; the next smaller temperature is refused by name."""
+    from pnr_kernels._validation import MIN_TEMPERATURE
+
+    dtype = DTYPES[backend]
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.nn.functional.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=1)]
+    keys = [rows[0], torch.nn.functional.normalize(torch.randn(5, 6, generator=g, dtype=torch.float64), dim=1)]
+    want = _materialised_lse(rows, keys, [True, False], [MIN_TEMPERATURE], [0, 0])
+    got = pnr_kernels.multi_key_infonce([r.to(dtype) for r in rows], [k.to(dtype) for k in keys],
+                                        temperature=MIN_TEMPERATURE, exclude_diagonal=[True, False], backend=backend)
+    assert_close_relative(got, want, TOLERANCES[dtype][0], f"op on {backend} at temperature 2**-64")
+    with pytest.raises(ValueError, match="temperature must be at least"):
+        pnr_kernels.multi_key_infonce(rows, keys, temperature=math.nextafter(MIN_TEMPERATURE, 0), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -200,28 +200,31 @@ def _scaled_rstd(var_scaled, u, inv_u, EPS: tl.constexpr):
 def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, a_s0, a_s1, b_s0, b_s1, EPS: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """stats rows: mean_a, rstd_a, mean_b, rstd_b, diag = C_ii, in two passes over the rows (the
-    means and largest magnitudes of the columns, then the centred sums). The centred values are
-    divided by their column's power-of-two scale (``common.pow2_scale``: exact, 1 at unit scale),
-    so that columns past ~1e19 (whose squares overflow float32) still give their 1/std and C_ii."""
+    means and largest magnitudes of the columns, then the centred sums). Both passes sum values
+    divided by their column's power-of-two scale (``common.pow2_scale``: exact, so the roundings
+    are those of the plain sums), the first one growing the scale as it goes (as ``_rescaled``), so
+    that columns up to float32's largest values (whose sums and squares overflow float32) still
+    give their mean, 1/std and C_ii."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    sum_a = tl.zeros((BLOCK_D,), tl.float32)
+    sum_a = tl.zeros((BLOCK_D,), tl.float32)  # the sums divided by u_a, u_b
     sum_b = tl.zeros((BLOCK_D,), tl.float32)
-    max_a = tl.zeros((BLOCK_D,), tl.float32)
-    max_b = tl.zeros((BLOCK_D,), tl.float32)
+    u_a = tl.full((BLOCK_D,), POW2_MIN, tl.float32)
+    u_b = tl.full((BLOCK_D,), POW2_MIN, tl.float32)
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         mask = (rows < B)[:, None] & col_mask[None, :]
         xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0).to(tl.float32)
         xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0).to(tl.float32)
-        sum_a += tl.sum(xa, axis=0)
-        sum_b += tl.sum(xb, axis=0)
-        max_a = tl.maximum(max_a, tl.max(tl.abs(xa), axis=0))  # a NaN reaches the sums, not the scale
-        max_b = tl.maximum(max_b, tl.max(tl.abs(xb), axis=0))
-    mean_a = sum_a / B
-    mean_b = sum_b / B
-    u_a, u_b = pow2_scale(max_a), pow2_scale(max_b)  # |x - mean| / u <= 4
-    inv_a, inv_b = 1.0 / u_a, 1.0 / u_b
+        # a NaN reaches the sums, not the scale (pow2_scale clamps it)
+        grown_a = tl.maximum(u_a, pow2_scale(tl.max(tl.abs(xa), axis=0)))
+        grown_b = tl.maximum(u_b, pow2_scale(tl.max(tl.abs(xb), axis=0)))
+        sum_a = sum_a * (u_a / grown_a) + tl.sum(xa * (1.0 / grown_a)[None, :], axis=0)
+        sum_b = sum_b * (u_b / grown_b) + tl.sum(xb * (1.0 / grown_b)[None, :], axis=0)
+        u_a, u_b = grown_a, grown_b
+    mean_a = sum_a / B * u_a
+    mean_b = sum_b / B * u_b
+    inv_a, inv_b = 1.0 / u_a, 1.0 / u_b  # |x - mean| / u <= 4 (up to pow2_scale's clamp)
     sq_a = tl.zeros((BLOCK_D,), tl.float32)
     sq_b = tl.zeros((BLOCK_D,), tl.float32)
     cross = tl.zeros((BLOCK_D,), tl.float32)
@@ -230,8 +233,9 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, a_s0, a_s1, b_s0, b_s1, 
         mask = (rows < B)[:, None] & col_mask[None, :]
         xa = tl.load(a_ptr + rows[:, None] * a_s0 + cols[None, :] * a_s1, mask=mask, other=0.0).to(tl.float32)
         xb = tl.load(b_ptr + rows[:, None] * b_s0 + cols[None, :] * b_s1, mask=mask, other=0.0).to(tl.float32)
-        xa = tl.where(mask, (xa - mean_a[None, :]) * inv_a[None, :], 0.0)
-        xb = tl.where(mask, (xb - mean_b[None, :]) * inv_b[None, :], 0.0)
+        # (x - mean) / u without forming x - mean, which can overflow
+        xa = tl.where(mask, xa * inv_a[None, :] - (mean_a * inv_a)[None, :], 0.0)
+        xb = tl.where(mask, xb * inv_b[None, :] - (mean_b * inv_b)[None, :], 0.0)
         sq_a += tl.sum(xa * xa, axis=0)
         sq_b += tl.sum(xb * xb, axis=0)
         cross += tl.sum(xa * xb, axis=0)
@@ -248,10 +252,12 @@ def _barlow_stats_kernel(a_ptr, b_ptr, stats_ptr, B, D, a_s0, a_s1, b_s0, b_s1, 
 
 @triton.jit
 def _standardised_tile(x_ptr, x_s0, x_s1, rows, cols, mean, rstd, B, D):
-    """Rows x cols of (x - mean) * rstd in float32, zero outside the matrix."""
+    """Rows x cols of (x - mean) * rstd in float32, zero outside the matrix; as (x/2 - mean/2) *
+    (2 rstd), the same roundings without the overflow of x - mean near float32's largest values
+    (csrc/safe_math.h's ``standardise``)."""
     mask = (rows < B)[:, None] & (cols < D)[None, :]
     tile = tl.load(x_ptr + rows[:, None] * x_s0 + cols[None, :] * x_s1, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, (tile - mean[None, :]) * rstd[None, :], 0.0)
+    return tl.where(mask, (tile * 0.5 - (mean * 0.5)[None, :]) * (rstd * 2.0)[None, :], 0.0)
 
 
 @triton.autotune([triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2)], key=[])
