@@ -8,7 +8,7 @@ One forward + backward per loss x usable backend at the `pnr-bench --quick` size
 import pytest
 import torch
 
-from pnr_kernels import bench
+from pnr_kernels.bench import runner as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = bench.make_cases(DEVICE, quick=True)

@@ -182,3 +182,6 @@ def barlow_twins_loss(z1, z2, *, off_diagonal_weight=5e-3, scale=0.1):
                    scale=check_weight("scale", scale))
     with autocast_disabled(z1.device.type):
         return reference.barlow_twins_loss(z1, z2, **weights)
+
+
+registry.register_public_functions(globals())  # spec.function, without the registry importing this module

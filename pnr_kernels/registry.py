@@ -1,11 +1,12 @@
 """The loss registry: one description per loss, the only table in the library that names a loss.
 
 Everything that needs "every loss" derives it from :data:`LOSSES`: the public functions validate
-and dispatch through their entry (``pnr_kernels.losses``), every backend finds the composition it
-runs (``pnr_kernels.backends``), the benchmark runner takes its inputs, sizes and work model from
-it (``pnr_kernels.bench``), and the tests parametrise over it. Adding a loss is one entry here,
-its reference function, its fused composition over an op family (``pnr_kernels/ops/``), its public
-function and module twin, and its docs section: docs/adding-a-loss.md lists the steps.
+and dispatch through their entry (``pnr_kernels.losses``, which registers them here: the registry
+never imports it), every backend finds the composition it runs (``pnr_kernels.backends``), the
+benchmark runner takes its inputs, sizes and work model from it (``pnr_kernels.bench``), and the
+tests parametrise over it. Adding a loss is one entry here, its reference function, its fused
+composition over an op family (``pnr_kernels/ops/``), its public function and module twin, and its
+docs section: docs/adding-a-loss.md lists the steps.
 """
 from __future__ import annotations
 
@@ -72,10 +73,12 @@ class LossSpec:
 
     @property
     def function(self) -> Callable:
-        """The public function (``pnr_kernels.<public>``)."""
-        from . import losses
-
-        return getattr(losses, self.public)
+        """The public function (``pnr_kernels.<public>``), as ``pnr_kernels.losses`` registered it."""
+        function = _PUBLIC_FUNCTIONS.get(self.public)
+        if function is None:
+            raise LookupError(f"the public function {self.public!r} of loss {self.name!r} is not registered: "
+                              "pnr_kernels.losses registers them when it is imported (import pnr_kernels)")
+        return function
 
     def _signature(self) -> Dict[str, inspect.Parameter]:
         """The public function's parameters, read once (a plain memo in the instance dict:
@@ -207,6 +210,21 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
         example_options={**_PNR_EXAMPLE, "off_diagonal_weight": 0.05, "scale": 0.2},
     ),
 )}
+
+
+# The public functions by name. pnr_kernels.losses imports this registry to validate and dispatch,
+# so the registry never imports it back: losses registers its functions here when it is imported,
+# which importing any pnr_kernels module does first (the package's __init__ imports losses).
+_PUBLIC_FUNCTIONS: Dict[str, Callable] = {}
+
+
+def register_public_functions(namespace: Dict[str, object]) -> None:
+    """Record every entry's public function from ``namespace`` (``pnr_kernels.losses``'s globals);
+    an entry whose function is missing there is a KeyError naming it."""
+    missing = [spec.public for spec in LOSSES.values() if not callable(namespace.get(spec.public))]
+    if missing:
+        raise KeyError(f"no public function named {', '.join(missing)} to register")
+    _PUBLIC_FUNCTIONS.update({spec.public: namespace[spec.public] for spec in LOSSES.values()})
 
 
 def spec_of(public: str) -> LossSpec:

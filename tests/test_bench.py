@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from pnr_kernels import bench, bench_report
+from pnr_kernels.bench import report as bench_report
+from pnr_kernels.bench import runner as bench
 from pnr_kernels.registry import LOSSES
 
 

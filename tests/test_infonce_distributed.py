@@ -404,7 +404,7 @@ def _subgroup_case(rank, world):
 
 def _bench_case(rank, world):
     """The gather-cost benchmark's timing loop runs inside a process group (tiny sizes)."""
-    from pnr_kernels import bench_distributed
+    from pnr_kernels.bench import distributed as bench_distributed
 
     config = dict(loss="nt_xent", backend="reference", device="cpu", dtype="float64", batch=2, dim=4,
                   repeats=2, warmup=0)

@@ -3,14 +3,10 @@ which is how the tests run them without a GPU)."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its numpy interpreter (must be set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._interpret import interpreting
 
 
 @functools.lru_cache(maxsize=None)

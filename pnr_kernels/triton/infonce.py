@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 
 from ..ops.infonce import InfoNCEKernels
-from . import interpreting
+from ._interpret import interpreting
 from .common import (SHARED_MEMORY_LIMIT, compile_case, fp32_matmul_precision, jit_function, launch, pow2_scale,
                      gpu_shared_memory, strides)
 

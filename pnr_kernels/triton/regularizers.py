@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..ops import regularizers
 from ..reference import BARLOW_VARIANCE_EPS, COSINE_EPS
-from . import interpreting
+from ._interpret import interpreting
 from .common import POW2_MIN, SHARED_MEMORY_LIMIT, compile_case, jit_function, launch, pow2_scale, strides
 
 # One launch configuration per kernel, on the kernel (GPU and interpreter alike; not tuned yet):

@@ -31,12 +31,12 @@ import time
 
 import torch
 
-from .bench import DTYPES
-from .testing import free_port
+from ..testing import free_port
+from .dtypes import DTYPES
 
 
 def _inputs(loss, batch, dim, dtype, device, seed):
-    from .registry import LOSSES
+    from ..registry import LOSSES
 
     spec = LOSSES[loss]
     g = torch.Generator().manual_seed(seed)
@@ -63,8 +63,8 @@ def _median_ms(fn, repeats, warmup, device, barrier=None):
 def time_steps(config: dict, rank: int = 0, world: int = 1) -> dict:
     """Per-repeat step times (ms) of this rank: ``local`` and, when ``world > 1`` (inside an
     initialised process group), ``gather`` and ``collectives``."""
-    from . import distributed
-    from .registry import LOSSES
+    from .. import distributed
+    from ..registry import LOSSES
 
     spec = LOSSES[config["loss"]]
     device = torch.device(config["device"] if config["device"] == "cpu" else f"cuda:{rank}")
@@ -162,7 +162,7 @@ def format_rows(config, rows) -> str:
 
 
 def main(argv=None) -> int:
-    from .registry import LOSSES
+    from ..registry import LOSSES
 
     gathered = sorted(name for name, spec in LOSSES.items() if spec.gathers)
     parser = argparse.ArgumentParser(prog="pnr-bench --world-size", description=__doc__.split("\n\n")[0])
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         parser.error(f"--device cuda needs {args.world_size} GPUs, this machine has {torch.cuda.device_count()}")
     config = {k: v for k, v in vars(args).items() if k != "json"}
     if config["backend"] == "auto":  # name the backend that runs (the same on every rank)
-        from . import backends
+        from .. import backends
 
         config["backend"] = backends.choose("auto", args.loss, args.device, DTYPES[args.dtype])
     rows = measure(config)

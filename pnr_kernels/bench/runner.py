@@ -49,10 +49,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends
-from .registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
+from .. import backends
+from ..registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
+from .dtypes import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # Third-party peers measured beside our backends, as extra ``backend`` values: the losses each one
 # computes (None: every registered loss).
 PEERS: Dict[str, Optional[Tuple[str, ...]]] = {"torch_compile": None, "pml": ("nt_xent",), "infcl": ("nt_xent",)}
@@ -699,13 +699,13 @@ def _worker(payload: str) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
-        from . import bench_report
+        from . import report
 
-        return bench_report.main(argv[1:])
+        return report.main(argv[1:])
     if any(a.split("=")[0] == "--world-size" for a in argv):
-        from . import bench_distributed  # the data-parallel gather's cost (pnr_kernels/bench_distributed.py)
+        from . import distributed  # the data-parallel gather's cost (pnr_kernels/bench/distributed.py)
 
-        return bench_distributed.main(argv)
+        return distributed.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
@@ -762,14 +762,14 @@ def main(argv=None) -> int:
         print(f"note: {text}")
     print(format_table(records))
     if args.csv:
-        from . import bench_report
+        from . import report
 
-        rows = bench_report.upsert_csv(args.csv, bench_report.records_to_rows(records, repeats=repeats))
+        rows = report.upsert_csv(args.csv, report.records_to_rows(records, repeats=repeats))
         print(f"upserted {rows} rows into {args.csv}")
     if args.plot:
-        from . import bench_report
+        from . import report
 
-        for path in bench_report.plot_rows(bench_report.records_to_rows(records, repeats=repeats), args.plot):
+        for path in report.plot_rows(report.records_to_rows(records, repeats=repeats), args.plot):
             print(f"wrote {path}")
     return 0
 

@@ -168,7 +168,7 @@ def _value(row: Dict[str, str], q: str = "p50") -> Optional[float]:
 
 def _loss_order(loss: str):
     """Registry order (SimCLR-PNR first), unknown losses after it by name."""
-    from .registry import LOSSES
+    from ..registry import LOSSES
 
     names = list(LOSSES)
     return (names.index(loss) if loss in names else len(names), loss)
