@@ -17,7 +17,7 @@ import argparse
 import math
 import os
 import sys
-from typing import NoReturn, Optional, Tuple
+from typing import Dict, NoReturn, Optional, Tuple
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -46,26 +46,37 @@ class Number:
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a finite number"
-        if self.low is not None and self.high is not None:
-            return (f"{what} in {'(' if self.low_open else '['}{self.low:g}, "
-                    f"{self.high:g}{')' if self.high_open else ']'}")
-        if self.low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{what} {'<' if self.high_open else '<='} {self.high:g}"
+        low, high = (v if v is None or self.kind is int else f"{v:g}" for v in (self.low, self.high))
+        if low is not None and high is not None:
+            return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
         return what
+
+    def admits(self, value) -> bool:
+        """Whether the already converted ``value`` has the kind and lies in the range."""
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def check(self, name: str, value) -> None:
+        """Raise ``ValueError`` naming ``name`` unless :meth:`admits` ``value`` (for values that
+        come from Python rather than from a command line)."""
+        if not self.admits(value):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
 
     def __call__(self, text: str):
         try:
             value = int(text) if self.kind is int else float(text)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
-        bad = not math.isfinite(value)
-        if self.low is not None:
-            bad = bad or value < self.low or (self.low_open and value == self.low)
-        if self.high is not None:
-            bad = bad or value > self.high or (self.high_open and value == self.high)
-        if bad:
+            value = None
+        if not self.admits(value):
             raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
         return value
 
@@ -89,6 +100,17 @@ positive_float = Number(float, 0, low_open=True)
 nonneg_float = Number(float, 0)
 finite_float = Number(float)
 unit_interval = Number(float, 0, 1)
+
+
+def use_ranges(parser: argparse.ArgumentParser, ranges: Dict[str, Number]) -> None:
+    """Make ``ranges[dest]`` the type of every option of ``parser`` whose destination is a key
+    of ``ranges`` (one table for the parser and for the checks of values given in Python)."""
+    actions = {action.dest: action for action in parser._actions}
+    missing = sorted(set(ranges) - set(actions))
+    if missing:
+        raise ValueError(f"ranges for options the parser lacks: {', '.join(missing)}")
+    for dest, number in ranges.items():
+        actions[dest].type = number
 
 
 def _nearest_existing(path: str) -> str:
@@ -182,5 +204,5 @@ def make_parents(path: str) -> str:
 
 
 __all__ = ["ArgumentParser", "fail", "Number", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-           "finite_float", "unit_interval", "OutputFile", "OutputDir", "InputFile", "InputDir", "output_file",
+           "finite_float", "unit_interval", "use_ranges", "OutputFile", "OutputDir", "InputFile", "InputDir", "output_file",
            "output_dir", "input_file", "input_dir", "make_parents"]
