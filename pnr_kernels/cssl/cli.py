@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import List, Optional
 
@@ -144,9 +146,25 @@ def _error(message: str) -> int:
     return 2
 
 
+def _interrupt(number, _frame):
+    raise KeyboardInterrupt(signal.Signals(number).name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = Config(**vars(args))
+    # SIGTERM (a polite kill, a scheduler's preemption) stops the run as Ctrl-C does: exit 130,
+    # the last checkpoint kept (both wait for a checkpoint write in progress: checkpoint.py).
+    sigterm = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return _train(cfg)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _train(cfg: Config) -> int:
     try:
         train(cfg)
     except StopRequested as stop:
