@@ -204,5 +204,5 @@ def make_parents(path: str) -> str:
 
 
 __all__ = ["ArgumentParser", "fail", "Number", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-           "finite_float", "unit_interval", "use_ranges", "OutputFile", "OutputDir", "InputFile", "InputDir", "output_file",
-           "output_dir", "input_file", "input_dir", "make_parents"]
+           "finite_float", "unit_interval", "use_ranges", "OutputFile", "OutputDir", "InputFile", "InputDir",
+           "output_file", "output_dir", "input_file", "input_dir", "make_parents"]

@@ -32,6 +32,10 @@ not what they happen to do).
 on CUDA). A backend that runs out of memory or time at one size is stopped for the larger ones,
 and so is one whose projection from its last sizes exceeds the memory or time budget; each such
 case still gets a record saying so (``status``, ``error``).
+
+Every option of every mode is checked before the first case (pnr_kernels/_cli.py): a bad value
+is one line naming it and exit status 2; ``--json``/``--csv`` must be creatable (their missing
+folders are created). A run in which every case failed exits with status 1.
 """
 from __future__ import annotations
 
@@ -660,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"backends and peers to run (default: every usable one; peers: {', '.join(PEERS)})")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                         help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
-    parser.add_argument("--repeats", type=_cli.positive_int, default=None, help="timed repeats per case (default 5 quick, 10 full)")
+    parser.add_argument("--repeats", type=_cli.positive_int, default=None,
+                        help="timed repeats per case (default 5 quick, 10 full)")
     parser.add_argument("--case-timeout", type=_cli.positive_float, default=600.0, metavar="S",
                         help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
                              "the projected time past which a sweep stops a backend (default 600)")

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", choices=DATASETS, default="digits",
                      help="digits: scikit-learn's 8x8 digits, no download; cifar10/cifar100: the python-pickle "
                           "release in --data-dir (default: %(default)s)")
-    run.add_argument("--data-dir", type=_cli.input_dir, help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
+    run.add_argument("--data-dir", type=_cli.input_dir,
+                     help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
     run.add_argument("--method", choices=METHODS, default="simclr", help="SSL method (default: %(default)s)")
     run.add_argument("--strategy", choices=STRATEGIES, default="pnr",
                      help="continual strategy from the second task on (default: %(default)s)")
