@@ -11,7 +11,7 @@ measured, so that a step cut short keeps what it measured.
     python benchmarks/gpu_bench.py --summary OUT/cuda.csv            # the issue's goals, measured
 
 Cases (CUDA), in this order (each series of a loss x backend x dtype x D x K by rising batch, as
-``pnr_kernels.bench.run_cases`` expects; a series that fails stops):
+``pnr_kernels.bench.runner.run_cases`` expects; a series that fails stops):
 
 * the paper's batch, every loss: B = 256, D = 128 for the contrastive losses, K = 65536 for the
   MoCo ones; D = 2048 for the regularisers (the projector width of the PNR recipes), and the
@@ -42,7 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from pnr_kernels import backends, bench, bench_report
+from pnr_kernels import backends
+from pnr_kernels.bench import report as bench_report
+from pnr_kernels.bench import runner as bench
 from pnr_kernels.registry import LOSSES, REGULARIZER
 
 H200_BF16_TFLOPS = 790.0  # bf16 8192^3 torch.mm on the H200 these checks run on (measured there)
@@ -80,7 +82,7 @@ def dry_run_sizes() -> List[Tuple[str, int, int, Optional[int]]]:
 
 def plan(device: str, sizes, backend_names: Sequence[str], notes: Dict[str, set]) -> List[bench.Case]:
     """The cases of ``sizes`` x dtypes x the usable ``backend_names`` (library backends and
-    ``pnr_kernels.bench.PEERS``); why any is left out goes to ``notes`` (reason: losses)."""
+    ``pnr_kernels.bench.runner.PEERS``); why any is left out goes to ``notes`` (reason: losses)."""
     dev = torch.device(device)
     cases = []
     for loss, batch, dim, queue in sizes:

@@ -72,6 +72,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _cli
+
 LIBRARY_NAME = "libpnr_kernels_native.so"
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -523,21 +525,27 @@ def kernels() -> dict:
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pnr-kernels", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = _cli.ArgumentParser(prog="pnr-kernels", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    build_parser = commands.add_parser("build", help="build (or find in the cache) the native extension")
-    build_parser.add_argument("--force", action="store_true", help="rebuild even when cached")
-    args = parser.parse_args(argv)
-    plan, why_not = make_plan()
-    if plan is None:
-        print(f"nothing built: {why_not}", file=sys.stderr)
-        return 1
+    build_command = commands.add_parser("build", help="build (or find in the cache) the native extension")
+    build_command.add_argument("--force", action="store_true", help="rebuild even when cached")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
+        plan, why_not = make_plan()
+        if plan is None:
+            return _cli.fail("pnr-kernels build", f"nothing built: {why_not}")
         result = build(plan, force=args.force)
-    except BuildError as exc:
+    except BuildError as exc:  # the whole compiler output: what to fix is in it
         print(exc, file=sys.stderr)
         return 1
+    except OSError as exc:  # an unusable cache folder, as the library reports it (BackendUnavailableError)
+        return _cli.fail("pnr-kernels build", f"the native extension cannot be built: {exc} "
+                         f"(the cache is {cache_root()}: set PNR_KERNELS_CACHE to a writable folder)")
     print(f"{'built' if result.built else 'cached'}: {result.library}")
     print(f"C++ part: {', '.join(p.name for p in plan.sources if p.suffix == '.cpp')} ({plan.cxx})")
     if result.cuda:

@@ -50,7 +50,7 @@ def test_cli_writes_records(tmp_path):
 
 
 def test_cli_rejects_an_empty_selection():
-    run = subprocess.run([sys.executable, "-m", "pnr_kernels.bench", "--backends", "nonexistent"],
+    run = subprocess.run([sys.executable, "-m", "pnr_kernels.bench", "--losses", "byol_pnr", "--backends", "pml"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "no case matches" in run.stderr
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pnr_kernels import bench_report, native
+from pnr_kernels import native
+from pnr_kernels.bench import report as bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"

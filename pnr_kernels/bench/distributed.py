@@ -20,7 +20,6 @@ process, torch's and OpenMP's (default 1, so each rank has a core of its own on 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -31,6 +30,7 @@ import time
 
 import torch
 
+from .. import _cli
 from ..testing import free_port
 from .dtypes import DTYPES
 
@@ -161,38 +161,58 @@ def format_rows(config, rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """The parser of ``pnr-bench --world-size``: every value is checked here, before any work."""
+    from .. import backends
     from ..registry import LOSSES
 
     gathered = sorted(name for name, spec in LOSSES.items() if spec.gathers)
-    parser = argparse.ArgumentParser(prog="pnr-bench --world-size", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, required=True, help="processes (ranks), >= 2")
+    parser = _cli.ArgumentParser(prog="pnr-bench --world-size", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=_cli.Number(int, 2), required=True,
+                        help="processes (ranks), >= 2 (W=1 is measured beside it)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--loss", choices=gathered, default="simclr_pnr")
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend", choices=("auto", *backends.BACKENDS), default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--batch", type=int, default=256, help="rows per view on each rank")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
+    parser.add_argument("--batch", type=_cli.positive_int, default=256, help="rows per view on each rank")
+    parser.add_argument("--dim", type=_cli.positive_int, default=128)
+    parser.add_argument("--repeats", type=_cli.positive_int, default=20)
+    parser.add_argument("--warmup", type=_cli.nonneg_int, default=3)
+    parser.add_argument("--threads", type=_cli.positive_int, default=1, help="torch threads per process")
+    parser.add_argument("--json", metavar="PATH", type=_cli.output_file,
+                        help="write the rows as JSON to PATH (missing folders are created)")
+    return parser
+
+
+def main(argv=None) -> int:
+    from .. import backends
+
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.world_size < 2:
-        parser.error("--world-size must be at least 2 (W=1 is measured beside it)")
     if args.device == "cuda" and torch.cuda.device_count() < args.world_size:
         parser.error(f"--device cuda needs {args.world_size} GPUs, this machine has {torch.cuda.device_count()}")
     config = {k: v for k, v in vars(args).items() if k != "json"}
-    if config["backend"] == "auto":  # name the backend that runs (the same on every rank)
-        from .. import backends
-
-        config["backend"] = backends.choose("auto", args.loss, args.device, DTYPES[args.dtype])
-    rows = measure(config)
+    try:  # name the backend that runs (the same on every rank); refuse one that cannot run here
+        config["backend"] = backends.choose(args.backend, args.loss, args.device, DTYPES[args.dtype])
+    except (backends.BackendUnavailableError, ValueError) as exc:
+        parser.error(f"argument --backend: {exc}")
+    try:
+        rows = measure(config)
+    except (*_spawn_errors(), RuntimeError) as exc:  # a rank failed: its last line, not the spawn traceback
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return _cli.fail("pnr-bench --world-size", f"a rank failed: {lines[-1] if lines else type(exc).__name__}")
     print(format_rows(config, rows))
     if args.json:
-        with open(args.json, "w") as f:
+        with open(_cli.make_parents(args.json), "w") as f:
             json.dump({"config": config, "rows": rows}, f, indent=1)
     return 0
+
+
+def _spawn_errors():
+    """The exceptions ``torch.multiprocessing.spawn`` raises when a rank fails."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    return (ProcessRaisedException, ProcessExitedException)
 
 
 if __name__ == "__main__":

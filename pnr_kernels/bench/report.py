@@ -26,6 +26,8 @@ import sys
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import _cli
+
 COLUMNS = ["device", "device_name", "loss", "backend", "dtype", "dim", "queue_size", "x_name", "x_value",
            "mode", "metric", "unit", "p20", "p50", "p80", "status", "repeats", "loadavg_1m", "torch", "triton",
            "pnr_kernels", "commit", "timestamp", "note"]
@@ -559,22 +561,45 @@ def _rewrite(path: str, begin: str, end: str, content: str) -> None:
         f.write(replace_between(text, begin, end, content))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pnr-bench report",
-                                     description="Regenerate the figures and the docs tables from a pnr-bench CSV.")
-    parser.add_argument("--csv", required=True, nargs="+", help="CSV file(s) written by pnr-bench --csv")
-    parser.add_argument("--plot", metavar="DIR", help="write the PNG figures to DIR")
-    parser.add_argument("--docs", metavar="MD", help="rewrite the generated part of this file (docs/benchmarks.md)")
-    parser.add_argument("--readme", metavar="MD", help="rewrite the generated results of this README")
-    parser.add_argument("--json", nargs="+", metavar="PATH",
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``pnr-bench report``; the paths are checked here, before any work."""
+    parser = _cli.ArgumentParser(prog="pnr-bench report",
+                                 description="Regenerate the figures and the docs tables from a pnr-bench CSV.")
+    parser.add_argument("--csv", required=True, nargs="+",
+                        help="CSV file(s) written by pnr-bench --csv (the first may be missing with --json)")
+    parser.add_argument("--plot", metavar="DIR", type=_cli.output_dir, help="write the PNG figures to DIR")
+    parser.add_argument("--docs", metavar="MD", type=_cli.InputFile(writable=True),
+                        help="rewrite the generated part of this file (docs/benchmarks.md)")
+    parser.add_argument("--readme", metavar="MD", type=_cli.InputFile(writable=True),
+                        help="rewrite the generated results of this README")
+    parser.add_argument("--json", nargs="+", metavar="PATH", type=_cli.input_file,
                         help="first upsert the records of these pnr-bench --json files (a run cut short keeps "
                              "its JSON) into the first CSV")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    for i, path in enumerate(args.csv):  # the first is written with --json, every other one only read
+        try:
+            (_cli.output_file if args.json and i == 0 else _cli.input_file)(path)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --csv: {exc}")
     if args.json:
         import json
 
-        records = [record for path in args.json for record in json.load(open(path))]
-        upsert_csv(args.csv[0], records_to_rows(records))
+        records, rows = [], []
+        for path in args.json:
+            try:
+                with open(path) as f:
+                    these = json.load(f)
+                rows += records_to_rows(these)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                parser.error(f"argument --json: {path} is not a list of pnr-bench records "
+                             f"({type(exc).__name__}: {exc})")
+            records += these
+        upsert_csv(args.csv[0], rows)
         print(f"upserted {len(records)} records from {' '.join(args.json)} into {args.csv[0]}")
     rows = [row for path in args.csv for row in read_csv(path)]
     if not rows:

@@ -32,6 +32,10 @@ not what they happen to do).
 on CUDA). A backend that runs out of memory or time at one size is stopped for the larger ones,
 and so is one whose projection from its last sizes exceeds the memory or time budget; each such
 case still gets a record saying so (``status``, ``error``).
+
+Every option of every mode is checked before the first case (pnr_kernels/_cli.py): a bad value
+is one line naming it and exit status 2; ``--json``/``--csv`` must be creatable (their missing
+folders are created). A run in which every case failed exits with status 1.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import backends
+from .. import _cli, backends
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
 from .dtypes import DTYPES
 
@@ -646,7 +650,7 @@ def format_table(records: List[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _cli.ArgumentParser(
         prog="pnr-bench", description=__doc__.split("\n\n")[0],
         epilog="pnr-bench report --help: regenerate the docs tables and figures from a CSV")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -656,22 +660,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true",
                         help="batch sizes doubling from 256 (quick: 3 sizes; else up to 16384 on CPU, 65536 on CUDA)")
     parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), help="losses to run (default: all)")
-    parser.add_argument("--backends", nargs="+",
+    parser.add_argument("--backends", nargs="+", choices=[*backends.BACKENDS, *PEERS],
                         help=f"backends and peers to run (default: every usable one; peers: {', '.join(PEERS)})")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                         help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 5 quick, 10 full)")
-    parser.add_argument("--case-timeout", type=float, default=600.0, metavar="S",
+    parser.add_argument("--repeats", type=_cli.positive_int, default=None,
+                        help="timed repeats per case (default 5 quick, 10 full)")
+    parser.add_argument("--case-timeout", type=_cli.positive_float, default=600.0, metavar="S",
                         help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
                              "the projected time past which a sweep stops a backend (default 600)")
-    parser.add_argument("--max-memory-gb", type=float, default=None, metavar="GB",
+    parser.add_argument("--max-memory-gb", type=_cli.positive_float, default=None, metavar="GB",
                         help="memory budget of one case (default: 40%% of MemAvailable on CPU, of free "
                              "memory on CUDA); a sweep stops a backend projected past it, and a CPU case "
                              "past it fails as out of memory")
-    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list to PATH (after every case)")
-    parser.add_argument("--csv", metavar="PATH",
+    parser.add_argument("--json", metavar="PATH", type=_cli.output_file,
+                        help="write the records as a JSON list to PATH (after every case; missing folders are "
+                             "created, and PATH is checked to be writable before the first case)")
+    parser.add_argument("--csv", metavar="PATH", type=_cli.output_file,
                         help="upsert the results as rows into this CSV (e.g. benchmarks/data/cpu.csv)")
-    parser.add_argument("--plot", metavar="DIR", help="write PNG figures of this run's records to DIR (needs matplotlib)")
+    parser.add_argument("--plot", metavar="DIR", type=_cli.output_dir,
+                        help="write PNG figures of this run's records to DIR (needs matplotlib)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -747,7 +755,7 @@ def main(argv=None) -> int:
         print(f"  {len(done)}/{len(cases)} {record['loss']} {record['backend']} {record['dtype']} "
               f"B={record['batch_size']}: {what}", file=sys.stderr, flush=True)
         if args.json:  # rewritten after every case, so a run cut short keeps what it measured
-            with open(args.json, "w") as f:
+            with open(_cli.make_parents(args.json), "w") as f:
                 json.dump(done, f, indent=1)
 
     records = run_cases(cases, measure_case, device=args.device, budget=budget, repeats=repeats,
@@ -761,6 +769,9 @@ def main(argv=None) -> int:
     for text in notes:
         print(f"note: {text}")
     print(format_table(records))
+    if all(r.get("status", OK) != OK for r in records):
+        first = next((r.get("error") for r in records if r.get("error")), None) or records[0].get("status")
+        return _cli.fail("pnr-bench", f"every case failed; the first: {first}")
     if args.csv:
         from . import report
 

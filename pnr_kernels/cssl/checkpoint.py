@@ -1,11 +1,14 @@
 """Atomic checkpoint files and the capture/restore of every random number generator."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -22,13 +25,47 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred(signals: Sequence[int] = DEFERRED_SIGNALS):
+    """Hold ``signals`` (SIGINT, SIGTERM) back while the block runs: one that arrives is recorded,
+    and once the block has finished (or failed) the previous handlers are restored and each
+    recorded signal is raised again, so it then does what it would have done (SIGINT's
+    KeyboardInterrupt, the CLI's clean stop). Outside the main thread, where Python cannot set
+    handlers, the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+    previous = {}
+    try:
+        for number in signals:
+            if signal.getsignal(number) is not None:  # None: a handler set outside Python, left alone
+                previous[number] = signal.signal(number, lambda n, _frame: received.append(n))
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
 def atomic_write(path: str, write) -> None:
     """Write through ``write(file)`` into a temporary file in the same folder, fsync it, then
     ``os.replace`` it over ``path`` (and fsync the folder): a reader sees the old or the new
-    file, never a partial one, even if the process is killed mid-write. The file gets the mode a
-    plain ``open`` would give it (0644 under the usual umask), not mkstemp's 0600. A kill during
-    the write can leave a ``.tmp-<name>*`` file behind: :func:`remove_stale_temporaries` clears
-    them when the next run starts."""
+    file, never a partial one, even if the process is killed mid-write. SIGINT and SIGTERM are
+    deferred (:func:`signals_deferred`) until the rename is done, so Ctrl-C or a polite kill never
+    interrupts the write: they take effect right after it, with the new file in place. The file
+    gets the mode a plain ``open`` would give it (0644 under the usual umask), not mkstemp's
+    0600. A SIGKILL during the write can leave a ``.tmp-<name>*`` file behind:
+    :func:`remove_stale_temporaries` clears them when the next run starts."""
+    with signals_deferred():
+        _write_and_replace(path, write)
+
+
+def _write_and_replace(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path), dir=folder)
     try:

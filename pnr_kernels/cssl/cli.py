@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import List, Optional
 
+from .. import _cli
 from ..backends import BackendUnavailableError
-from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, PAPER_COMMON,
-                     PAPER_RECIPE, RECIPES, SPLITS, STRATEGIES, Config)
+from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, NUMERIC_RANGES, OPTIMIZERS,
+                     PAPER_COMMON, PAPER_RECIPE, RECIPES, SPLITS, STRATEGIES, Config)
 from .methods import VerificationError
 from .trainer import StopRequested, train
 
@@ -46,7 +49,7 @@ def _defaults_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _cli.ArgumentParser(
         prog="pnr-cssl", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Continual self-supervised learning with pseudo-negative regularisation (PNR), "
                     "CaSSLe or plain fine-tuning; every loss comes from pnr_kernels with --backend.",
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", choices=DATASETS, default="digits",
                      help="digits: scikit-learn's 8x8 digits, no download; cifar10/cifar100: the python-pickle "
                           "release in --data-dir (default: %(default)s)")
-    run.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
+    run.add_argument("--data-dir", type=_cli.input_dir,
+                     help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
     run.add_argument("--method", choices=METHODS, default="simclr", help="SSL method (default: %(default)s)")
     run.add_argument("--strategy", choices=STRATEGIES, default="pnr",
                      help="continual strategy from the second task on (default: %(default)s)")
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     small.add_argument("--no-progress", dest="progress", action="store_false",
                        help="no progress bars (there are none anyway when stderr is not a terminal)")
     small.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    _cli.use_ranges(parser, NUMERIC_RANGES)  # every numeric option: finite and in range as it is parsed
     return parser
 
 
@@ -142,9 +147,25 @@ def _error(message: str) -> int:
     return 2
 
 
+def _interrupt(number, _frame):
+    raise KeyboardInterrupt(signal.Signals(number).name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = Config(**vars(args))
+    # SIGTERM (a polite kill, a scheduler's preemption) stops the run as Ctrl-C does: exit 130,
+    # the last checkpoint kept (both wait for a checkpoint write in progress: checkpoint.py).
+    sigterm = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return _train(cfg)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _train(cfg: Config) -> int:
     try:
         train(cfg)
     except StopRequested as stop:

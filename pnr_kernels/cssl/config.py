@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .._cli import Number, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
+
 DATASETS = ("digits", "cifar10", "cifar100")
 METHODS = ("simclr", "mocov2plus", "byol", "vicreg", "barlow")
 STRATEGIES = ("finetune", "cassle", "pnr")
@@ -119,16 +121,25 @@ class Config:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
 
+# The range of every numeric option, checked by the CLI as it parses (argparse ``type=``) and by
+# :func:`resolve` for a Config built in Python; None (a dataset default) is left to the defaults.
+# Cross-field conditions (final_momentum_tau >= momentum_tau, MoCo's queue) are in resolve().
+NUMERIC_RANGES = {
+    "tasks": positive_int, "epochs": positive_int, "seed": Number(int, 0, 2 ** 32 - 1),  # numpy's seeds
+    "threads": nonneg_int, "batch_size": Number(int, 2),  # batch statistics need 2 rows
+    "lr": positive_float, "weight_decay": nonneg_float, "warmup_epochs": nonneg_int,
+    "temperature": positive_float, "distill_temperature": positive_float,
+    "cassle_weight": nonneg_float, "distill_weight": nonneg_float, "negative_weight": nonneg_float,
+    "proj_hidden": positive_int, "proj_dim": positive_int, "distill_hidden": positive_int, "queue_size": positive_int,
+    "momentum_tau": Number(float, 0, 1, high_open=True), "final_momentum_tau": unit_interval,
+    "max_steps_per_epoch": positive_int, "limit_train": positive_int, "limit_test": positive_int,
+    "limit_probe": Number(int, 2), "stop_after_epochs": positive_int, "checkpoint_every": positive_int,
+}
+
+
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _positive(name: str, value, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def resolve(cfg: Config) -> Config:
@@ -175,24 +186,12 @@ def resolve(cfg: Config) -> Config:
             "cssl_runs", f"{cfg.dataset}_{cfg.method}_{cfg.strategy}_seed{cfg.seed}{suffix}")
     out = Config(**values)
     _choice("optimizer", out.optimizer, OPTIMIZERS)
-    for name in ("tasks", "epochs", "batch_size", "lr", "proj_hidden", "proj_dim", "distill_hidden", "queue_size",
-                 "temperature", "distill_temperature", "checkpoint_every"):
-        _positive(name, getattr(out, name))
-    for name in ("max_steps_per_epoch", "limit_train", "limit_test", "limit_probe", "stop_after_epochs"):
-        _positive(name, getattr(out, name), allow_none=True)
-    if out.threads < 0:
-        raise ValueError(f"threads must be >= 0 (0: torch's default), got {out.threads}")
-    if out.warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {out.warmup_epochs}")
-    if out.batch_size < 2:
-        raise ValueError(f"batch_size must be at least 2 (batch statistics), got {out.batch_size}")
-    if out.limit_probe is not None and out.limit_probe < 2:
-        raise ValueError(f"limit_probe must be at least 2, got {out.limit_probe}")
+    for name, number in NUMERIC_RANGES.items():
+        if getattr(out, name) is not None:
+            number.check(name, getattr(out, name))
     if out.method == "mocov2plus" and out.queue_size < 2:
         raise ValueError(f"queue_size must be at least 2 for mocov2plus, got {out.queue_size}")
-    if not 0 <= out.momentum_tau < 1:
-        raise ValueError(f"momentum_tau must be in [0, 1), got {out.momentum_tau}")
-    if not out.momentum_tau <= out.final_momentum_tau <= 1:
+    if not out.momentum_tau <= out.final_momentum_tau:
         raise ValueError(f"final_momentum_tau must be in [momentum_tau, 1] = [{out.momentum_tau}, 1], "
                          f"got {out.final_momentum_tau}")
     return out

@@ -150,40 +150,79 @@ class Learner(nn.Module):
                 p1, p2 = self.distill_predictor(_unit(z1)), self.distill_predictor(_unit(z2))
             else:
                 p1, p2 = self.distill_predictor(z1), self.distill_predictor(z2)
-        pending = {}
+        # What a divergence message names (explain_nonfinite): the loss's terms and their inputs.
+        terms, inputs = {}, {"the online encoder's projections z1, z2": (z1, z2)}
+        if distill:
+            inputs.update({"the frozen model's projections f1, f2": (f1, f2),
+                           "the distillation predictor's outputs p1, p2": (p1, p2)})
+        pending = {"terms": terms, "inputs": inputs}
         if cfg.method in ("simclr", "mocov2plus"):
             if cfg.method == "simclr" and pnr:
                 loss = runner("simclr_pnr_loss", z1, z2, p1, p2, f1, f2, temperature=cfg.temperature, **gather)
+                terms[f"simclr_pnr_loss (--temperature {cfg.temperature:g})"] = loss
             elif cfg.method == "simclr":
                 loss = runner("nt_xent_loss", z1, z2, temperature=cfg.temperature, **gather)
+                terms[f"nt_xent_loss (--temperature {cfg.temperature:g})"] = loss
             else:
                 with torch.no_grad():
                     k1, k2 = self.momentum(x1)[1], self.momentum(x2)[1]
                 pending["key_queue"] = (k1, k2)
+                inputs["the momentum encoder's keys k1, k2"] = (k1, k2)
                 if pnr:
                     loss = runner("moco_pnr_loss", z1, z2, k1, k2, p1, p2, f1, f2, self.key_queue,
                                   self.prev_queue, temperature=cfg.temperature,
                                   distill_temperature=cfg.distill_temperature)
                     pending["prev_queue"] = (f1, f2)
+                    terms[f"moco_pnr_loss (--temperature {cfg.temperature:g}, --distill-temperature "
+                          f"{cfg.distill_temperature:g})"] = loss
                 else:
                     loss = runner("moco_loss", z1, z2, k1, k2, self.key_queue, temperature=cfg.temperature)
+                    terms[f"moco_loss (--temperature {cfg.temperature:g})"] = loss
             if distill and not pnr:
-                loss = loss + cfg.cassle_weight * runner(
+                term = cfg.cassle_weight * runner(
                     "cassle_simclr_regularizer", p1, p2, f1, f2, temperature=cfg.distill_temperature, **gather)
+                terms[f"cassle_simclr_regularizer x --cassle-weight {cfg.cassle_weight:g} "
+                      f"(--distill-temperature {cfg.distill_temperature:g})"] = term
+                loss = loss + term
             return loss, pending
         if cfg.method == "byol":
             with torch.no_grad():
                 t1, t2 = self.momentum(x1)[1], self.momentum(x2)[1]
+            inputs["the momentum encoder's targets"] = (t1, t2)
             loss = api.byol_loss(self.predictor(z1), self.predictor(z2), t1, t2)
+            terms["byol_loss"] = loss
         elif cfg.method == "vicreg":
-            loss = api.vicreg_loss(z1, z2)
+            loss = terms["vicreg_loss"] = api.vicreg_loss(z1, z2)
         else:
-            loss = api.barlow_twins_loss(z1, z2)
+            loss = terms["barlow_twins_loss"] = api.barlow_twins_loss(z1, z2)
         if distill:
-            loss = loss + runner(f"{cfg.method}_pnr_regularizer", p1, p2, f1, f2,
-                                 distill_weight=cfg.distill_weight,
-                                 negative_weight=cfg.negative_weight if pnr else 0.0)
+            negative = cfg.negative_weight if pnr else 0.0
+            term = runner(f"{cfg.method}_pnr_regularizer", p1, p2, f1, f2,
+                          distill_weight=cfg.distill_weight, negative_weight=negative)
+            terms[f"{cfg.method}_pnr_regularizer (--distill-weight {cfg.distill_weight:g}, "
+                  f"--negative-weight {negative:g})"] = term
+            loss = loss + term
         return loss, pending
+
+    @torch.no_grad()
+    def explain_nonfinite(self, pending: dict) -> str:
+        """What made this rank's loss non-finite and what to change, for the divergence message:
+        the loss's inputs that are not finite (the weights diverged: the learning rate), else the
+        terms that are not on finite inputs (the term's own options, named with it), else their
+        sum (the weights)."""
+        lower_lr = f"try a lower --lr (now {self.cfg.lr:g})"
+        bad = [name for name, tensors in pending["inputs"].items()
+               if not all(bool(torch.isfinite(t).all()) for t in tensors)]
+        if bad:
+            return f"{'; '.join(bad)} are not finite (the weights diverged); {lower_lr}"
+        terms = pending["terms"]
+        bad = [f"{name} is {float(value):g}" for name, value in terms.items() if not torch.isfinite(value)]
+        if bad:
+            return "; ".join(bad) + " on finite inputs; change the options named with it"
+        if terms and not torch.isfinite(sum(terms.values())):
+            return ("every term is finite, their sum is not (" + ", ".join(
+                f"{name} = {float(value):g}" for name, value in terms.items()) + "); lower the weights")
+        return f"its terms and their inputs are finite; {lower_lr}"
 
     @torch.no_grad()
     def after_step(self, pending: dict, tau: float) -> None:

@@ -446,9 +446,10 @@ class Trainer:
             # The mean over ranks (the loss of the global batch): logged, and checked on every rank
             # alike so that all of them stop together.
             value = par.mean(loss)
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"the loss is {value.item()} at {self.runner.where}; "
-                                         f"try a lower --lr (now {cfg.lr})")
+            if not torch.isfinite(value):  # name what is not finite (Learner.explain_nonfinite)
+                culprit = (self.learner.explain_nonfinite(pending) if not torch.isfinite(loss)
+                           else f"another rank's loss is not finite; try a lower --lr (now {cfg.lr})")
+                raise FloatingPointError(f"the loss is {value.item()} at {self.runner.where}: {culprit}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if params is not None:
