@@ -237,3 +237,29 @@ def test_decode_and_blur(tmp_path):
     blurred = gaussian_blur(x, torch.tensor([0.1, 1.0, 2.0]), 7)
     assert torch.allclose(blurred[0], x[0], atol=1e-6)  # sigma 0.1: the kernel is a point
     assert blurred[2].std() < blurred[1].std() < x[1].std()
+
+
+def test_fp16_gradient_scaling_and_its_exact_resume(tmp_path, monkeypatch):
+    """The fp16 path (autocast + GradScaler, unscaled before LARS) on a CPU, where the option
+    check that keeps fp16 to GPUs is bypassed: a stopped and resumed run (the scaler's state in the
+    checkpoint) ends with the uninterrupted run's losses and accuracies."""
+    pytest.importorskip("sklearn")
+    import dataclasses
+
+    from pnr_kernels.cssl import config, trainer
+
+    def resolve_fp16_on_cpu(cfg):
+        out = config.resolve(dataclasses.replace(cfg, precision="32"))
+        return dataclasses.replace(out, precision=cfg.precision)
+
+    monkeypatch.setattr(trainer, "resolve", resolve_fp16_on_cpu)
+    common = dict(tasks=2, epochs=2, batch_size=8, limit_train=16, max_steps_per_epoch=2, limit_test=40,
+                  limit_probe=60, proj_hidden=16, proj_dim=8, progress=False, method="byol", recipe="paper",
+                  precision="fp16")
+    full = train(Config(output_dir=str(tmp_path / "full"), **common), log=lambda m: None)
+    with pytest.raises(trainer.StopRequested):
+        train(Config(output_dir=str(tmp_path / "cut"), stop_after_epochs=3, **common), log=lambda m: None)
+    resumed = train(Config(output_dir=str(tmp_path / "cut"), resume=True, **common), log=lambda m: None)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0
+    assert [e["mean_loss"] for e in resumed["epochs"]] == [e["mean_loss"] for e in full["epochs"]]
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]

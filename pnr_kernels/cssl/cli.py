@@ -8,8 +8,8 @@ import traceback
 from typing import List, Optional
 
 from ..backends import BackendUnavailableError
-from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, OPTIMIZERS, PAPER_COMMON,
-                     PAPER_RECIPE, PRECISIONS, RECIPES, SPLITS, STRATEGIES, Config)
+from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEFAULT_WORKERS, DEVICES, METHODS, OPTIMIZERS,
+                     PAPER_COMMON, PAPER_RECIPE, PRECISIONS, RECIPES, SPLITS, STRATEGIES, Config)
 from .methods import VerificationError
 from .trainer import StopRequested, train
 
@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-size", type=int,
                      help="imagefolder: side of the training crops and of the evaluated central crop; images are "
                           "decoded to a square of side x 256/224 (default: 224)")
-    run.add_argument("--workers", type=int, default=4,
+    run.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                      help="imagefolder: processes decoding images ahead of the training step (0: in the main "
-                          "process); results do not depend on it (default: %(default)s)")
+                          "process); results do not depend on it (default: one per core, up to 8: %(default)s)")
     run.add_argument("--precision", choices=PRECISIONS, default="32",
                      help="autocast of the backbone (bf16, fp16: GPU only, with gradient scaling); heads and "
                           "losses stay float32 (default: %(default)s)")

@@ -26,6 +26,8 @@ DEVICES = ("cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw", "lars")
 RECIPES = ("default", "paper")
 PRECISIONS = ("32", "bf16", "fp16")
+# Image-decoding worker processes (image folders): one per core, up to 8.
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 # Fields that describe how this process runs, not what it computes: they may differ between a
 # killed run and its --resume without changing a single number of the result.
@@ -131,7 +133,7 @@ class Config:
     verify_backend: Optional[str] = None
     device: str = "cpu"
     threads: int = 1
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
     precision: str = "32"
     batch_size: Optional[int] = None
     optimizer: Optional[str] = None

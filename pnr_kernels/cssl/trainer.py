@@ -380,8 +380,9 @@ class Trainer:
             self.parallel.broadcast_buffers(self.learner)
             self.frozen = copy.deepcopy(self.learner.online).requires_grad_(False).eval()
         self.optimizer = self._new_optimizer()
-        self.log(f"task {task + 1}/{self.cfg.tasks}: classes {self.tasks[task].classes}, "
-                 f"{len(self.tasks[task].train_indices)} training images")
+        what = (f"domain {self.data.domains[task]}, {len(self.tasks[task].classes)} classes" if self.data.domains
+                else f"classes {self.tasks[task].classes}")
+        self.log(f"task {task + 1}/{self.cfg.tasks}: {what}, {len(self.tasks[task].train_indices)} training images")
 
     def _wrap(self, task: int) -> None:
         """Under torchrun: DistributedDataParallel around the Learner (gradients averaged over the
