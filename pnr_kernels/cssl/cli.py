@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=STRATEGIES, default="pnr",
                      help="continual strategy from the second task on (default: %(default)s)")
     run.add_argument("--recipe", choices=RECIPES, default="default",
-                     help="default: small CPU-friendly settings; paper: the authors' CIFAR-100 settings per "
-                          "method (heads, LARS, warm-up + cosine, learning rates, 500 epochs, momentum "
-                          "schedule, augmentation; docs/trainer.md). Options given explicitly override the "
-                          "recipe (default: %(default)s)"),
+                     help="default: small CPU-friendly settings; paper: the authors' settings per method "
+                          "(heads, LARS, warm-up + cosine, learning rates, epochs, momentum schedule, "
+                          "augmentation; docs/trainer.md) of their CIFAR-100 scripts, or for imagefolder of their "
+                          "ImageNet-100 (--split class/data) or DomainNet (--split domain) scripts. Options given "
+                          "explicitly override the recipe (default: %(default)s)"),
     run.add_argument("--split", choices=SPLITS, default="class",
-                     help="class-incremental (seeded class order), data-incremental, or domain-incremental (imagefolder: "
-                          "one task per domain, DomainNet's order) (default: %(default)s)")
+                     help="class-incremental (seeded class order), data-incremental, or domain-incremental "
+                          "(imagefolder: one task per domain, DomainNet's order) (default: %(default)s)")
     run.add_argument("--image-size", type=int,
                      help="imagefolder: side of the training crops and of the evaluated central crop; images are "
                           "decoded to a square of side x 256/224 (default: 224)")
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=PRECISIONS, default="32",
                      help="autocast of the backbone (bf16, fp16: GPU only, with gradient scaling); heads and "
                           "losses stay float32 (default: %(default)s)")
-    run.add_argument("--tasks", type=int, help=f"number of tasks {d}")
+    run.add_argument("--tasks", type=int, help=f"number of tasks {d}; --split domain: the number of domains")
     run.add_argument("--epochs", type=int, help=f"epochs per task {d}")
     run.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
     run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",

@@ -133,7 +133,8 @@ def iterate_batches(images, chunks: Iterable[torch.Tensor], device: torch.device
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     for batch, errors in loader:
         if errors:
-            raise ImageReadError(errors[0] + (f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""))
+            more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+            raise ImageReadError(errors[0] + more)
         yield batch.to(device, non_blocking=True).float().div_(255.0)
 
 

@@ -7,8 +7,10 @@ Per task: (from the second on) deep-copy the online encoder as the frozen previo
 mode, no gradients); the distillation predictor g and MoCo's previous-model queue carry over; build
 a fresh optimiser with the recipe's learning-rate schedule (optional linear warm-up, then cosine)
 over the task's steps; train ``epochs`` epochs, writing a checkpoint every ``checkpoint_every``
-epochs and after the task's last; then evaluate (linear probe and kNN on the backbone features)
-and write metrics.json.
+epochs and after the task's last; then evaluate (linear probe and kNN on the backbone features;
+after the last task also the authors' linear evaluation when ``linear_eval_epochs`` > 0) and write
+metrics.json. Image folders are decoded batch by batch by ``workers`` processes (folders.py); with
+``precision`` bf16/fp16 the backbone runs under autocast (fp16 with a GradScaler, checkpointed).
 
 Exact resume: a checkpoint holds the learner (online and momentum encoders, predictors, queues),
 the frozen model, the optimiser, every RNG state (python, numpy, torch, the data-order and
