@@ -33,15 +33,18 @@ KNN_TEMPERATURE = 0.07
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, view: Callable[[torch.Tensor], torch.Tensor],
                      device: torch.device, batch_size: int = 512, workers: int = 0,
-                     precision: str = "32") -> torch.Tensor:
+                     precision: str = "32", progress=None) -> torch.Tensor:
     """Backbone features (float32, on the CPU) of un-augmented images (``view``: the central crop
     and normalisation), in eval mode under the run's ``precision``; the module's mode is restored
-    afterwards. ``images``: a tensor or folders.FolderImages (decoded by ``workers`` processes)."""
+    afterwards. ``images``: a tensor or folders.FolderImages (decoded by ``workers`` processes);
+    ``progress(iterable, total=..., desc=...)`` may wrap the batches in a progress bar."""
     was_training = backbone.training
     backbone.eval()
     chunks = [torch.arange(i, min(i + batch_size, len(images))) for i in range(0, len(images), batch_size)]
-    out = [backbone_features(backbone, view(x), precision).float().cpu()
-           for x in iterate_batches(images, chunks, device, workers)]
+    batches = iterate_batches(images, chunks, device, workers)
+    if progress is not None:
+        batches = progress(batches, total=len(chunks), desc="features", unit="batch", leave=False)
+    out = [backbone_features(backbone, view(x), precision).float().cpu() for x in batches]
     backbone.train(was_training)
     return torch.cat(out)
 

@@ -45,7 +45,7 @@ from .evaluation import (extract_features, forgetting, format_table, knn_scores,
                          paper_linear_eval, save_plot, task_accuracies)
 from .folders import iterate_batches
 from .methods import Learner, LossRunner
-from .parallel import Parallel, setup as setup_parallel, teardown as teardown_parallel
+from .parallel import LONG_TIMEOUT, TIMEOUT, Parallel, setup as setup_parallel, teardown as teardown_parallel
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -239,6 +239,10 @@ class Trainer:
             if reason is not None:  # fail before any training, not at the first loss
                 raise backends.BackendUnavailableError(f"{option} {name} cannot run on {cfg.device}: {reason}")
         self.data = load_data(cfg.dataset, cfg.data_dir, split=cfg.split, image_size=cfg.image_size)
+        if cfg.dataset == "imagefolder":
+            domains = f", domains {', '.join(self.data.domains)}" if self.data.domains else ""
+            self.log(f"{cfg.data_dir}: {len(self.data.train_y)} training and {len(self.data.test_y)} test images, "
+                     f"{self.data.num_classes} classes{domains}")
         if self.data.skipped:
             self.log(f"skipped {len(self.data.skipped)} unreadable image(s) of {cfg.data_dir} "
                      f"(first: {self.data.skipped[0]})")
@@ -507,7 +511,9 @@ class Trainer:
         train_x, train_y = data.train_x, data.train_y
         if self.probe_indices is not None:
             train_x, train_y = train_x[self.probe_indices], train_y[self.probe_indices]
-        features = dict(view=self.augment.eval_view, device=self.device, workers=cfg.workers, precision=cfg.precision)
+        bar = (lambda iterable, **kw: _progress(iterable, self.bars, **kw))
+        features = dict(view=self.augment.eval_view, device=self.device, workers=cfg.workers, precision=cfg.precision,
+                        progress=bar)
         train_f = extract_features(backbone, train_x, **features)
         test_f = extract_features(backbone, data.test_x, **features)
         if not (torch.isfinite(train_f).all() and torch.isfinite(test_f).all()):
@@ -533,7 +539,7 @@ class Trainer:
             logits = paper_linear_eval(
                 backbone, train_x, train_y, test_f, data.num_classes, self.augment, epochs=cfg.linear_eval_epochs,
                 seed=cfg.seed + 4, device=self.device, workers=cfg.workers, precision=cfg.precision,
-                progress=lambda it, **kw: _progress(it, self.bars, **kw))
+                progress=bar)
             paper = task_accuracies(logits, data.test_y, classes, groups)
             rec["paper_linear"] = {"accuracy": paper["all"], "per_task": paper["per_task"],
                                    "epochs": cfg.linear_eval_epochs, "train_images": len(train_y)}
@@ -626,7 +632,9 @@ class Trainer:
 
 def train(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``cfg`` (see :class:`Trainer`) and return its metrics."""
-    parallel = setup_parallel(resolve(cfg).device)  # torchrun's process group, when there is one
+    resolved = resolve(cfg)
+    parallel = setup_parallel(  # torchrun's process group, when there is one
+        resolved.device, timeout=LONG_TIMEOUT if resolved.linear_eval_epochs else TIMEOUT)
     trainer, clean = None, False
     try:
         trainer = Trainer(cfg, log=log or _log, parallel=parallel)
