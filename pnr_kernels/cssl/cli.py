@@ -11,8 +11,8 @@ from typing import List, Optional
 
 from .. import _cli
 from ..backends import BackendUnavailableError
-from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEVICES, METHODS, NUMERIC_RANGES, OPTIMIZERS,
-                     PAPER_COMMON, PAPER_RECIPE, RECIPES, SPLITS, STRATEGIES, Config)
+from .config import (BACKEND_CHOICES, DATASET_DEFAULTS, DATASETS, DEFAULT_WORKERS, DEVICES, METHODS, NUMERIC_RANGES,
+                     OPTIMIZERS, PAPER_COMMON, PAPER_RECIPE, PRECISIONS, RECIPES, SPLITS, STRATEGIES, Config)
 from .methods import VerificationError
 from .trainer import StopRequested, train
 
@@ -26,6 +26,8 @@ examples:
   pnr-cssl --dataset digits --method byol --strategy cassle --seed 1 --output-dir runs/byol_cassle
   pnr-cssl --dataset cifar100 --data-dir ~/data --method simclr --strategy pnr --device cuda
   pnr-cssl --dataset cifar100 --data-dir ~/data --method byol --recipe paper --device cuda  # the authors' settings
+  pnr-cssl --dataset imagefolder --data-dir ~/imagenet100 --recipe paper --device cuda --precision fp16
+  pnr-cssl --dataset imagefolder --data-dir ~/domainnet --split domain --recipe paper --device cuda
   pnr-cssl ... --output-dir DIR --resume                            # continue a killed run
   torchrun --nproc-per-node 2 -m pnr_kernels.cssl --output-dir DIR   # data-parallel, 2 ranks (gloo on CPU)
   pnr-cssl ... --backend triton --verify-backend triton --device cuda  # check every loss against the reference
@@ -45,7 +47,9 @@ def _defaults_help() -> str:
     return ("per-dataset defaults of the options shown as 'dataset default' (--recipe default):\n  "
             + "\n  ".join(rows)
             + f"\n--recipe paper (the authors' CIFAR-100 scripts; docs/trainer.md): {common}, and per method\n  "
-            + "\n  ".join(paper))
+            + "\n  ".join(paper)
+            + "\nimagefolder --recipe paper: their ImageNet-100 scripts (--split class/data) or DomainNet scripts "
+              "(--split domain); docs/trainer.md, \"Recipes\", lists them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,20 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("what to train")
     run.add_argument("--dataset", choices=DATASETS, default="digits",
                      help="digits: scikit-learn's 8x8 digits, no download; cifar10/cifar100: the python-pickle "
-                          "release in --data-dir (default: %(default)s)")
+                          "release in --data-dir; imagefolder: JPEG/PNG images in --data-dir (ImageNet-100's "
+                          "train/<class>/ and val/<class>/, or DomainNet's domains) (default: %(default)s)")
     run.add_argument("--data-dir", type=_cli.input_dir,
-                     help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
+                     help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR), or the image folder "
+                          "(imagefolder; docs/trainer.md, \"Image folders\")")
     run.add_argument("--method", choices=METHODS, default="simclr", help="SSL method (default: %(default)s)")
     run.add_argument("--strategy", choices=STRATEGIES, default="pnr",
                      help="continual strategy from the second task on (default: %(default)s)")
     run.add_argument("--recipe", choices=RECIPES, default="default",
-                     help="default: small CPU-friendly settings; paper: the authors' CIFAR-100 settings per "
-                          "method (heads, LARS, warm-up + cosine, learning rates, 500 epochs, momentum "
-                          "schedule, augmentation; docs/trainer.md). Options given explicitly override the "
-                          "recipe (default: %(default)s)"),
+                     help="default: small CPU-friendly settings; paper: the authors' settings per method "
+                          "(heads, LARS, warm-up + cosine, learning rates, epochs, momentum schedule, "
+                          "augmentation; docs/trainer.md) of their CIFAR-100 scripts, or for imagefolder of their "
+                          "ImageNet-100 (--split class/data) or DomainNet (--split domain) scripts. Options given "
+                          "explicitly override the recipe (default: %(default)s)"),
     run.add_argument("--split", choices=SPLITS, default="class",
-                     help="class-incremental (seeded class order) or data-incremental (default: %(default)s)")
-    run.add_argument("--tasks", type=int, help=f"number of tasks {d}")
+                     help="class-incremental (seeded class order), data-incremental, or domain-incremental "
+                          "(imagefolder: one task per domain, DomainNet's order) (default: %(default)s)")
+    run.add_argument("--image-size", type=int,
+                     help="imagefolder: side of the training crops and of the evaluated central crop; images are "
+                          "decoded to a square of side x 256/224 (default: 224)")
+    run.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                     help="imagefolder: processes decoding images ahead of the training step (0: in the main "
+                          "process); results do not depend on it (default: one per core, up to 8: %(default)s)")
+    run.add_argument("--precision", choices=PRECISIONS, default="32",
+                     help="autocast of the backbone (bf16, fp16: GPU only, with gradient scaling); heads and "
+                          "losses stay float32 (default: %(default)s)")
+    run.add_argument("--tasks", type=int, help=f"number of tasks {d}; --split domain: the number of domains")
     run.add_argument("--epochs", type=int, help=f"epochs per task {d}")
     run.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
     run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
@@ -116,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="w_n of the BYOL/VICReg/Barlow PNR regulariser (default: docs/losses.md section 4: 0.5, 23, 1)")
     hp.add_argument("--proj-hidden", type=int, help=f"projector/predictor hidden width {d}")
     hp.add_argument("--proj-dim", type=int, help=f"projection width {d}")
+    hp.add_argument("--pred-hidden", type=int,
+                    help="hidden width of BYOL's predictor (default: --proj-hidden; paper recipe: 4096 CIFAR, "
+                         "8192 ImageNet-100/DomainNet)")
+    hp.add_argument("--linear-eval-epochs", type=int,
+                    help="after the last task, also train the authors' linear evaluation for this many epochs "
+                         "(SGD on augmented images; metrics.json 'paper_linear'); 0: none (default: 0; paper "
+                         "recipe: 100 on imagefolder)")
     hp.add_argument("--distill-hidden", type=int,
                     help="hidden width of the distillation predictor g (default: --proj-hidden; paper recipe: 2048)")
     hp.add_argument("--queue-size", type=int, help=f"MoCo queue entries per view {d}")
@@ -151,8 +175,24 @@ def _interrupt(number, _frame):
     raise KeyboardInterrupt(signal.Signals(number).name)
 
 
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-option checks of the data and precision options (each value's own range is checked
+    as it is parsed, NUMERIC_RANGES): one line naming the option (``parser.error``, exit status 2)
+    before any work starts."""
+    if args.split == "domain" and args.dataset != "imagefolder":
+        parser.error(f"--split domain needs --dataset imagefolder (DomainNet-style domains), not {args.dataset}")
+    if args.dataset == "imagefolder" and args.data_dir is None:
+        parser.error("--dataset imagefolder needs --data-dir (nothing is downloaded)")
+    if args.dataset != "imagefolder" and args.image_size is not None:
+        parser.error(f"--image-size applies to --dataset imagefolder only ({args.dataset} images keep their size)")
+    if args.precision == "fp16" and args.device != "cuda":
+        parser.error("--precision fp16 needs --device cuda (on a CPU use bf16 or 32)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(parser, args)
     cfg = Config(**vars(args))
     # SIGTERM (a polite kill, a scheduler's preemption) stops the run as Ctrl-C does: exit 130,
     # the last checkpoint kept (both wait for a checkpoint write in progress: checkpoint.py).

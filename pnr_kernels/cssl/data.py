@@ -1,8 +1,8 @@
 """Datasets, continual task splits and two-view augmentations written with batched tensor ops.
 
-Images are held in memory as float32 tensors (N, C, H, W) in [0, 1]. No dataset is ever
-downloaded: ``digits`` ships inside scikit-learn, CIFAR is read from the standard python-pickle
-release in a local folder.
+Digits and CIFAR are held in memory as float32 tensors (N, C, H, W) in [0, 1]; image folders
+(folders.py) are decoded on demand by worker processes. No dataset is ever downloaded: ``digits``
+ships inside scikit-learn, CIFAR is read from the standard python-pickle release in a local folder.
 """
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import math
 import os
 import pickle
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .folders import IMAGENET_STATS, FolderImages, scan_folder, storage_size
 
 # Fixed seed of the digits train/test split, so that every run (whatever its --seed) is scored
 # on the same test images.
@@ -40,14 +42,20 @@ CIFAR_STATS = {
 
 @dataclass
 class ImageData:
-    """A labelled train/test pair of image tensors, with the per-channel normalisation."""
-    train_x: torch.Tensor
+    """A labelled train/test pair of images (tensors, or :class:`FolderImages` decoded on demand),
+    with the per-channel normalisation. Domain data sets add each image's domain (an index into
+    ``domains``); ``skipped`` lists the unreadable files left out."""
+    train_x: Union[torch.Tensor, FolderImages]
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: Union[torch.Tensor, FolderImages]
     test_y: torch.Tensor
     num_classes: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    domains: Optional[List[str]] = None
+    train_domain: Optional[torch.Tensor] = None
+    test_domain: Optional[torch.Tensor] = None
+    skipped: Tuple[str, ...] = ()
 
     @property
     def channels(self) -> int:
@@ -130,25 +138,55 @@ def load_cifar_data(name: str, data_dir: Optional[str]) -> ImageData:
     return ImageData(train_x, train_y, test_x, test_y, layout["classes"], mean, std)
 
 
-def load_data(name: str, data_dir: Optional[str] = None) -> ImageData:
+def load_folder_data(data_dir: Optional[str], split: str, image_size: int) -> ImageData:
+    """An image folder or DomainNet (folders.py), normalised with the ImageNet statistics."""
+    found = scan_folder(data_dir, split)
+    size = storage_size(image_size)
+
+    def tensors(scan):
+        return (FolderImages(scan.paths, size), torch.tensor(scan.labels, dtype=torch.long),
+                torch.tensor(scan.domains, dtype=torch.long))
+
+    train_x, train_y, train_d = tensors(found.train)
+    test_x, test_y, test_d = tensors(found.test)
+    domain = split == "domain"
+    return ImageData(train_x, train_y, test_x, test_y, len(found.classes), *IMAGENET_STATS,
+                     domains=found.domains if domain else None, train_domain=train_d if domain else None,
+                     test_domain=test_d if domain else None,
+                     skipped=tuple(found.train.skipped + found.test.skipped))
+
+
+def load_data(name: str, data_dir: Optional[str] = None, *, split: str = "class",
+              image_size: Optional[int] = None) -> ImageData:
     if name == "digits":
         return load_digits_data()
     if name in CIFAR_LAYOUT:
         return load_cifar_data(name, data_dir)
-    raise ValueError(f"dataset must be digits, cifar10 or cifar100; got {name!r}")
+    if name == "imagefolder":
+        return load_folder_data(data_dir, split, image_size)
+    raise ValueError(f"dataset must be digits, cifar10, cifar100 or imagefolder; got {name!r}")
 
 
 def make_tasks(labels: torch.Tensor, num_classes: int, num_tasks: int, split: str, seed: int,
-               limit: Optional[int] = None) -> List[Task]:
+               limit: Optional[int] = None, domains: Optional[torch.Tensor] = None) -> List[Task]:
     """Split the training set into ``num_tasks`` tasks.
 
     ``class``: a seeded permutation of the classes, cut into contiguous groups (sizes differ by at
     most one); a task holds every image of its classes. ``data``: a seeded permutation of all
-    images cut into equal parts; every task holds all classes. ``limit`` keeps at most that many
-    images per task (the first ones of a seeded shuffle), to make tiny runs.
+    images cut into equal parts; every task holds all classes. ``domain``: task j holds the images
+    of domain j (``domains``, one per image; ``num_tasks`` must be the number of domains) and the
+    classes present there. ``limit`` keeps at most that many images per task (the first ones of a
+    seeded shuffle), to make tiny runs.
     """
     generator = torch.Generator().manual_seed(seed)
-    if split == "class":
+    if split == "domain":
+        if domains is None:
+            raise ValueError("split 'domain' needs a dataset with domains (--dataset imagefolder)")
+        tasks = []
+        for d in range(num_tasks):
+            idx = torch.nonzero(domains == d).flatten()
+            tasks.append(Task(sorted(set(labels[idx].tolist())), idx))
+    elif split == "class":
         if num_tasks > num_classes:
             raise ValueError(f"tasks ({num_tasks}) cannot exceed the number of classes ({num_classes})")
         order = torch.randperm(num_classes, generator=generator).tolist()
@@ -161,7 +199,7 @@ def make_tasks(labels: torch.Tensor, num_classes: int, num_tasks: int, split: st
         tasks = [Task(list(range(num_classes)), torch.sort(part).values)
                  for part in torch.tensor_split(order, num_tasks)]
     else:
-        raise ValueError(f"split must be 'class' or 'data', got {split!r}")
+        raise ValueError(f"split must be 'class', 'data' or 'domain', got {split!r}")
     if limit is not None:
         for task in tasks:
             keep = torch.randperm(len(task.train_indices), generator=generator)[:limit]
@@ -180,22 +218,47 @@ class TwoViewAugment:
     probability 0.5); then per-channel normalisation. Every random number comes from the
     ``generator`` passed to the call, so a run is reproducible from that generator's state.
     Hue jitter and blur are left out.
-    """
 
-    def __init__(self, data: ImageData, *, min_scale: float, flip: bool, jitter: float, noise: float):
+    ``size`` (image folders): the crops are resampled to ``size x size`` from the larger decoded
+    square, and :meth:`eval_view` takes its central ``size x size`` crop; otherwise crops keep the
+    input's size and evaluation sees the whole image.
+    """
+    interpolation = "bilinear"
+
+    def __init__(self, data: ImageData, *, min_scale: float, flip: bool, jitter: float, noise: float,
+                 size: Optional[int] = None):
         self.rgb = data.channels == 3
         self.min_scale, self.flip, self.jitter, self.noise = min_scale, flip, jitter, noise
+        self.size = size
         self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std).view(1, -1, 1, 1)
 
     @classmethod
-    def for_dataset(cls, name: str, data: ImageData) -> "TwoViewAugment":
+    def for_dataset(cls, name: str, data: ImageData, size: Optional[int] = None) -> "TwoViewAugment":
         if name == "digits":  # no flips: a mirrored digit is another symbol
             return cls(data, min_scale=0.5, flip=False, jitter=0.4, noise=0.05)
-        return cls(data, min_scale=0.08, flip=True, jitter=0.4, noise=0.02)
+        return cls(data, min_scale=0.08, flip=True, jitter=0.4, noise=0.02, size=size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What evaluation sees: the central ``size`` crop (when set), normalised."""
+        if self.size is not None and x.shape[-1] != self.size:
+            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+            x = x[..., top:top + self.size, left:left + self.size]
+        return self.normalize(x)
+
+    def linear_view(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The training view of the authors' linear evaluation: RandomResizedCrop (area 0.08-1)
+        and a horizontal flip, normalised; no colour changes."""
+        b = x.shape[0]
+
+        def uniform(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(b, *shape, generator=generator)
+
+        out = self._crop(x, generator, uniform, mode=self.interpolation, min_scale=0.08, flip=True)
+        return self.normalize(out.clamp(0, 1))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, view: int = 0) -> torch.Tensor:
         b = x.shape[0]
@@ -222,23 +285,28 @@ class TwoViewAugment:
         out = out + noise.to(x.device)
         return self.normalize(out)
 
-    def _crop(self, x: torch.Tensor, generator: torch.Generator, uniform, mode: str) -> torch.Tensor:
-        """Random resized crop and optional horizontal flip, one affine map per image."""
+    def _crop(self, x: torch.Tensor, generator: torch.Generator, uniform, mode: str,
+              min_scale: Optional[float] = None, flip: Optional[bool] = None) -> torch.Tensor:
+        """Random resized crop and optional horizontal flip, one affine map per image, resampled
+        to ``size`` (or the input's size)."""
         b = x.shape[0]
-        area = uniform(self.min_scale, 1.0)
+        min_scale = self.min_scale if min_scale is None else min_scale
+        flip = self.flip if flip is None else flip
+        area = uniform(min_scale, 1.0)
         log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
         width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
         height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
         cx = uniform(-1.0, 1.0) * (1 - width)
         cy = uniform(-1.0, 1.0) * (1 - height)
         sign = torch.ones(b)
-        if self.flip:
+        if flip:
             sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
         theta[:, 1, 1], theta[:, 1, 2] = height, cy
         theta = theta.to(x.device)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        shape = list(x.shape) if self.size is None else [b, x.shape[1], self.size, self.size]
+        grid = F.affine_grid(theta, shape, align_corners=False)
         return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
 
     def _gray(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,8 +343,22 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(hue, sat, value)
 
 
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Separable gaussian blur of ``x`` (B, C, H, W), one ``sigma`` (B,) per image, an odd
+    ``kernel`` wide, reflected borders (DALI's GaussianBlur default)."""
+    b, c, h, w = x.shape
+    half = min(kernel // 2, h - 1, w - 1)
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    weights = torch.exp(-t.view(1, -1) ** 2 / (2 * sigma.to(x.device, x.dtype).view(-1, 1) ** 2))
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, k)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (half, half, 0, 0), mode="reflect"), weights.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, half, half), mode="reflect"), weights.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
 class PaperAugment(TwoViewAugment):
-    """The authors' CIFAR augmentation (``--recipe paper``), one independent draw per image.
+    """The authors' augmentation (``--recipe paper``), one independent draw per image.
 
     RandomResizedCrop to the full size with bicubic interpolation (area fraction in
     ``[min_scale, 1]``); ColorJitter(brightness, contrast, saturation, hue) with probability 0.8,
@@ -284,13 +366,19 @@ class PaperAugment(TwoViewAugment):
     (brightness/contrast/saturation in ``[max(0, 1 - s), 1 + s]``, hue shift in ``[-h, h]``);
     grayscale with probability 0.2; solarisation (``x -> 1 - x`` where ``x >= 0.5``) with a
     per-view probability (``solarize[view]``, asymmetric across the two views); horizontal flip;
-    normalisation with the CIFAR-10 statistics for CIFAR-10 and CIFAR-100 alike. No noise, no blur.
+    normalisation with the CIFAR-10 statistics for CIFAR-10 and CIFAR-100 alike. No noise. CIFAR:
+    no blur. Image folders (their ImageNet-100/DomainNet DALI pipeline): the crop resampled to
+    ``size``, and after the grayscale step a gaussian blur with a per-view probability
+    (``blur[view]``), sigma uniform in [0.1, 2] and a 23-pixel window at 224 pixels (both scaled
+    by ``size / 224``); ImageNet normalisation.
     """
+    interpolation = "bicubic"
 
     def __init__(self, data: ImageData, *, min_scale: float, jitter: Tuple[float, float, float, float],
-                 solarize: Tuple[float, float], mean=None, std=None):
-        super().__init__(data, min_scale=min_scale, flip=True, jitter=0.0, noise=0.0)
-        self.jitter4, self.solarize = jitter, solarize
+                 solarize: Tuple[float, float], mean=None, std=None, size: Optional[int] = None,
+                 blur: Tuple[float, float] = (0.0, 0.0)):
+        super().__init__(data, min_scale=min_scale, flip=True, jitter=0.0, noise=0.0, size=size)
+        self.jitter4, self.solarize, self.blur = jitter, solarize, blur
         if mean is not None:
             self.mean = torch.tensor(mean).view(1, -1, 1, 1)
             self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -328,17 +416,34 @@ class PaperAugment(TwoViewAugment):
         if self.rgb:
             to_gray = (torch.rand(b, 1, 1, 1, generator=generator) < 0.2).to(x.device)
             out = torch.where(to_gray, self._gray(out).expand_as(out), out)
+        if any(self.blur):
+            scale = out.shape[-1] / 224
+            sigma = (0.1 + 1.9 * torch.rand(b, generator=generator)) * scale
+            blurred = (torch.rand(b, 1, 1, 1, generator=generator) < self.blur[view]).to(x.device)
+            kernel = 2 * max(1, round(11 * scale)) + 1
+            out = torch.where(blurred, gaussian_blur(out, sigma, kernel).clamp(0, 1), out)
         solar = (torch.rand(b, 1, 1, 1, generator=generator) < self.solarize[view]).to(x.device)
         out = torch.where(solar & (out >= 0.5), 1 - out, out)
         return self.normalize(out)
 
 
-def make_augment(recipe: str, method: str, dataset: str, data: ImageData) -> TwoViewAugment:
-    """The two-view augmentation of a run: the recipe's for CIFAR, the digits one for digits."""
+def make_augment(recipe: str, method: str, dataset: str, data: ImageData,
+                 image_size: Optional[int] = None) -> TwoViewAugment:
+    """The two-view augmentation of a run: the recipe's for CIFAR and image folders, the digits
+    one for digits."""
+    if recipe == "paper" and dataset == "imagefolder":
+        # Their ImageNet-100 and DomainNet scripts: blur 1.0 / 0.1 and solarisation 0 / 0.2 on the
+        # two views; VICReg: crops of at least 20 %, solarisation 0.1 and (no --gaussian_prob, their
+        # default) blur 0.5 on both.
+        if method == "vicreg":
+            return PaperAugment(data, min_scale=0.2, jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.1, 0.1),
+                                blur=(0.5, 0.5), size=image_size)
+        return PaperAugment(data, min_scale=0.08, jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2),
+                            blur=(1.0, 0.1), size=image_size)
     if recipe == "paper" and dataset != "digits":
         if method == "vicreg":  # their VICReg script: crops of at least 20 %, solarisation 0.1 on both views
             return PaperAugment(data, min_scale=0.2, jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.1, 0.1),
                                 mean=PAPER_CIFAR_STATS[0], std=PAPER_CIFAR_STATS[1])
         return PaperAugment(data, min_scale=0.08, jitter=(0.4, 0.4, 0.2, 0.1), solarize=(0.0, 0.2),
                             mean=PAPER_CIFAR_STATS[0], std=PAPER_CIFAR_STATS[1])
-    return TwoViewAugment.for_dataset(dataset, data)
+    return TwoViewAugment.for_dataset(dataset, data, size=image_size if dataset == "imagefolder" else None)

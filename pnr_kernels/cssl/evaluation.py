@@ -3,16 +3,26 @@
 After each task the backbone's features of every train and test image are computed once; a
 multinomial logistic regression over all classes is fitted on the train features (full-batch
 L-BFGS on standardised features, zero initialisation, so it is deterministic) and scored on the
-test features. Accuracy on task j = accuracy on the test images of task j's classes, predicting
-among all classes (class-incremental); the task-aware variant predicts among task j's classes only.
+test features. Accuracy on task j = accuracy on the test images of task j's classes (with
+``--split domain``: of task j's domain), predicting among all classes (class-incremental); the
+task-aware variant predicts among task j's classes only.
+
+:func:`paper_linear_eval` is the authors' offline linear evaluation (docs/trainer.md, "Results
+comparable with the paper"): a linear layer trained by SGD on augmented images through the frozen
+backbone, after the last task.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import math
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import PAPER_LINEAR_EVAL
+from .folders import iterate_batches
+from .models import backbone_features
 
 LINEAR_L2 = 1e-4        # weight decay of the probe (on the standardised features)
 LINEAR_MAX_ITER = 200   # L-BFGS iterations
@@ -21,14 +31,20 @@ KNN_TEMPERATURE = 0.07
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: torch.Tensor, normalize, device: torch.device,
-                     batch_size: int = 512) -> torch.Tensor:
-    """Backbone features of un-augmented (normalised) images, in eval mode; the module's mode is
-    restored afterwards."""
+def extract_features(backbone: nn.Module, images, view: Callable[[torch.Tensor], torch.Tensor],
+                     device: torch.device, batch_size: int = 512, workers: int = 0,
+                     precision: str = "32", progress=None) -> torch.Tensor:
+    """Backbone features (float32, on the CPU) of un-augmented images (``view``: the central crop
+    and normalisation), in eval mode under the run's ``precision``; the module's mode is restored
+    afterwards. ``images``: a tensor or folders.FolderImages (decoded by ``workers`` processes);
+    ``progress(iterable, total=..., desc=...)`` may wrap the batches in a progress bar."""
     was_training = backbone.training
     backbone.eval()
-    out = [backbone(normalize(images[i:i + batch_size].to(device))).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    chunks = [torch.arange(i, min(i + batch_size, len(images))) for i in range(0, len(images), batch_size)]
+    batches = iterate_batches(images, chunks, device, workers)
+    if progress is not None:
+        batches = progress(batches, total=len(chunks), desc="features", unit="batch", leave=False)
+    out = [backbone_features(backbone, view(x), precision).float().cpu() for x in batches]
     backbone.train(was_training)
     return torch.cat(out)
 
@@ -67,14 +83,16 @@ def knn_scores(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tenso
     return scores
 
 
-def task_accuracies(scores: torch.Tensor, test_y: torch.Tensor, task_classes: Sequence[Sequence[int]]) -> Dict:
+def task_accuracies(scores: torch.Tensor, test_y: torch.Tensor, task_classes: Sequence[Sequence[int]],
+                    groups: Optional[Sequence[torch.Tensor]] = None) -> Dict:
     """Accuracies (in %) from class scores: over all test images, per task over all classes
-    (class-incremental) and per task among the task's classes only (task-aware)."""
+    (class-incremental) and per task among the task's classes only (task-aware). A task's test
+    images are those of its classes, or ``groups[j]`` (a boolean mask per task: its domain)."""
     pred = scores.argmax(1)
     per_task, task_aware = [], []
-    for classes in task_classes:
+    for j, classes in enumerate(task_classes):
         cls = torch.tensor(classes)
-        mask = torch.isin(test_y, cls)
+        mask = torch.isin(test_y, cls) if groups is None else groups[j]
         if not mask.any():
             per_task.append(float("nan"))
             task_aware.append(float("nan"))
@@ -83,6 +101,52 @@ def task_accuracies(scores: torch.Tensor, test_y: torch.Tensor, task_classes: Se
         local = cls[scores[mask][:, cls].argmax(1)]
         task_aware.append(100.0 * (local == test_y[mask]).float().mean().item())
     return {"all": 100.0 * (pred == test_y).float().mean().item(), "per_task": per_task, "task_aware": task_aware}
+
+
+def paper_linear_eval(backbone: nn.Module, train_images, train_y: torch.Tensor, test_features: torch.Tensor,
+                      num_classes: int, augment, *, epochs: int, seed: int, device: torch.device,
+                      workers: int = 0, precision: str = "32", progress=None) -> torch.Tensor:
+    """The authors' linear evaluation (their main_linear.py with the ImageNet-100/DomainNet
+    scripts); returns the logits of ``test_features`` (the central crops' features).
+
+    The backbone stays frozen in eval mode (their ``backbone.eval()``); a ``Linear(features,
+    classes)`` (PyTorch's default initialisation, drawn from a generator seeded ``seed``) is
+    trained for ``epochs`` epochs over every training image, in a fresh seeded order each epoch,
+    batches of 256 (the last one smaller), each image seen once per epoch through
+    ``augment.linear_view`` (RandomResizedCrop 0.08-1 and a flip); cross-entropy, SGD with lr 3.0,
+    no momentum and no weight decay, the learning rate times 0.1 at 60 % and 80 % of the epochs
+    (config.PAPER_LINEAR_EVAL). Nothing depends on the global random state, so a rerun (a resume)
+    gives the same logits.
+    """
+    hp = PAPER_LINEAR_EVAL
+    generator = torch.Generator().manual_seed(seed)
+    dim = test_features.shape[1]
+    bound = 1 / math.sqrt(dim)
+    weight = ((torch.rand(num_classes, dim, generator=generator) * 2 - 1) * bound).to(device).requires_grad_()
+    bias = ((torch.rand(num_classes, generator=generator) * 2 - 1) * bound).to(device).requires_grad_()
+    optimizer = torch.optim.SGD([weight, bias], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    milestones = [round(m * epochs) for m in hp["milestones"]]
+    was_training = backbone.training
+    backbone.eval()
+    labels = train_y.to(device)
+    n = len(train_y)
+    epoch_range = range(epochs) if progress is None else progress(range(epochs), desc="linear evaluation",
+                                                                  unit="epoch", leave=False)
+    for epoch in epoch_range:
+        for group in optimizer.param_groups:
+            group["lr"] = hp["lr"] * hp["gamma"] ** sum(epoch >= m for m in milestones)
+        order = torch.randperm(n, generator=generator)
+        chunks = [order[i:i + hp["batch_size"]] for i in range(0, n, hp["batch_size"])]
+        for chunk, images in zip(chunks, iterate_batches(train_images, chunks, device, workers)):
+            with torch.no_grad():
+                features = backbone_features(backbone, augment.linear_view(images, generator), precision).float()
+            loss = F.cross_entropy(features @ weight.T + bias, labels[chunk.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    backbone.train(was_training)
+    with torch.no_grad():
+        return (test_features.to(device) @ weight.T + bias).cpu()
 
 
 def forgetting(matrix: List[List[float]]) -> float:
@@ -106,6 +170,10 @@ def format_table(metrics: dict) -> str:
     lines.append(f"average accuracy (all classes, after the last task): {metrics['average_accuracy']:.2f}%  "
                  f"forgetting: {metrics['forgetting']:.2f}  kNN: {metrics['knn_average_accuracy']:.2f}% "
                  f"(forgetting {metrics['knn_forgetting']:.2f})")
+    paper = metrics.get("paper_linear")
+    if paper:
+        lines.append(f"linear evaluation as the authors' ({paper['epochs']} epochs on augmented images): "
+                     f"{paper['accuracy']:.2f}% (per task " + ", ".join(f"{a:.1f}" for a in paper["per_task"]) + ")")
     return "\n".join(lines)
 
 

@@ -102,8 +102,9 @@ class Learner(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.proj_dim
-        self.online = Encoder(cfg.dataset, in_channels, cfg.proj_hidden, dim, recipe=cfg.recipe, method=cfg.method)
-        self.predictor = mlp(dim, cfg.proj_hidden, dim) if cfg.method == "byol" else None
+        self.online = Encoder(cfg.dataset, in_channels, cfg.proj_hidden, dim, recipe=cfg.recipe, method=cfg.method,
+                              precision=cfg.precision)
+        self.predictor = mlp(dim, cfg.pred_hidden, dim) if cfg.method == "byol" else None
         self.momentum = None
         if cfg.method in ("byol", "mocov2plus"):
             self.momentum = copy.deepcopy(self.online).requires_grad_(False)

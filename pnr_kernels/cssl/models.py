@@ -1,4 +1,5 @@
-"""Backbones and heads: a small CNN for digits, a CIFAR ResNet-18, and the MLP heads."""
+"""Backbones and heads: a small CNN for digits, ResNet-18 (CIFAR or ImageNet stem), the MLP heads,
+and the autocast of ``--precision`` around the backbone."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -46,11 +47,19 @@ class BasicBlock(nn.Module):
 
 class ResNet18CIFAR(nn.Module):
     """ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem without max-pooling, four stages of two
-    basic blocks (64, 128, 256, 512 channels), global average pooling: a 512-d feature."""
+    basic blocks (64, 128, 256, 512 channels), global average pooling: a 512-d feature.
 
-    def __init__(self, in_channels: int = 3):
+    ``imagenet_stem``: torchvision's stem instead (7x7 stride-2 conv-BN-ReLU, 3x3 stride-2
+    max-pooling), as the authors' ResNet-18 on ImageNet-100 and DomainNet (their CIFAR runs swap
+    it for the 3x3 one)."""
+
+    def __init__(self, in_channels: int = 3, imagenet_stem: bool = False):
         super().__init__()
-        self.stem = _conv_bn_relu(in_channels, 64, 1)
+        if imagenet_stem:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = _conv_bn_relu(in_channels, 64, 1)
         blocks, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
@@ -87,17 +96,35 @@ def projector(recipe: str, method: str, in_dim: int, hidden: int, out_dim: int) 
     return mlp(in_dim, hidden, out_dim)
 
 
+PRECISION_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def backbone_features(backbone: nn.Module, x: torch.Tensor, precision: str = "32") -> torch.Tensor:
+    """``backbone(x)``, under ``torch.autocast`` at ``precision`` (bf16/fp16; "32": none), as float32."""
+    dtype = PRECISION_DTYPES[precision]
+    if dtype is None:
+        return backbone(x)
+    with torch.autocast(x.device.type, dtype=dtype):
+        h = backbone(x)
+    return h.float()
+
+
 class Encoder(nn.Module):
-    """Backbone followed by a projector; ``forward`` returns (features, projection)."""
+    """Backbone followed by a projector; ``forward`` returns (features, projection).
+
+    With ``precision`` bf16/fp16 the backbone runs under autocast and its features are cast back
+    to float32: the projector, the predictors and every loss compute in float32."""
 
     def __init__(self, dataset: str, in_channels: int, proj_hidden: int, proj_dim: int, *,
-                 recipe: str = "default", method: str = "simclr"):
+                 recipe: str = "default", method: str = "simclr", precision: str = "32"):
         super().__init__()
-        self.backbone = DigitsCNN(in_channels) if dataset == "digits" else ResNet18CIFAR(in_channels)
+        self.backbone = DigitsCNN(in_channels) if dataset == "digits" else ResNet18CIFAR(
+            in_channels, imagenet_stem=dataset == "imagefolder")
         self.projector = projector(recipe, method, self.backbone.out_dim, proj_hidden, proj_dim)
+        self.precision = precision
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.backbone(x)
+        h = backbone_features(self.backbone, x, self.precision)
         return h, self.projector(h)
 
 

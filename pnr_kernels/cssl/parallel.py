@@ -29,6 +29,9 @@ import torch.distributed as dist
 
 
 TIMEOUT = datetime.timedelta(hours=1)
+# With the authors' linear evaluation after the last task (100 epochs over every training image on
+# rank 0, decode-bound on image folders) the others may wait for hours.
+LONG_TIMEOUT = datetime.timedelta(hours=24)
 
 
 @dataclass
@@ -99,8 +102,9 @@ def environment() -> Optional[dict]:
     return dict(rank=rank, world=world, local_rank=local)
 
 
-def setup(device: str) -> Parallel:
-    """Join the torchrun job, if there is one with more than one rank (see the module docstring)."""
+def setup(device: str, timeout: datetime.timedelta = TIMEOUT) -> Parallel:
+    """Join the torchrun job, if there is one with more than one rank (see the module docstring);
+    ``timeout``: of the process group's collectives."""
     env = environment()
     if env is None or env["world"] <= 1:
         return Parallel()
@@ -112,7 +116,7 @@ def setup(device: str) -> Parallel:
     if not dist.is_initialized():
         # Rank 0 evaluates while the others wait in the next collective: a timeout of an hour
         # (not nccl's default 10 minutes) leaves room for a CIFAR linear probe.
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=TIMEOUT)
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=timeout)
         initialized_here = True
     if dist.get_world_size() != env["world"] or dist.get_rank() != env["rank"]:
         raise RuntimeError("the initialised process group disagrees with RANK/WORLD_SIZE")

@@ -7,8 +7,10 @@ Per task: (from the second on) deep-copy the online encoder as the frozen previo
 mode, no gradients); the distillation predictor g and MoCo's previous-model queue carry over; build
 a fresh optimiser with the recipe's learning-rate schedule (optional linear warm-up, then cosine)
 over the task's steps; train ``epochs`` epochs, writing a checkpoint every ``checkpoint_every``
-epochs and after the task's last; then evaluate (linear probe and kNN on the backbone features)
-and write metrics.json.
+epochs and after the task's last; then evaluate (linear probe and kNN on the backbone features;
+after the last task also the authors' linear evaluation when ``linear_eval_epochs`` > 0) and write
+metrics.json. Image folders are decoded batch by batch by ``workers`` processes (folders.py); with
+``precision`` bf16/fp16 the backbone runs under autocast (fp16 with a GradScaler, checkpointed).
 
 Exact resume: a checkpoint holds the learner (online and momentum encoders, predictors, queues),
 the frozen model, the optimiser, every RNG state (python, numpy, torch, the data-order and
@@ -23,6 +25,7 @@ logs, evaluates and writes; the checkpoint holds every rank's generator states.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -39,9 +42,10 @@ from .checkpoint import (load_checkpoint, remove_stale_temporaries, rng_state, s
 from .config import PAPER_LARS_ETA, PAPER_WARMUP_START_LR, Config, resolve
 from .data import load_data, make_augment, make_tasks
 from .evaluation import (extract_features, forgetting, format_table, knn_scores, linear_probe_logits,
-                         save_plot, task_accuracies)
+                         paper_linear_eval, save_plot, task_accuracies)
+from .folders import iterate_batches
 from .methods import Learner, LossRunner
-from .parallel import Parallel, setup as setup_parallel, teardown as teardown_parallel
+from .parallel import LONG_TIMEOUT, TIMEOUT, Parallel, setup as setup_parallel, teardown as teardown_parallel
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -234,11 +238,26 @@ class Trainer:
                 name, None, self.device, torch.float32)
             if reason is not None:  # fail before any training, not at the first loss
                 raise backends.BackendUnavailableError(f"{option} {name} cannot run on {cfg.device}: {reason}")
-        self.data = load_data(cfg.dataset, cfg.data_dir)
+        self.data = load_data(cfg.dataset, cfg.data_dir, split=cfg.split, image_size=cfg.image_size)
+        if cfg.dataset == "imagefolder":
+            domains = f", domains {', '.join(self.data.domains)}" if self.data.domains else ""
+            self.log(f"{cfg.data_dir}: {len(self.data.train_y)} training and {len(self.data.test_y)} test images, "
+                     f"{self.data.num_classes} classes{domains}")
+        if self.data.skipped:
+            self.log(f"skipped {len(self.data.skipped)} unreadable image(s) of {cfg.data_dir} "
+                     f"(first: {self.data.skipped[0]})")
+        if cfg.split == "domain":  # one task per domain
+            domains = len(self.data.domains)
+            if cfg.tasks is not None and cfg.tasks != domains:
+                raise ValueError(f"--tasks {cfg.tasks} but {cfg.data_dir} has {domains} domains "
+                                 f"({', '.join(self.data.domains)}); with --split domain every domain is one task")
+            self.cfg = cfg = dataclasses.replace(cfg, tasks=domains)
         if cfg.limit_test is not None:
             keep = torch.randperm(len(self.data.test_y), generator=torch.Generator().manual_seed(cfg.seed))
             keep = torch.sort(keep[:cfg.limit_test]).values
             self.data.test_x, self.data.test_y = self.data.test_x[keep], self.data.test_y[keep]
+            if self.data.test_domain is not None:
+                self.data.test_domain = self.data.test_domain[keep]
         # The probe (linear and kNN) is fitted on every training image, or on a seeded subset of
         # --limit-probe of them.
         self.probe_indices = None
@@ -246,11 +265,11 @@ class Trainer:
             keep = torch.randperm(len(self.data.train_y), generator=torch.Generator().manual_seed(cfg.seed + 3))
             self.probe_indices = torch.sort(keep[:cfg.limit_probe]).values
         self.tasks = make_tasks(self.data.train_y, self.data.num_classes, cfg.tasks, cfg.split, cfg.seed,
-                                limit=cfg.limit_train)
+                                limit=cfg.limit_train, domains=self.data.train_domain)
         for i, task in enumerate(self.tasks):
             if len(task.train_indices) < 2:
                 raise ValueError(f"task {i + 1} has {len(task.train_indices)} training images; at least 2 are needed")
-        self.augment = make_augment(cfg.recipe, cfg.method, cfg.dataset, self.data)
+        self.augment = make_augment(cfg.recipe, cfg.method, cfg.dataset, self.data, image_size=cfg.image_size)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -266,10 +285,13 @@ class Trainer:
         self.frozen = None
         self.optimizer = None
         self.runner = LossRunner(cfg.backend, cfg.verify_backend)
+        # fp16: gradients scaled against underflow (bf16 and 32 need none).
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.position = {"task": 0, "epochs_done": 0, "started": False, "evaluated": False}
         self.records = {key: [] for key in ("accuracy_matrix", "task_aware_accuracy_matrix", "linear_accuracy",
                                             "knn_accuracy_matrix", "knn_task_aware_accuracy_matrix",
                                             "knn_accuracy", "epochs", "verification")}
+        self.records["paper_linear"] = None
         self.epochs_this_process = 0
         self.checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
 
@@ -364,8 +386,9 @@ class Trainer:
             self.parallel.broadcast_buffers(self.learner)
             self.frozen = copy.deepcopy(self.learner.online).requires_grad_(False).eval()
         self.optimizer = self._new_optimizer()
-        self.log(f"task {task + 1}/{self.cfg.tasks}: classes {self.tasks[task].classes}, "
-                 f"{len(self.tasks[task].train_indices)} training images")
+        what = (f"domain {self.data.domains[task]}, {len(self.tasks[task].classes)} classes" if self.data.domains
+                else f"classes {self.tasks[task].classes}")
+        self.log(f"task {task + 1}/{self.cfg.tasks}: {what}, {len(self.tasks[task].train_indices)} training images")
 
     def _wrap(self, task: int) -> None:
         """Under torchrun: DistributedDataParallel around the Learner (gradients averaged over the
@@ -433,9 +456,10 @@ class Trainer:
         started = time.perf_counter()
         bar = _progress(range(steps), self.bars, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
         params = self.learner.trainable_parameters() if cfg.optimizer == "lars" else None
-        for step in bar:
-            first = (step * par.world + par.rank) * batch  # this rank's slice of the global batch
-            images = self.data.train_x[order[first:first + batch]].to(self.device)
+        # This rank's slice of each global batch, decoded ahead by --workers processes for folders.
+        chunks = [order[(step * par.world + par.rank) * batch:][:batch] for step in range(steps)]
+        batches = iterate_batches(self.data.train_x, chunks, self.device, cfg.workers)
+        for step, images in zip(bar, batches):
             x1 = self.augment(images, self.generators["augment"], view=0)
             x2 = self.augment(images, self.generators["augment"], view=1)
             lr, tau = self._schedule(epoch * steps + step, total_steps)
@@ -451,10 +475,18 @@ class Trainer:
                            else f"another rank's loss is not finite; try a lower --lr (now {cfg.lr})")
                 raise FloatingPointError(f"the loss is {value.item()} at {self.runner.where}: {culprit}")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is None:
+                loss.backward()
+            else:  # fp16: scaled backward, gradients unscaled before LARS and the (skipped if inf) step
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
             if params is not None:
                 lars_adapt_(params, lr, cfg.weight_decay, PAPER_LARS_ETA, cfg.lars_exclude_bias_norm)
-            self.optimizer.step()
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.learner.after_step(pending, tau)
             losses.append(value.item())
             if hasattr(bar, "set_postfix"):
@@ -473,20 +505,25 @@ class Trainer:
                      f"({steps} steps, {time.perf_counter() - started:.1f} s)")
 
     def _evaluate(self, task: int) -> None:
-        data, classes = self.data, [t.classes for t in self.tasks]
+        data, classes, cfg = self.data, [t.classes for t in self.tasks], self.cfg
+        # Accuracy on task j: its classes' test images, or (--split domain) its domain's.
+        groups = None if data.test_domain is None else [data.test_domain == j for j in range(cfg.tasks)]
         backbone = self.learner.online.backbone
         train_x, train_y = data.train_x, data.train_y
         if self.probe_indices is not None:
             train_x, train_y = train_x[self.probe_indices], train_y[self.probe_indices]
-        train_f = extract_features(backbone, train_x, self.augment.normalize, self.device)
-        test_f = extract_features(backbone, data.test_x, self.augment.normalize, self.device)
+        bar = (lambda iterable, **kw: _progress(iterable, self.bars, **kw))
+        features = dict(view=self.augment.eval_view, device=self.device, workers=cfg.workers, precision=cfg.precision,
+                        progress=bar)
+        train_f = extract_features(backbone, train_x, **features)
+        test_f = extract_features(backbone, data.test_x, **features)
         if not (torch.isfinite(train_f).all() and torch.isfinite(test_f).all()):
             raise FloatingPointError(
                 f"the backbone's features are not finite after task {task + 1} (eval mode, BatchNorm running "
                 f"statistics); try a lower --lr (now {self.cfg.lr}) or more steps per epoch")
         linear = task_accuracies(linear_probe_logits(train_f, train_y, test_f, data.num_classes),
-                                 data.test_y, classes)
-        knn = task_accuracies(knn_scores(train_f, train_y, test_f, data.num_classes), data.test_y, classes)
+                                 data.test_y, classes, groups)
+        knn = task_accuracies(knn_scores(train_f, train_y, test_f, data.num_classes), data.test_y, classes, groups)
         rec = self.records
         rec["accuracy_matrix"].append(linear["per_task"])
         rec["task_aware_accuracy_matrix"].append(linear["task_aware"])
@@ -496,6 +533,20 @@ class Trainer:
         rec["knn_accuracy"].append(knn["all"])
         self.log(f"after task {task + 1}/{self.cfg.tasks}: linear {linear['all']:.2f}% (per task "
                  + ", ".join(f"{a:.1f}" for a in linear["per_task"]) + f"), kNN {knn['all']:.2f}%")
+        if task == cfg.tasks - 1 and cfg.linear_eval_epochs > 0:
+            self.log(f"linear evaluation as the authors' (--linear-eval-epochs {cfg.linear_eval_epochs}, augmented "
+                     f"training images, SGD): {len(train_y)} training images")
+            started = time.perf_counter()
+            logits = paper_linear_eval(
+                backbone, train_x, train_y, test_f, data.num_classes, self.augment, epochs=cfg.linear_eval_epochs,
+                seed=cfg.seed + 4, device=self.device, workers=cfg.workers, precision=cfg.precision,
+                progress=bar)
+            paper = task_accuracies(logits, data.test_y, classes, groups)
+            rec["paper_linear"] = {"accuracy": paper["all"], "per_task": paper["per_task"],
+                                   "epochs": cfg.linear_eval_epochs, "train_images": len(train_y)}
+            self.log(f"linear evaluation after task {task + 1}: {paper['all']:.2f}% (per task "
+                     + ", ".join(f"{a:.1f}" for a in paper["per_task"])
+                     + f"), {time.perf_counter() - started:.0f} s")
 
     # -- results and checkpoints ----------------------------------------------------------------
 
@@ -507,6 +558,8 @@ class Trainer:
             "task_numbering": "lists are 0-based: tasks[0], accuracy_matrix[0][0] and epochs[].task == 0 are "
                               "task 1 of the logs and the plot; epochs[].epoch is 0-based too",
             "tasks": [{"classes": t.classes, "train_images": len(t.train_indices)} for t in self.tasks],
+            "domains": self.data.domains,
+            "skipped_images": len(self.data.skipped),
             "probe_train_images": len(self.data.train_y) if self.probe_indices is None else len(self.probe_indices),
             "auto_backend_order": backends.available_backends(self.device),
             **{k: v for k, v in rec.items() if k != "verification"},
@@ -532,6 +585,7 @@ class Trainer:
                 "frozen": None if self.frozen is None else self.frozen.state_dict(),
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "rng": states[0],
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
             }
             if par.enabled:
                 payload.update(world_size=par.world, rng_ranks=states)
@@ -546,7 +600,10 @@ class Trainer:
                 f"{self.checkpoint_path} is not a checkpoint of this pnr-cssl version (format "
                 f"{checkpoint.get('format')!r}, expected 2{'; lacks ' + ', '.join(missing) if missing else ''}); "
                 f"delete it to start over, or choose another --output-dir")
-        saved, now = {"sync_bn": False, **checkpoint["config"]}, self.cfg.fingerprint()  # sync_bn: new field
+        # Fields added after format 2 was fixed, at the value that reproduces the older runs.
+        older = dict(sync_bn=False, image_size=None, precision="32", linear_eval_epochs=0,
+                     pred_hidden=checkpoint["config"].get("proj_hidden"))
+        saved, now = {**older, **checkpoint["config"]}, self.cfg.fingerprint()
         if saved != now:
             keys = sorted(set(saved) | set(now))
             diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
@@ -566,15 +623,19 @@ class Trainer:
         if checkpoint["optimizer"] is not None:
             self.optimizer = self._new_optimizer()
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler is not None and checkpoint.get("scaler") is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.position = dict(checkpoint["position"])
-        self.records = checkpoint["records"]
+        self.records = {"paper_linear": None, **checkpoint["records"]}
         set_rng_state(checkpoint["rng_ranks"][self.parallel.rank] if self.parallel.enabled else checkpoint["rng"],
                       self.generators)
 
 
 def train(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``cfg`` (see :class:`Trainer`) and return its metrics."""
-    parallel = setup_parallel(resolve(cfg).device)  # torchrun's process group, when there is one
+    resolved = resolve(cfg)
+    parallel = setup_parallel(  # torchrun's process group, when there is one
+        resolved.device, timeout=LONG_TIMEOUT if resolved.linear_eval_epochs else TIMEOUT)
     trainer, clean = None, False
     try:
         trainer = Trainer(cfg, log=log or _log, parallel=parallel)
