@@ -113,55 +113,44 @@ def use_ranges(parser: argparse.ArgumentParser, ranges: Dict[str, Number]) -> No
         actions[dest].type = number
 
 
-def _nearest_existing(path: str) -> str:
+def output_problem(path: str, folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as an output folder (``folder``) or file, or None: it is the
+    other kind, it is not writable, or it is missing and cannot be created (a file, or a folder
+    that is not writable, is its nearest existing parent). Creates nothing."""
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            return f"{path} is a file, not a folder"
+        if not folder and os.path.isdir(path):
+            return f"{path} is a folder; give a file path"
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            return f"{path} is not writable (permission denied)"
+        return None
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    return parent
-
-
-def _creatable(path: str) -> Optional[str]:
-    """Why ``path`` (missing) cannot be created, or None."""
-    parent = _nearest_existing(path)
     if not os.path.isdir(parent):
         return f"{path} cannot be created: {parent} is a file, not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{path} cannot be created: {parent} is not writable"
+        return f"{path} cannot be created: permission denied in {parent}"
     return None
 
 
 class OutputFile:
     """argparse type: a file this run will write (missing folders above it are created then)."""
     __name__ = "output file"
+    folder = False
 
     def __call__(self, path: str) -> str:
-        if os.path.isdir(path):
-            raise argparse.ArgumentTypeError(f"{path} is a folder; give a file path")
-        if os.path.exists(path):
-            if not os.access(path, os.W_OK):
-                raise argparse.ArgumentTypeError(f"{path} is not writable")
-            return path
-        why = _creatable(path)
+        why = output_problem(path, self.folder)
         if why:
             raise argparse.ArgumentTypeError(why)
         return path
 
 
-class OutputDir:
+class OutputDir(OutputFile):
     """argparse type: a folder this run will write into (created when missing)."""
     __name__ = "output folder"
-
-    def __call__(self, path: str) -> str:
-        if os.path.exists(path):
-            if not os.path.isdir(path):
-                raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise argparse.ArgumentTypeError(f"{path} is not writable")
-            return path
-        why = _creatable(path)
-        if why:
-            raise argparse.ArgumentTypeError(why)
-        return path
+    folder = True
 
 
 class InputFile:
@@ -204,5 +193,5 @@ def make_parents(path: str) -> str:
 
 
 __all__ = ["ArgumentParser", "fail", "Number", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-           "finite_float", "unit_interval", "use_ranges", "OutputFile", "OutputDir", "InputFile", "InputDir",
+           "finite_float", "unit_interval", "use_ranges", "output_problem", "OutputFile", "OutputDir", "InputFile", "InputDir",
            "output_file", "output_dir", "input_file", "input_dir", "make_parents"]

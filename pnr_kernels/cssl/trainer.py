@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from .. import backends
+from .. import _cli, backends
 from .checkpoint import (load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
                          write_json)
 from .config import PAPER_LARS_ETA, PAPER_WARMUP_START_LR, Config, resolve
@@ -146,24 +146,11 @@ def prepare_native(log: Callable[[str], None]) -> None:
 
 def check_output_dir(path: str) -> None:
     """Fail early (before data loading and any build) when ``path`` cannot become the run's
-    folder: it is a file, lies under a file, or the nearest existing folder is not writable.
-    Creates nothing."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise OutputDirError(f"--output-dir {path} is a file, not a folder; choose another --output-dir")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise OutputDirError(f"--output-dir {path} is not writable (permission denied); "
-                                 f"choose a folder you can write to")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputDirError(f"--output-dir {path} cannot be created: {parent} is a file, not a folder; "
-                             f"choose another --output-dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputDirError(f"--output-dir {path} cannot be created: permission denied in {parent}; "
-                             f"choose a folder you can write to")
+    folder (``_cli.output_problem``: it is a file, lies under a file, or the nearest existing
+    folder is not writable). Creates nothing."""
+    why = _cli.output_problem(path, folder=True)
+    if why:
+        raise OutputDirError(f"--output-dir {why}; choose another --output-dir")
 
 
 def prepare_output_dir(path: str) -> None:
