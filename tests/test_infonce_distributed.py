@@ -573,4 +573,4 @@ def test_pnr_bench_routes_world_size_to_the_gather_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--world-size", "1"])
     assert exit_info.value.code == 2
-    assert "--world-size must be at least 2" in capsys.readouterr().err
+    assert "argument --world-size: must be an integer >= 2" in capsys.readouterr().err
