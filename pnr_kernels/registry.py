@@ -48,7 +48,8 @@ class LossSpec:
     example_options: option values that differ from the defaults, so that a test or a benchmark
         notices an option a backend ignores.
     work, work_unit: the work model of one forward + backward (bench throughput), or None, and
-        its unit ("FLOP": 2 per multiply-add of the products; "byte": memory traffic).
+        its unit ("FLOP": the products no exact kernel can avoid, 2 per multiply-add, see
+        ``ops.infonce.infonce_flops``; "byte": one read of each input, one write of each gradient).
     cpu_reference_below: on CPU tensors, ``backend="auto"`` runs the reference for batches below
         this size (rows per view): the measured crossover under which the fused op's fixed
         per-call cost (Python dispatch and autograd wiring, about 0.1 ms per op call) loses to
@@ -120,12 +121,13 @@ flops = infonce.infonce_flops
 
 
 def _simclr_pnr_work(b, d, k, itemsize):
-    """Rows Z, P against keys Z, F (N = 2B each); Z gets row and key gradients, P row gradients."""
-    return flops([2 * b] * 2, [2 * b] * 2, d, [True, True], [True, False])
+    """Rows Z, P against keys Z, F (N = 2B each, a row's own index excluded from every block); Z
+    gets row and key gradients, P row gradients; Z against Z is symmetric."""
+    return flops([2 * b] * 2, [2 * b] * 2, d, [True, True], [True, False], [True, True], symmetric=[(0, 0)])
 
 
 def _nt_xent_work(b, d, k, itemsize):
-    return flops([2 * b], [2 * b], d, [True], [True])
+    return flops([2 * b], [2 * b], d, [True], [True], [True], symmetric=[(0, 0)])
 
 
 def _moco_pnr_work(b, d, k, itemsize):
@@ -138,8 +140,9 @@ def _moco_work(b, d, k, itemsize):
 
 
 def _cassle_simclr_work(b, d, k, itemsize):
-    """d(P, F): P rows with gradients; d(F, P): P keys with gradients."""
-    return flops([2 * b], [2 * b], d, [True], [False]) + flops([2 * b], [2 * b], d, [False], [True])
+    """d(P, F) and d(F, P) share their logits (F P^T is P F^T transposed), and P's gradient from
+    both is one product, d P = (G_PF + G_FP^T) F: P rows against F keys, row gradients only."""
+    return flops([2 * b], [2 * b], d, [True], [False])
 
 
 def _paired_bytes(b, d, k, itemsize):

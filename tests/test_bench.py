@@ -24,9 +24,9 @@ def test_quick_grid_covers_every_loss_on_both_devices():
         assert {case[0] for case in bench._sizes(device, quick=True)} == set(LOSSES)
 
 
-def test_work_model_simclr_pnr_is_28_n2_d():
+def test_work_model_simclr_pnr_is_17_n_n_minus_1_d():
     case = bench.Case("simclr_pnr", "reference", "float32", batch_size=64, dim=32)
-    assert bench.work_model(case) == ("GFLOP/s", 28 * 128 ** 2 * 32)
+    assert bench.work_model(case) == ("GFLOP/s", 17 * 128 * 127 * 32)
 
 
 def test_cli_writes_records(tmp_path):
@@ -39,7 +39,7 @@ def test_cli_writes_records(tmp_path):
     rows = bench_report.read_csv(str(tmp_path / "cpu.csv"))
     assert {(r["loss"], r["metric"]) for r in rows} >= {("nt_xent", "time"), ("nt_xent", "percent_of_peak"),
                                                         ("byol_pnr", "memory")}
-    assert "percent_of_peak against: torch.mm float32" in run.stdout
+    assert "percent_of_peak against: " in run.stdout and "GFLOP/s, the highest of" in run.stdout
     assert {r["loss"] for r in records} == {"nt_xent", "byol_pnr"}
     for r in records:
         for key in ("loss", "backend", "device", "dtype", "batch_size", "dim", "fwd_bwd_ms", "peak_memory_mb",
@@ -77,7 +77,7 @@ def _record(backend="native", batch=256, ms=10.0, memory=4.0, loss="nt_xent", **
                   backward_ms={"p20": 0.5 * ms, "p50": 0.6 * ms, "p80": 0.7 * ms},
                   full_ms={"p20": 0.9 * ms, "p50": ms, "p80": 1.1 * ms}, **extra)
     unit, amount = bench.work_model(case)
-    record.update(throughput_unit=unit, throughput=amount / (ms * 1e-3) / 1e9)
+    record.update(throughput_unit=unit, work=amount, throughput=amount / (ms * 1e-3) / 1e9)
     return record
 
 
@@ -211,17 +211,26 @@ def test_percent_of_peak_divides_by_the_measured_peak():
     bench.add_percent_of_peak(record, peak=peak)
     assert record["percent_of_peak"] == pytest.approx(50.0)
     assert record["peak_throughput"] == 84.0 and record["peak_how"] == "stub"
-    assert asked == [("cpu", "float32", "GFLOP/s", 128)]
+    assert asked == [("cpu", "float32", "GFLOP/s", 0)]
     failed = bench.failed_record(bench.Case("nt_xent", "native", "float32", 256, 128), "cpu", bench.OOM, "out of memory")
     assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak)
 
 
-def test_machine_peak_is_measured_once_per_key(monkeypatch):
+def test_machine_peak_is_measured_once_per_key(monkeypatch, tmp_path):
+    from pnr_kernels.bench import limits
+
+    calls = []
+    monkeypatch.setattr(limits, "measure_fma", lambda threads, steps: calls.append(threads) or {"float32": 10.0 * threads})
+    monkeypatch.setattr(limits, "measure_mm", lambda dtype: 5.0)
+    monkeypatch.setattr(limits, "_cpu_limits", lambda: limits.CpuLimits(tmp_path / "limits.json"))
     bench.machine_peak.cache_clear()
-    first = bench.machine_peak("cpu", "float32", "GFLOP/s", 16)
-    assert first["value"] > 0 and "N=4096, D=16" in first["how"]
-    assert bench.machine_peak("cpu", "float32", "GFLOP/s", 16) is first
-    bench.machine_peak.cache_clear()
+    try:
+        first = bench.machine_peak("cpu", "float32", "GFLOP/s")
+        assert first["value"] == 10.0 * limits.torch.get_num_threads() and "multiply-add loop float32" in first["how"]
+        assert bench.machine_peak("cpu", "float32", "GFLOP/s") is first
+        assert sorted(set(calls)) == sorted({1, limits.torch.get_num_threads()})
+    finally:
+        bench.machine_peak.cache_clear()
 
 
 META = {"torch": "t", "triton": "", "pnr_kernels": "", "commit": "abc", "timestamp": "2026-01-01T00:00:00Z"}
@@ -290,7 +299,7 @@ def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
     assert text.startswith("# Title\n\nprose\n") and text.endswith("\nafter\n") and "\nold\n" not in text
     assert "native vs torch_compile" in text and "](figures/cpu_nt_xent_float32_d128.png)" in text
     assert "| 1024 | 160 ms, 20.5 MB | 80.0 ms, 10.2 MB | - | 40.0 ms, 1.02 MB | 2.00x | 4.00x | 54 % |" in text
-    assert "over memory budget" in text and "machine matmul peak for float32, D=128: 200 GFLOP/s (stub peak)" in text
+    assert "over memory budget" in text and "machine FLOP limit for float32: 200 GFLOP/s (stub peak)" in text
     again = docs.read_text()
     bench.main(["report", "--csv", str(csv_path), "--docs", str(docs)])  # idempotent markers
     assert docs.read_text().count(bench_report.DOCS_BEGIN) == 1 and again.count(bench_report.DOCS_END) == 1

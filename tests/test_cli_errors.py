@@ -2,7 +2,7 @@
 the option and a non-zero exit (2: a usage error), never a traceback; and no work starts first.
 
 The tools (pyproject.toml's [project.scripts]): ``pnr-bench`` (its default mode, ``--world-size
-N`` and ``report``), ``pnr-cssl`` and ``pnr-kernels build``. The bad values are derived from each
+N``, ``report`` and ``limits``), ``pnr-cssl`` and ``pnr-kernels build``. The bad values are derived from each
 option's parser action: an unknown choice, the refused texts of its number type
 (``pnr_kernels._cli.Number.refused``: not a number, NaN, infinities, just outside the range), paths
 that cannot be written or read, a value given to a flag. An option that none of this covers and
@@ -19,6 +19,7 @@ import pytest
 
 from pnr_kernels import _cli, native
 from pnr_kernels.bench import distributed as bench_distributed
+from pnr_kernels.bench import limits as bench_limits
 from pnr_kernels.bench import report as bench_report
 from pnr_kernels.bench import runner as bench
 from pnr_kernels.cssl import cli as cssl_cli
@@ -30,10 +31,12 @@ CLIS = {
     "pnr-bench": (bench.build_parser, [], {}),
     "pnr-bench --world-size": (bench_distributed.build_parser, [], {"--world-size": "2"}),
     "pnr-bench report": (bench_report.build_parser, ["report"], {"--csv": "{CSV}"}),
+    "pnr-bench limits": (bench_limits.build_parser, ["limits"], {}),
     "pnr-cssl": (cssl_cli.build_parser, [], {}),
     "pnr-kernels build": (lambda: native.build_parser()._subparsers._group_actions[0].choices["build"], ["build"], {}),
 }
 MAINS = {"pnr-bench": bench.main, "pnr-bench --world-size": bench.main, "pnr-bench report": bench.main,
+         "pnr-bench limits": bench.main,
          "pnr-cssl": cssl_cli.main, "pnr-kernels build": native.main}
 
 # Bad values for what the action alone does not say (placeholders: see _paths).

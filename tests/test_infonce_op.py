@@ -64,9 +64,12 @@ def test_frozen_inputs_get_no_backward_work():
 
 
 def test_flop_model_matches_simclr_pnr_count():
+    """Every logit once with one product per gradient side (the full blocks: 20 N^2 D); the
+    excluded diagonals and the symmetric z . z block's pairs once: 17 N (N - 1) D."""
     n, d = 64, 16
-    flops = infonce.infonce_flops([n, n], [n, n], d, [True, True], [True, False])
-    assert flops == 28 * n * n * d
+    assert infonce.infonce_flops([n, n], [n, n], d, [True, True], [True, False]) == 20 * n * n * d
+    flops = infonce.infonce_flops([n, n], [n, n], d, [True, True], [True, False], [True, True], symmetric=[(0, 0)])
+    assert flops == 17 * n * (n - 1) * d
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

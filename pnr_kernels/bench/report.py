@@ -470,16 +470,18 @@ def _conditions(rows) -> List[str]:
     if loads and cores and max(loads) > int(cores.group(1)):
         lines.append(f"The load average exceeded the {cores.group(1)} cores: other processes shared the "
                      "machine, so these timings are disturbed (slower and noisier than on a quiet machine).")
+    # the limits (pnr_kernels/bench/limits.py): one FLOP limit per dtype; a bandwidth per
+    # footprint, each its own line (the how names the footprint)
     peaks = defaultdict(dict)
     for r in rows:
         if r["metric"] == "machine_peak" and _value(r) is not None:
-            dim = int(r["dim"]) if r["unit"] == "GFLOP/s" else 0  # a copy's bandwidth has no D
-            peaks[(r["dtype"], dim, r["unit"])][_value(r)] = r["note"]
-    for (dtype, dim, unit), measured in sorted(peaks.items()):
+            kind = "" if r["unit"] == "GFLOP/s" else r["note"]
+            peaks[(r["dtype"], r["unit"], kind)][_value(r)] = r["note"]
+    for (dtype, unit, _), measured in sorted(peaks.items()):
         low, high = min(measured), max(measured)
         value = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f} to {high:.0f}"
-        what = f"matmul peak for {dtype}, D={dim}" if dim else f"copy bandwidth for {dtype}"
-        lines.append(f"- machine {what}: {value} {unit} ({measured[high]})")
+        what = "FLOP limit" if unit == "GFLOP/s" else "bandwidth limit"
+        lines.append(f"- machine {what} for {dtype}: {value} {unit} ({measured[high]})")
     return [line for line in lines if line]
 
 

@@ -21,12 +21,15 @@ the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) ove
 before the step, measured in a fresh subprocess per case (with glibc returning every allocation of
 64 KiB or more to the system when freed) so that no earlier allocation hides it.
 
-Throughput is reported where the loss's registry entry has a work model: GFLOP/s of the fused
-contrastive op's FLOPs, GB/s for BYOL/VICReg-PNR (reading p1, p2, f1, f2 and writing two gradients
-once). ``percent_of_peak`` divides it by the machine's own throughput measured at start-up (see
-:func:`machine_peak`): the matmul throughput for the same dtype and inner dimension D, or the copy
-bandwidth for a byte model. Peers are credited with the same work model (the work the loss needs,
-not what they happen to do).
+Throughput is reported where the loss's registry entry has a work model: GFLOP/s of the products
+no exact kernel of the loss can avoid (``ops.infonce.infonce_flops``: the logits once, a symmetric
+block's triangle, one product per gradient, no recomputation), GB/s for BYOL/VICReg-PNR (reading
+p1, p2, f1, f2 and writing two gradients once). ``percent_of_peak`` divides it by the machine's
+limit (:mod:`pnr_kernels.bench.limits`, ``pnr-bench limits``): on CPU the highest of the
+multiply-add loop's rate on all threads and torch.mm for a FLOP model, the higher of a STREAM copy
+and triad at the record's footprint for a bytes model, measured once per machine and cached. Peers
+are credited with the same work model (the work the loss needs, not what they happen to do), so
+no record exceeds 100 % unless the limit was measured on a busier machine than the record.
 
 ``--sweep`` doubles the batch from 256 (quick: 256, 512, 1024; full: up to 16384 on CPU, 65536
 on CUDA). A backend that runs out of memory or time at one size is stopped for the larger ones,
@@ -42,7 +45,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -56,6 +58,7 @@ import torch
 from .. import _cli, backends
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
 from .dtypes import DTYPES
+from .limits import machine_peak
 
 # Third-party peers measured beside our backends, as extra ``backend`` values: the losses each one
 # computes (None: every registered loss).
@@ -431,6 +434,7 @@ def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
     if model is not None:
         unit, amount = model
         record["throughput_unit"] = unit
+        record["work"] = amount
         record["throughput"] = amount / (record["fwd_bwd_ms"] * 1e-3) / 1e9
     return record
 
@@ -481,65 +485,14 @@ def _measure_in_subprocess(case: Case, repeats: int, warmup: int, timeout_s: Opt
 # The machine's own limit
 
 
-@functools.lru_cache(maxsize=None)
-def machine_peak(device: str, dtype: str, unit: str, dim: int = 0) -> Dict[str, object]:
-    """The machine's throughput that ``percent_of_peak`` divides by, measured once per (device,
-    dtype, unit, D) in this run: ``{"value": ..., "unit": ..., "how": ...}``.
-
-    GFLOP/s: the two matrix products a contrastive loss is made of at a representative N (4096
-    on CPU, 16384 on CUDA) and the case's inner dimension D: (N x D)·(D x N) (the logits) and
-    (N x N)·(N x D) (their gradients), each the best of 5 timed runs after one warm-up, with
-    ``torch.mm`` in the dtype; the peak is their 4 N^2 D FLOPs over the sum of both best times.
-    GB/s: the best of 5 copies of a 256 MiB tensor, bytes read plus written. On CUDA each best
-    time is the minimum of ``triton.testing.do_bench``."""
-    dev = torch.device(device)
-    torch_dtype = DTYPES[dtype]
-
-    def best_ms(fn, runs=5):
-        if device == "cuda":  # microsecond launches: triton's do_bench (many runs, L2 flushed), its minimum
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=25, rep=200, return_mode="min")
-        fn()
-        _sync(device)
-        best = math.inf
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            best = min(best, (time.perf_counter() - start) * 1e3)
-        return best
-
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    if unit == "GB/s":
-        numel = 2 ** 28 // torch.empty((), dtype=torch_dtype).element_size()
-        x = torch.randn(numel, generator=generator).to(dev, torch_dtype)
-        y = torch.empty_like(x)
-        ms = best_ms(lambda: y.copy_(x))
-        return {"value": 2 * x.nbytes / (ms * 1e-3) / 1e9, "unit": unit,
-                "how": f"best of 5 copies of {x.nbytes / 2 ** 20:.0f} MiB {dtype} (read + written)"}
-    n = 4096 if device == "cpu" else 16384
-    a = torch.randn(n, dim, generator=generator).to(dev, torch_dtype)
-    b = torch.randn(dim, n, generator=generator).to(dev, torch_dtype)
-    c = torch.randn(n, n, generator=generator).to(dev, torch_dtype)
-    logits_ms = best_ms(lambda: torch.mm(a, b))
-    grad_ms = best_ms(lambda: torch.mm(c, a))
-    flop = 2 * n * n * dim
-    best = "best of 5 each" if device == "cpu" else "minimum of triton.testing.do_bench each"
-    return {"value": 2 * flop / ((logits_ms + grad_ms) * 1e-3) / 1e9, "unit": unit,
-            "how": (f"torch.mm {dtype}, N={n}, D={dim}: ({n}x{dim})·({dim}x{n}) "
-                    f"{flop / logits_ms / 1e6:.0f} GFLOP/s and ({n}x{n})·({n}x{dim}) "
-                    f"{flop / grad_ms / 1e6:.0f} GFLOP/s ({best}); peak = both products' "
-                    f"FLOPs over both best times")}
-
-
 def add_percent_of_peak(record: dict, peak: Callable[..., Dict[str, object]] = machine_peak) -> dict:
     """Adds ``peak_throughput``, ``peak_how`` and ``percent_of_peak`` to a record that has a
-    throughput."""
+    throughput: its throughput over the machine's limit (``limits.machine_peak``; for a bytes
+    model, at the record's footprint)."""
     if record.get("throughput") is None:
         return record
     ref = peak(record["device"], record["dtype"], record["throughput_unit"],
-               record["dim"] if record["throughput_unit"] == "GFLOP/s" else 0)
+               record.get("work", 0) if record["throughput_unit"] == "GB/s" else 0)
     record["peak_throughput"] = ref["value"]
     record["peak_how"] = ref["how"]
     record["percent_of_peak"] = 100 * record["throughput"] / ref["value"]
@@ -652,7 +605,12 @@ def format_table(records: List[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _cli.ArgumentParser(
         prog="pnr-bench", description=__doc__.split("\n\n")[0],
-        epilog="pnr-bench report --help: regenerate the docs tables and figures from a CSV")
+        epilog="percent_of_peak divides each record's throughput by the machine's limit, measured by the "
+               "bench (CPU: cached per machine): the vector multiply-add rate per core and on all threads "
+               "(fma_peak.c, built with $CC or cc) or torch.mm, whichever is higher, for FLOP models; "
+               "STREAM-style copy/triad bandwidth at the record's footprint for byte models. "
+               "pnr-bench limits --help: measure or remeasure them; "
+               "pnr-bench report --help: regenerate the docs tables and figures from a CSV")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true",
                         help="one small size per loss (a few minutes on 2 CPU cores, peers' compilation included); "
@@ -710,6 +668,10 @@ def main(argv=None) -> int:
         from . import report
 
         return report.main(argv[1:])
+    if argv[:1] == ["limits"]:
+        from . import limits
+
+        return limits.main(argv[1:])
     if any(a.split("=")[0] == "--world-size" for a in argv):
         from . import distributed  # the data-parallel gather's cost (pnr_kernels/bench/distributed.py)
 

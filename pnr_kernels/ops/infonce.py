@@ -23,7 +23,7 @@ previous-model blocks) get no gradient work at all: the backward kernel is told 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -47,14 +47,36 @@ class InfoNCEKernels:
 
 
 def infonce_flops(row_sizes: Sequence[int], key_sizes: Sequence[int], dim: int,
-                  rows_need_grad: Sequence[bool], keys_need_grad: Sequence[bool]) -> int:
-    """FLOPs of one forward + backward of the op, counting 2 per multiply-add of the products:
-    the forward logits, their recomputation in backward, the row gradients and key gradients
-    that are needed. (SimCLR-PNR at N rows: 28 N^2 D.)"""
+                  rows_need_grad: Sequence[bool], keys_need_grad: Sequence[bool],
+                  exclude_diagonal: Sequence[bool] = (), symmetric: Sequence[Tuple[int, int]] = ()) -> int:
+    """The products one forward + backward of the op cannot avoid, in FLOPs (2 per multiply-add;
+    the bench's work model, docs/benchmarks.md): per (row set r of M rows, key block k of M_k
+    keys), each logit the op uses once (2 D) and one multiply-add row of D per gradient side that
+    needs one, 2 D L (1 + [rows r need it] + [keys k need it]) with L = M M_k logits, less the
+    min(M, M_k) diagonal ones where ``exclude_diagonal[k]`` (default: none excluded). A block in
+    ``symmetric`` (r, k) is the row set itself (z against z: M = M_k, gradients on both sides, its
+    diagonal excluded): each of its M (M - 1) / 2 pairs once, 6 D (the logit, and its gradient to
+    both rows). Recomputing the logits in backward (a memory-lean kernel) is extra work this model
+    does not credit: such a kernel shows a lower fraction of the machine's limit, never one above
+    100 %. The positives and the normalisation, O(M D), are not counted. (SimCLR-PNR at N = 2B rows:
+    17 N (N - 1) D; NT-Xent: 3 N (N - 1) D; the reference, computing every block in full, does 20 and
+    6 N^2 D.)"""
+    exclude = list(exclude_diagonal) or [False] * len(key_sizes)
+    if len(exclude) != len(key_sizes):
+        raise ValueError(f"exclude_diagonal has {len(exclude)} flags for {len(key_sizes)} key blocks")
     total = 0
-    for m, row_grad in zip(row_sizes, rows_need_grad):
-        for mk, key_grad in zip(key_sizes, keys_need_grad):
-            total += 2 * m * mk * dim * (2 + int(row_grad) + int(key_grad))
+    for r, (m, row_grad) in enumerate(zip(row_sizes, rows_need_grad)):
+        for k, (mk, key_grad, excluded) in enumerate(zip(key_sizes, keys_need_grad, exclude)):
+            if (r, k) in symmetric:
+                if not (m == mk and row_grad and key_grad and excluded):
+                    raise ValueError(f"block ({r}, {k}) is symmetric only for a row set that is its key block "
+                                     f"with gradients on both sides and its diagonal excluded, got M={m}, "
+                                     f"M_k={mk}, rows_need_grad={row_grad}, keys_need_grad={key_grad}, "
+                                     f"exclude_diagonal={excluded}")
+                total += 3 * m * (m - 1) * dim
+            else:
+                logits = m * mk - (min(m, mk) if excluded else 0)
+                total += 2 * logits * dim * (1 + int(row_grad) + int(key_grad))
     return total
 
 

@@ -1,0 +1,340 @@
+"""The machine's limits that ``percent_of_peak`` divides by: measured on the machine, not assumed.
+
+    pnr-bench limits [--remeasure] [--cache PATH]
+
+CPU, FLOP/s: the vector multiply-add throughput of the cores (``fma_peak.c`` beside this file,
+compiled with the system C compiler, ``$CC`` or ``cc``, on first use): float32 and float64
+``vfmadd231ps/pd`` and, with AVX512-BF16, ``vdpbf16ps``, on 1 thread (per core) and on
+``torch.get_num_threads()`` threads (all cores the bench uses), each the best of 3 rounds; and
+``torch.mm`` of (4096 x 512)·(512 x 4096) in the dtype, the best of 5 (the BLAS may use units the
+loop does not, such as AMX tiles). The FLOP limit of a dtype is the highest of: the all-threads
+rate of its instruction (bfloat16 and float16 also float32's, since their products may be
+computed in float32) and its torch.mm rate; without a C compiler (or on a CPU with neither
+AVX2+FMA nor AVX-512) it is torch.mm's alone, and the limit's ``how`` says why. CPU, GB/s: STREAM-style copy (y = x) and triad
+(a = b + s c, float32) with torch's threads over arrays holding together the record's bytes
+(rounded down to a power of two, at least 1 MiB, so that a case whose data stay in cache is held
+to the cache's bandwidth), bytes read plus written, the best of 5 (20 below 64 MiB); the limit is
+the higher of the two.
+
+The CPU measurements are cached in ``<cache>/bench/limits-<machine>.json`` (``<cache>`` is the
+native extension's cache, ``$PNR_KERNELS_CACHE`` or ``~/.cache/pnr_kernels``; ``<machine>`` a hash
+of the host name, CPU model, core count, instruction sets, torch's threads and torch's version),
+each entry with the load average when it was measured: a measurement taken on a busy machine is
+too low, so an entry measured at a 1-minute load more than 0.5 above the current one is measured
+again (the higher of the two kept), and ``--remeasure`` replaces them all. A cache file that cannot be read is measured again and
+replaced (with a warning); a loop that could not be built is not cached. CUDA (not cached): ``torch.mm`` at N = 16384 and a copy of
+256 MiB, as ``triton.testing.do_bench``'s minimum (the GPU's FMA rate is not measured separately).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .. import _cli
+from ..native import cache_root
+from .dtypes import DTYPES
+
+SOURCE = Path(__file__).with_name("fma_peak.c")
+FMA_STEPS = 10_000_000  # iterations of the multiply-add loop per thread and round (about 40 ms of a core)
+MM_N, MM_D = 4096, 512
+MIN_STREAM_BYTES = 2 ** 20
+BUSIER = 0.5  # a cached limit measured at a load average this much above the current one is remeasured
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
+
+
+def _cpu_info() -> Dict[str, object]:
+    name, flags = platform.processor() or "cpu", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "isa": sorted(f for f in _FLAGS if f in flags), "torch": torch.__version__}
+
+
+def machine_key(info: Optional[Dict[str, object]] = None) -> str:
+    """A hash of what the limits depend on (see :func:`_cpu_info`)."""
+    text = json.dumps(info or _cpu_info(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_cache_path() -> Path:
+    return cache_root() / "bench" / f"limits-{machine_key()}.json"
+
+
+def _stamp() -> Dict[str, object]:
+    return {"measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def fma_binary() -> Path:
+    """fma_peak.c compiled into the cache (keyed by the source's hash); RuntimeError naming the
+    compiler's message when it cannot be built."""
+    source = SOURCE.read_bytes()
+    target = cache_root() / "bench" / f"fma_peak-{hashlib.sha256(source).hexdigest()[:16]}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / "fma_peak"
+        try:
+            run = subprocess.run([compiler, "-O2", "-pthread", "-Wno-psabi", "-o", str(out), str(SOURCE)],
+                                 capture_output=True, text=True)
+        except OSError as error:
+            raise RuntimeError(f"cannot run the C compiler {compiler!r} (set CC): {error}") from None
+        if run.returncode != 0:
+            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {run.stderr.strip()[-400:]}")
+        os.replace(out, target)
+    return target
+
+
+def measure_fma(threads: int, steps: int = FMA_STEPS) -> Dict[str, float]:
+    """GFLOP/s per dtype of the multiply-add loop on ``threads`` threads ({} on a CPU without
+    AVX2+FMA or AVX-512)."""
+    run = subprocess.run([str(fma_binary()), str(threads), str(steps)], capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
+def _best_s(fn: Callable[[], object], runs: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_mm(dtype: str, runs: int = 5) -> float:
+    """GFLOP/s of torch.mm (MM_N x MM_D)·(MM_D x MM_N) in ``dtype`` on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(MM_N, MM_D, generator=g).to(DTYPES[dtype])
+    b = torch.randn(MM_D, MM_N, generator=g).to(DTYPES[dtype])
+    return 2 * MM_N * MM_N * MM_D / _best_s(lambda: torch.mm(a, b), runs) / 1e9
+
+
+def stream_bytes(nbytes: float) -> int:
+    """The STREAM footprint for a record moving ``nbytes``: rounded down to a power of two, at
+    least MIN_STREAM_BYTES."""
+    return max(MIN_STREAM_BYTES, 2 ** int(math.floor(math.log2(max(nbytes, 1)))))
+
+
+def measure_stream(total_bytes: int) -> Dict[str, float]:
+    """GB/s (bytes read plus written) of a copy and a triad whose arrays hold ``total_bytes``
+    together, float32, torch's threads."""
+    runs = 20 if total_bytes < 64 * 2 ** 20 else 5
+    n2, n3 = total_bytes // 8, total_bytes // 12  # float32 elements per array: copy 2 arrays, triad 3
+    x, y = torch.ones(n2), torch.empty(n2)
+    copy = 2 * x.nbytes / _best_s(lambda: y.copy_(x), runs) / 1e9
+    a, b, c = torch.empty(n3), torch.ones(n3), torch.ones(n3)
+    triad = 3 * a.nbytes / _best_s(lambda: torch.add(b, c, alpha=3.0, out=a), runs) / 1e9
+    return {"copy": copy, "triad": triad}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def _best(value) -> float:
+    """The highest rate of a measurement (a number, or a dict of rates by kind)."""
+    if isinstance(value, dict):
+        return max((v for k, v in value.items() if k != "threads" and isinstance(v, (int, float))), default=0.0)
+    return float(value)
+
+
+class CpuLimits:
+    """The CPU limits of this machine, measured on first use and kept in a JSON file."""
+
+    def __init__(self, path: Optional[Path] = None, remeasure: bool = False, fma_steps: int = FMA_STEPS):
+        self.path = Path(path) if path else default_cache_path()
+        self.fma_steps = fma_steps
+        self.failed: Dict[str, dict] = {}  # multiply-add loops that could not run, kept out of the file
+        self.data = {"machine": _cpu_info(), "fma": {}, "mm": {}, "stream": {}}
+        if not remeasure and self.path.exists():
+            stored = self._load()
+            if stored is not None and stored.get("machine") == self.data["machine"]:
+                self.data = stored
+
+    def _load(self) -> Optional[dict]:
+        """The cache file's contents, or None (after a warning: its limits are measured again and
+        the file replaced) when it cannot be read or is not a cache of limits."""
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            problem = f"cannot be read ({type(error).__name__}: {error})"
+        else:
+            if isinstance(stored, dict) and all(isinstance(stored.get(k), dict) for k in self.data):
+                return stored
+            problem = "is not a cache of limits (a JSON object with machine, fma, mm and stream)"
+        print(f"pnr-bench: warning: the limits cache {self.path} {problem}; measuring the limits again",
+              file=sys.stderr)
+        return None
+
+    def _save(self):
+        """Writes the cache; when its folder cannot be written, a warning, and the limits stay in
+        memory for this run."""
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as error:
+            print(f"pnr-bench: warning: cannot write the limits cache {self.path} ({error}); "
+                  f"they will be measured again next run", file=sys.stderr)
+
+    def _cached(self, section: str, key: str, field: str, measure: Callable[[], object]) -> Dict[str, object]:
+        """The cached entry, measured when missing or when it was measured on a busier machine
+        than now (a 1-minute load average more than BUSIER above the current one); a measurement
+        on a busy machine can only be too low, so of two the higher is kept."""
+        entry = self.data[section].get(key)
+        try:
+            if entry["loadavg"][0] <= os.getloadavg()[0] + BUSIER and _best(entry[field]) >= 0:
+                return entry
+        except (TypeError, KeyError, IndexError, ValueError):  # missing, or not an entry of this file
+            entry = None
+        fresh = {field: measure(), **_stamp()}
+        if entry is None or _best(fresh[field]) >= _best(entry[field]):
+            entry = fresh
+        else:  # keep the higher value, stamped now so that it is not measured again at this load
+            entry = {**entry, "loadavg": fresh["loadavg"]}
+        self.data[section][key] = entry
+        self._save()
+        return entry
+
+    def fma(self, threads: int) -> Dict[str, object]:
+        key = str(threads)
+        if key in self.failed:
+            return self.failed[key]
+        try:
+            return self._cached("fma", key, "gflops", lambda: measure_fma(threads, self.fma_steps))
+        except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as error:
+            # not cached: with a compiler installed later, the next run measures the loop
+            text = getattr(error, "stderr", None) or str(error)
+            self.failed[key] = {"gflops": {}, "error": " ".join(str(text).split())[:400], **_stamp()}
+            return self.failed[key]
+
+    def mm(self, dtype: str) -> Dict[str, object]:
+        return self._cached("mm", dtype, "gflops", lambda: measure_mm(dtype))
+
+    def stream(self, total_bytes: int) -> Dict[str, object]:
+        return self._cached("stream", str(total_bytes), "gbs", lambda: measure_stream(total_bytes))
+
+    def flop_limit(self, dtype: str) -> Dict[str, object]:
+        """{"value", "unit", "how"}: the highest of the all-threads multiply-add rate (of the
+        dtype's instruction; bfloat16/float16 also float32's) and torch.mm in the dtype."""
+        threads = torch.get_num_threads()
+        fma, single, mm = self.fma(threads), self.fma(1), self.mm(dtype)
+        own = {"float32": ("float32",), "float64": ("float64",), "bfloat16": ("bfloat16", "float32"),
+               "float16": ("float32",)}[dtype]
+        candidates = {f"multiply-add loop {d}, {threads} threads": fma["gflops"][d] for d in own if d in fma["gflops"]}
+        candidates[f"torch.mm {dtype} ({MM_N}x{MM_D})·({MM_D}x{MM_N})"] = mm["gflops"]
+        best = max(candidates, key=candidates.get)
+        per_core = ", ".join(f"{d} {v:.0f}" for d, v in single["gflops"].items() if d != "isa" and d != "threads")
+        all_cores = ", ".join(f"{d} {v:.0f}" for d, v in fma["gflops"].items() if d != "isa" and d != "threads")
+        if fma.get("error"):  # no C compiler, or the loop could not run: torch.mm alone, saying why
+            loop = f"multiply-add loop not measured ({fma['error']})"
+        else:
+            loop = (f"multiply-add loop GFLOP/s per core [{per_core or 'none: neither AVX2+FMA nor AVX-512'}], "
+                    f"on {threads} threads [{all_cores or 'none'}]")
+        how = (f"{best}: {candidates[best]:.0f} GFLOP/s, the highest of: {loop}; "
+               f"torch.mm {mm['gflops']:.0f} (measured {mm['measured_at']}, load {mm['loadavg'][0]:.2f})")
+        return {"value": candidates[best], "unit": "GFLOP/s", "how": how}
+
+    def byte_limit(self, nbytes: float) -> Dict[str, object]:
+        """{"value", "unit", "how"}: the higher of copy and triad over arrays of the record's
+        footprint (see :func:`stream_bytes`)."""
+        total = stream_bytes(nbytes)
+        entry = self.stream(total)
+        gbs = entry["gbs"]
+        kind = max(gbs, key=gbs.get)
+        how = (f"STREAM {kind} over {total / 2 ** 20:g} MiB float32 (copy {gbs['copy']:.1f}, triad "
+               f"{gbs['triad']:.1f} GB/s, {torch.get_num_threads()} threads; measured {entry['measured_at']}, "
+               f"load {entry['loadavg'][0]:.2f})")
+        return {"value": gbs[kind], "unit": "GB/s", "how": how}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_limits() -> CpuLimits:
+    return CpuLimits()
+
+
+@functools.lru_cache(maxsize=None)
+def machine_peak(device: str, dtype: str, unit: str, nbytes: float = 0) -> Dict[str, object]:
+    """The limit a record's throughput is divided by: ``{"value", "unit", "how"}``, per (device,
+    dtype, unit, and for GB/s the record's bytes). CPU: :class:`CpuLimits` (cached per machine);
+    CUDA: measured in this run (see the module's docstring)."""
+    if device == "cpu":
+        limits = _cpu_limits()
+        return limits.flop_limit(dtype) if unit == "GFLOP/s" else limits.byte_limit(nbytes)
+    from triton.testing import do_bench
+
+    torch_dtype = DTYPES[dtype]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    if unit == "GB/s":
+        x = torch.randn(2 ** 28 // torch.empty((), dtype=torch_dtype).element_size(), generator=generator)
+        x = x.to(device, torch_dtype)
+        y = torch.empty_like(x)
+        ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="min")
+        return {"value": 2 * x.nbytes / (ms * 1e-3) / 1e9, "unit": unit,
+                "how": f"minimum of triton.testing.do_bench, copy of {x.nbytes / 2 ** 20:.0f} MiB {dtype} (read + written)"}
+    n, d = 16384, 256
+    a = torch.randn(n, d, generator=generator).to(device, torch_dtype)
+    b = torch.randn(d, n, generator=generator).to(device, torch_dtype)
+    ms = do_bench(lambda: torch.mm(a, b), warmup=25, rep=200, return_mode="min")
+    return {"value": 2 * n * n * d / (ms * 1e-3) / 1e9, "unit": unit,
+            "how": f"minimum of triton.testing.do_bench, torch.mm {dtype} ({n}x{d})·({d}x{n})"}
+
+
+# ---------------------------------------------------------------------------------------------
+# pnr-bench limits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _cli.ArgumentParser(prog="pnr-bench limits", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure again and replace the cached limits (after a run on a busy machine)")
+    parser.add_argument("--cache", metavar="PATH", type=_cli.output_file,
+                        help="the cache file (default: <cache>/bench/limits-<machine>.json, see below)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32"],
+                        help="dtypes whose FLOP limit to measure (default float32)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    limits = CpuLimits(args.cache, remeasure=args.remeasure)
+    for dtype in args.dtypes:
+        print(f"FLOP limit {dtype}: {limits.flop_limit(dtype)['how']}")
+    for nbytes in (2 ** 24, 2 ** 28):
+        print(f"byte limit at {nbytes / 2 ** 20:g} MiB: {limits.byte_limit(nbytes)['how']}")
+    print(f"cached in {limits.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The bench's work model against counted operations, and its measured machine limits
+(pnr_kernels/bench/limits.py): built, cached per machine, and above what a kernel reaches."""
+import shutil
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pnr_kernels.bench import limits
+from pnr_kernels.bench import runner as bench
+from pnr_kernels.registry import LOSSES, make_inputs
+
+FLOP_LOSSES = sorted(name for name, spec in LOSSES.items() if spec.work_unit == "FLOP" and spec.work)
+BYTE_LOSSES = sorted(name for name, spec in LOSSES.items() if spec.work_unit == "byte" and spec.work)
+NEG_INF = float("-inf")
+
+# ---------------------------------------------------------------------------------------------
+# The FLOP model against an independent minimal formulation of each loss: explicit matrix
+# products of exactly the logits the loss uses (a row's own key left out where the loss masks it,
+# a symmetric block's pairs once, a logit two terms share once), the rest elementwise. The
+# formulation must give the reference's loss and gradients, and FlopCounterMode's count of its
+# forward + backward must be the model's number.
+
+
+def _all(rows, keys):
+    """Every logit rows . keys (one product)."""
+    return rows @ keys.T
+
+
+def _off_diagonal(rows, keys):
+    """rows[i] . keys[j] for j != i, -inf at (i, i): each row against the other keys only."""
+    m, mk = rows.shape[0], keys.shape[0]
+    vals, where = [], []
+    for i in range(m):
+        others = [j for j in range(mk) if j != i]
+        vals.append((rows[i:i + 1] @ keys[others].T)[0])
+        where += [(i, j) for j in others]
+    index = torch.tensor(where).T
+    return torch.full((m, mk), NEG_INF, dtype=rows.dtype).index_put((index[0], index[1]), torch.cat(vals))
+
+
+def _symmetric(z):
+    """z[i] . z[j] for i != j, each pair computed once (z[i] against z[i+1:]), -inf on the diagonal."""
+    m = z.shape[0]
+    vals = torch.cat([(z[i:i + 1] @ z[i + 1:].T)[0] for i in range(m - 1)])
+    i, j = torch.triu_indices(m, m, 1)
+    full = torch.full((m, m), NEG_INF, dtype=z.dtype)
+    return full.index_put((i, j), vals).index_put((j, i), vals)
+
+
+def _unit(*xs):
+    return torch.nn.functional.normalize(torch.cat(xs) if len(xs) > 1 else xs[0], dim=1)
+
+
+def _dot(a, b):
+    return (a * b).sum(1)
+
+
+def _simclr_pnr(z1, z2, p1, p2, f1, f2, *, temperature):
+    b, t = z1.shape[0], temperature
+    z, p, f = _unit(z1, z2), _unit(p1, p2), _unit(f1, f2)
+    zz, pz = _symmetric(z), _off_diagonal(p, z)
+    zf, pf = _off_diagonal(z, f), _off_diagonal(p, f)
+    main = torch.logsumexp(torch.cat([zz, zf], 1) / t, 1) - _dot(z, z.roll(b, 0)) / t
+    reg = torch.logsumexp(torch.cat([pf, pz], 1) / t, 1) - _dot(p, f) / t
+    return main.mean() + reg.mean()
+
+
+def _nt_xent(z1, z2, *, temperature):
+    b, t = z1.shape[0], temperature
+    z = _unit(z1, z2)
+    return (torch.logsumexp(_symmetric(z) / t, 1) - _dot(z, z.roll(b, 0)) / t).mean()
+
+
+def _queue_ce(anchor, positive, queues, t):
+    pos = _dot(anchor, positive) / t
+    return (torch.logsumexp(torch.cat([pos[:, None]] + [_all(anchor, q) / t for q in queues], 1), 1) - pos).mean()
+
+
+def _moco(q1, q2, k1, k2, key_queue, *, temperature):
+    q1, q2, k1, k2 = (_unit(x) for x in (q1, q2, k1, k2))
+    t = temperature
+    return (_queue_ce(q1, k2, [key_queue[1]], t) + _queue_ce(q2, k1, [key_queue[0]], t)) / 2
+
+
+def _moco_pnr(q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *, temperature, distill_temperature):
+    q1, q2, k1, k2, p1, p2, f1, f2 = (_unit(x) for x in (q1, q2, k1, k2, p1, p2, f1, f2))
+    t, td = temperature, distill_temperature
+    view1, view0 = [key_queue[1], prev_queue[1]], [key_queue[0], prev_queue[0]]
+    return (_queue_ce(q1, k2, view1, t) + _queue_ce(p1, f1, view1, td)
+            + _queue_ce(q2, k1, view0, t) + _queue_ce(p2, f2, view0, td)) / 2
+
+
+def _cassle_simclr(p1, p2, f1, f2, *, temperature):
+    p, f, t = _unit(p1, p2), _unit(f1, f2), temperature
+    logits = _all(p, f) / t  # d(F, P)'s logits are these, transposed
+    pos = _dot(p, f) / t
+    return ((torch.logsumexp(logits, 1) - pos).mean() + (torch.logsumexp(logits.T, 1) - pos).mean()) / 2
+
+
+MINIMAL = {"simclr_pnr": _simclr_pnr, "nt_xent": _nt_xent, "moco": _moco, "moco_pnr": _moco_pnr,
+           "cassle_simclr": _cassle_simclr}
+
+
+@pytest.mark.parametrize("b, d, k", [(3, 4, 5), (4, 3, 7)])
+@pytest.mark.parametrize("loss", FLOP_LOSSES)
+def test_flop_model_is_the_counted_products_of_a_minimal_formulation(loss, b, d, k):
+    args, kwargs = make_inputs(loss, b, d, torch.float64, requires_grad=True, queue_size=k)
+    trainable = [a for a in args if a.requires_grad]
+    want = LOSSES[loss].reference(*args, **kwargs)
+    want_grads = torch.autograd.grad(want, trainable)
+    with FlopCounterMode(display=False) as counter:
+        got = MINIMAL[loss](*args, **kwargs)  # KeyError: a new FLOP-model loss needs its formulation here
+        got.backward()
+    # the formulation is the loss: same value and gradients as the fp64 reference
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, g in zip(trainable, want_grads):
+        torch.testing.assert_close(a.grad, g, rtol=1e-10, atol=1e-12)
+    assert counter.get_total_flops() > 0
+    assert LOSSES[loss].work(b, d, k, 8) == counter.get_total_flops()
+
+
+def test_the_reference_counts_more_than_the_model():
+    """The reference computes every block in full (both sides of z . z, the masked diagonals, CaSSLe's
+    logits twice): 20 N^2 D for SimCLR-PNR against the model's 17 N (N - 1) D."""
+    b, d = 3, 4
+    n = 2 * b
+    args, kwargs = make_inputs("simclr_pnr", b, d, torch.float64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        LOSSES["simclr_pnr"].reference(*args, **kwargs).backward()
+    assert counter.get_total_flops() == 20 * n * n * d
+    assert LOSSES["simclr_pnr"].work(b, d, None, 8) == 17 * n * (n - 1) * d
+
+
+@pytest.mark.parametrize("loss", BYTE_LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_model_is_one_read_of_each_input_and_one_write_of_each_gradient(loss, dtype):
+    b, d = 6, 10
+    args, _ = make_inputs(loss, b, d, dtype, requires_grad=True)
+    moved = sum(a.nbytes for a in args) + sum(a.nbytes for a in args if a.requires_grad)
+    assert LOSSES[loss].work(b, d, None, dtype.itemsize) == moved
+
+
+def test_a_symmetric_block_is_its_own_key_block_with_both_gradients_and_no_diagonal():
+    from pnr_kernels.ops.infonce import infonce_flops
+
+    with pytest.raises(ValueError, match="block \\(0, 0\\) is symmetric only"):
+        infonce_flops([4], [4], 2, [True], [False], [True], symmetric=[(0, 0)])
+    with pytest.raises(ValueError, match="block \\(0, 0\\) is symmetric only"):
+        infonce_flops([4], [4], 2, [True], [True], symmetric=[(0, 0)])
+    with pytest.raises(ValueError, match="exclude_diagonal has 2 flags for 1 key blocks"):
+        infonce_flops([4], [4], 2, [True], [True], [True, False])
+
+
+def test_stream_footprint_rounds_down_to_a_power_of_two():
+    assert limits.stream_bytes(3 * 2 ** 20) == 2 ** 21
+    assert limits.stream_bytes(10) == limits.MIN_STREAM_BYTES
+
+
+def test_the_multiply_add_loop_builds_and_measures(monkeypatch, tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("PNR_KERNELS_CACHE", str(tmp_path))
+    rates = limits.measure_fma(2, steps=20000)
+    if not rates:
+        pytest.skip("neither AVX2+FMA nor AVX-512 on this CPU")
+    assert rates["threads"] == 2 and rates["float32"] > 0 and rates["float64"] > 0
+    assert limits.fma_binary().parent == tmp_path / "bench"
+
+
+def _stub_measurements(monkeypatch, calls):
+    monkeypatch.setattr(limits, "measure_fma", lambda threads, steps: calls.append(("fma", threads)) or
+                        {"float32": 100.0 * threads, "bfloat16": 20.0 * threads})
+    monkeypatch.setattr(limits, "measure_mm", lambda dtype: calls.append(("mm", dtype)) or 150.0)
+    monkeypatch.setattr(limits, "measure_stream", lambda total: calls.append(("stream", total)) or
+                        {"copy": 8.0, "triad": 9.0})
+
+
+def test_limits_are_measured_once_and_cached_per_machine(monkeypatch, tmp_path):
+    calls = []
+    _stub_measurements(monkeypatch, calls)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    path = tmp_path / "limits.json"
+    first = limits.CpuLimits(path)
+    flop = first.flop_limit("float32")
+    assert flop["value"] == 200.0 and flop["how"].startswith("multiply-add loop float32, 2 threads")
+    # bfloat16: float32's multiply-adds count too (its products may run in float32); torch.mm wins here
+    assert first.flop_limit("bfloat16")["value"] == 200.0
+    byte = first.byte_limit(3 * 2 ** 20)
+    assert byte["value"] == 9.0 and "triad over 2 MiB" in byte["how"]
+    measured = list(calls)
+    assert ("fma", 1) in measured and ("fma", 2) in measured and ("stream", 2 ** 21) in measured
+    again = limits.CpuLimits(path)
+    assert again.flop_limit("float32") == flop and again.byte_limit(3 * 2 ** 20) == byte
+    assert calls == measured  # read back from the file, nothing measured again
+    limits.CpuLimits(path, remeasure=True).flop_limit("float32")
+    assert len(calls) > len(measured)
+    # another machine (here: another CPU model) does not reuse them
+    real_info = limits._cpu_info
+    monkeypatch.setattr(limits, "_cpu_info", lambda: {**real_info(), "cpu": "another CPU"})
+    count = len(calls)
+    limits.CpuLimits(path).flop_limit("float32")
+    assert len(calls) > count
+    assert limits.machine_key() != limits.machine_key(real_info())
+
+
+def test_torch_mm_is_the_limit_where_it_beats_the_loop(monkeypatch, tmp_path):
+    calls = []
+    _stub_measurements(monkeypatch, calls)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    got = limits.CpuLimits(tmp_path / "limits.json").flop_limit("float32")
+    assert got["value"] == 150.0 and got["how"].startswith("torch.mm float32")
+
+
+def test_a_measured_record_is_within_the_machines_limit(monkeypatch, tmp_path):
+    """A native contrastive step, credited with the model, does not exceed the measured limit."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("PNR_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(limits, "_cpu_limits", lambda: limits.CpuLimits(tmp_path / "limits.json"))
+    limits.machine_peak.cache_clear()
+    try:
+        record = bench.measure(bench.Case("nt_xent", "native", "float32", 512, 128), "cpu", repeats=5, warmup=2)
+        assert record["status"] == bench.OK, record.get("error")
+        bench.add_percent_of_peak(record)
+        assert 0 < record["percent_of_peak"] <= 100, record["peak_how"]
+    finally:
+        limits.machine_peak.cache_clear()
+
+
+def test_without_a_c_compiler_the_limit_is_torch_mm_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("PNR_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(limits, "measure_mm", lambda dtype: 150.0)
+    path = tmp_path / "limits.json"
+    got = limits.CpuLimits(path, fma_steps=1000).flop_limit("float32")
+    assert got["value"] == 150.0 and got["how"].startswith("torch.mm float32")
+    assert "multiply-add loop not measured (cannot run the C compiler" in got["how"]
+    # the failure is not cached: with a compiler, the next run measures the loop
+    monkeypatch.setattr(limits, "measure_fma", lambda threads, steps: {"float32": 400.0})
+    assert limits.CpuLimits(path).flop_limit("float32")["value"] == 400.0
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"machine": 3}', "\udcff"])
+def test_an_unusable_cache_file_is_measured_again(monkeypatch, tmp_path, capsys, text):
+    calls = []
+    _stub_measurements(monkeypatch, calls)
+    path = tmp_path / "limits.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert limits.CpuLimits(path).byte_limit(2 ** 20)["value"] == 9.0
+    assert f"the limits cache {path}" in capsys.readouterr().err and calls == [("stream", 2 ** 20)]
+    assert limits.CpuLimits(path).byte_limit(2 ** 20)["value"] == 9.0 and len(calls) == 1  # replaced
+
+
+def test_pnr_bench_limits_prints_and_caches(monkeypatch, tmp_path, capsys):
+    calls = []
+    _stub_measurements(monkeypatch, calls)
+    path = tmp_path / "sub" / "limits.json"
+    assert bench.main(["limits", "--cache", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "FLOP limit float32:" in out and "byte limit at 256 MiB: STREAM triad" in out and str(path) in out
+    assert path.exists()
+
+
+def test_every_contrastive_loss_has_a_flop_model():
+    from pnr_kernels.registry import CONTRASTIVE, QUEUE
+
+    assert set(FLOP_LOSSES) == {name for name, spec in LOSSES.items() if spec.kind in (CONTRASTIVE, QUEUE)}
+
+
+def test_a_limit_measured_on_a_busier_machine_is_measured_again_and_the_higher_kept(monkeypatch, tmp_path):
+    rates = iter([5.0, 9.0, 7.0])
+    monkeypatch.setattr(limits, "measure_mm", lambda dtype: next(rates))
+    load = [3.0]
+    monkeypatch.setattr(limits.os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    path = tmp_path / "limits.json"
+    assert limits.CpuLimits(path).mm("float32")["gflops"] == 5.0  # measured at load 3
+    assert limits.CpuLimits(path).mm("float32")["gflops"] == 5.0  # same load: cached
+    load[0] = 1.0
+    assert limits.CpuLimits(path).mm("float32")["gflops"] == 9.0  # quieter: measured again, higher
+    load[0] = 0.0
+    entry = limits.CpuLimits(path).mm("float32")  # quieter still, measured lower: the higher stays
+    assert entry["gflops"] == 9.0 and entry["loadavg"][0] == 0.0
+    assert limits.CpuLimits(path).mm("float32")["gflops"] == 9.0  # and is not measured a fourth time
