@@ -123,7 +123,7 @@ flops = infonce.infonce_flops
 def _simclr_pnr_work(b, d, k, itemsize):
     """Rows Z, P against keys Z, F (N = 2B each, a row's own index excluded from every block); Z
     gets row and key gradients, P row gradients; Z against Z is symmetric."""
-    return flops([2 * b] * 2, [2 * b] * 2, d, [True, True], [True, False], [False, False], symmetric=[(0, 0)])
+    return flops([2 * b] * 2, [2 * b] * 2, d, [True, True], [True, False], [True, True], symmetric=[(0, 0)])
 
 
 def _nt_xent_work(b, d, k, itemsize):
@@ -142,7 +142,7 @@ def _moco_work(b, d, k, itemsize):
 def _cassle_simclr_work(b, d, k, itemsize):
     """d(P, F) and d(F, P) share their logits (F P^T is P F^T transposed), and P's gradient from
     both is one product, d P = (G_PF + G_FP^T) F: P rows against F keys, row gradients only."""
-    return flops([2 * b], [2 * b], d, [True], [False]) + flops([2 * b], [2 * b], d, [False], [True])
+    return flops([2 * b], [2 * b], d, [True], [False])
 
 
 def _paired_bytes(b, d, k, itemsize):
