@@ -10,20 +10,22 @@ compiled with the system C compiler, ``$CC`` or ``cc``, on first use): float32 a
 loop does not, such as AMX tiles). The FLOP limit of a dtype is the highest of: the all-threads
 rate of its instruction (bfloat16 and float16 also float32's, since their products may be
 computed in float32) and its torch.mm rate; without a C compiler (or on a CPU with neither
-AVX2+FMA nor AVX-512) it is torch.mm's alone, and the limit's ``how`` says why. CPU, GB/s: STREAM-style copy (y = x) and triad
-(a = b + s c, float32) with torch's threads over arrays holding together the record's bytes
-(rounded down to a power of two, at least 1 MiB, so that a case whose data stay in cache is held
-to the cache's bandwidth), bytes read plus written, the best of 5 (20 below 64 MiB); the limit is
-the higher of the two.
+AVX2+FMA nor AVX-512) it is torch.mm's alone, and the limit's ``how`` says why. CPU, GB/s:
+STREAM-style copy (y = x), triad (a = b + s c) and read (a sum of x), float32, with torch's
+threads over arrays holding together the record's bytes (rounded down to a power of two, at
+least 1 MiB, so that a case whose data stay in cache is held to the cache's bandwidth), bytes
+read plus written, the best of 5 (20 below 64 MiB); the limit is the highest of the three (a
+kernel that reads more than it writes can pass a copy's rate, not the read's).
 
 The CPU measurements are cached in ``<cache>/bench/limits-<machine>.json`` (``<cache>`` is the
 native extension's cache, ``$PNR_KERNELS_CACHE`` or ``~/.cache/pnr_kernels``; ``<machine>`` a hash
 of the host name, CPU model, core count, instruction sets, torch's threads and torch's version),
 each entry with the load average when it was measured: a measurement taken on a busy machine is
 too low, so an entry measured at a 1-minute load more than 0.5 above the current one is measured
-again (the higher of the two kept), and ``--remeasure`` replaces them all. A cache file that cannot be read is measured again and
-replaced (with a warning); a loop that could not be built is not cached. CUDA (not cached): ``torch.mm`` at N = 16384 and a copy of
-256 MiB, as ``triton.testing.do_bench``'s minimum (the GPU's FMA rate is not measured separately).
+again (the higher of the two kept), and ``--remeasure`` replaces them all. A cache file that
+cannot be read is measured again and replaced (with a warning); a loop that could not be built
+is not cached. CUDA (not cached): ``torch.mm`` at N = 16384 and a copy of 256 MiB, as
+``triton.testing.do_bench``'s minimum (the GPU's FMA rate is not measured separately).
 """
 from __future__ import annotations
 
@@ -144,15 +146,18 @@ def stream_bytes(nbytes: float) -> int:
 
 
 def measure_stream(total_bytes: int) -> Dict[str, float]:
-    """GB/s (bytes read plus written) of a copy and a triad whose arrays hold ``total_bytes``
-    together, float32, torch's threads."""
+    """GB/s (bytes read plus written) of a copy, a triad and a read (sum) whose arrays hold
+    ``total_bytes`` together, float32, torch's threads."""
     runs = 20 if total_bytes < 64 * 2 ** 20 else 5
     n2, n3 = total_bytes // 8, total_bytes // 12  # float32 elements per array: copy 2 arrays, triad 3
     x, y = torch.ones(n2), torch.empty(n2)
     copy = 2 * x.nbytes / _best_s(lambda: y.copy_(x), runs) / 1e9
     a, b, c = torch.empty(n3), torch.ones(n3), torch.ones(n3)
     triad = 3 * a.nbytes / _best_s(lambda: torch.add(b, c, alpha=3.0, out=a), runs) / 1e9
-    return {"copy": copy, "triad": triad}
+    del a, b, c
+    r = torch.ones(total_bytes // 4)
+    read = r.nbytes / _best_s(lambda: r.sum(), runs) / 1e9
+    return {"copy": copy, "triad": triad, "read": read}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,15 +270,15 @@ class CpuLimits:
         return {"value": candidates[best], "unit": "GFLOP/s", "how": how}
 
     def byte_limit(self, nbytes: float) -> Dict[str, object]:
-        """{"value", "unit", "how"}: the higher of copy and triad over arrays of the record's
-        footprint (see :func:`stream_bytes`)."""
+        """{"value", "unit", "how"}: the highest of the STREAM kernels over arrays of the
+        record's footprint (see :func:`stream_bytes`)."""
         total = stream_bytes(nbytes)
         entry = self.stream(total)
         gbs = entry["gbs"]
         kind = max(gbs, key=gbs.get)
-        how = (f"STREAM {kind} over {total / 2 ** 20:g} MiB float32 (copy {gbs['copy']:.1f}, triad "
-               f"{gbs['triad']:.1f} GB/s, {torch.get_num_threads()} threads; measured {entry['measured_at']}, "
-               f"load {entry['loadavg'][0]:.2f})")
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in gbs.items())
+        how = (f"STREAM {kind} over {total / 2 ** 20:g} MiB float32 ({rates} GB/s, {torch.get_num_threads()} "
+               f"threads; measured {entry['measured_at']}, load {entry['loadavg'][0]:.2f})")
         return {"value": gbs[kind], "unit": "GB/s", "how": how}
 
 
@@ -300,7 +305,8 @@ def machine_peak(device: str, dtype: str, unit: str, nbytes: float = 0) -> Dict[
         y = torch.empty_like(x)
         ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="min")
         return {"value": 2 * x.nbytes / (ms * 1e-3) / 1e9, "unit": unit,
-                "how": f"minimum of triton.testing.do_bench, copy of {x.nbytes / 2 ** 20:.0f} MiB {dtype} (read + written)"}
+                "how": (f"minimum of triton.testing.do_bench, copy of {x.nbytes / 2 ** 20:.0f} MiB {dtype} "
+                        f"(read + written)")}
     n, d = 16384, 256
     a = torch.randn(n, d, generator=generator).to(device, torch_dtype)
     b = torch.randn(d, n, generator=generator).to(device, torch_dtype)
