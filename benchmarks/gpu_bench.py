@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from pnr_kernels import backends
+from pnr_kernels.bench import peers
 from pnr_kernels.bench import report as bench_report
 from pnr_kernels.bench import runner as bench
 from pnr_kernels.registry import LOSSES, REGULARIZER
@@ -82,16 +83,16 @@ def dry_run_sizes() -> List[Tuple[str, int, int, Optional[int]]]:
 
 def plan(device: str, sizes, backend_names: Sequence[str], notes: Dict[str, set]) -> List[bench.Case]:
     """The cases of ``sizes`` x dtypes x the usable ``backend_names`` (library backends and
-    ``pnr_kernels.bench.runner.PEERS``); why any is left out goes to ``notes`` (reason: losses)."""
+    ``pnr_kernels.bench.peers.PEERS``); why any is left out goes to ``notes`` (reason: losses)."""
     dev = torch.device(device)
     cases = []
     for loss, batch, dim, queue in sizes:
         for dtype in DTYPE_ORDER:
             for name in backend_names:
-                if name in bench.PEERS:
-                    if bench.PEERS[name] is not None and loss not in bench.PEERS[name]:
+                if name in peers.PEERS:
+                    if peers.PEERS[name] is not None and loss not in peers.PEERS[name]:
                         continue
-                    reason = bench.peer_unavailable_reason(name, loss, device)
+                    reason = peers.unavailable_reason(name, loss, device)
                 else:
                     reason = backends.unavailable_reason(name, loss, dev, bench.DTYPES[dtype])
                 if reason is not None:
@@ -241,7 +242,7 @@ def summary_lines(rows: Sequence[Dict[str, str]]) -> List[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", default=["reference", "native", "triton", "infcl"],
-                        help=f"library backends and peers ({', '.join(bench.PEERS)})")
+                        help=f"library backends and peers ({', '.join(peers.PEERS)})")
     parser.add_argument("--csv", help="upsert every record into this CSV (pnr-bench report's format)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--deadline-s", type=float, default=None, help="start no case after this many seconds")
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
         parser.error("--csv is required (except with --summary)")
     if args.dry_run:
         sizes = cuda_sizes()
-        per_size = {name: sum(1 for loss, *_ in sizes if bench.PEERS.get(name) is None or loss in bench.PEERS[name])
+        per_size = {name: sum(1 for loss, *_ in sizes if peers.PEERS.get(name) is None or loss in peers.PEERS[name])
                     for name in args.backends}
         print(f"CUDA plan: {len(sizes)} sizes x {len(DTYPE_ORDER)} dtypes; cases per backend (before "
               f"availability): {', '.join(f'{n} {c * len(DTYPE_ORDER)}' for n, c in per_size.items())}")

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from pnr_kernels.bench import peers
 from pnr_kernels.bench import report as bench_report
 from pnr_kernels.bench import runner as bench
 from pnr_kernels.registry import LOSSES
@@ -55,7 +56,7 @@ def test_cli_rejects_an_empty_selection():
     assert run.returncode == 2 and "no case matches" in run.stderr
 
 
-@pytest.mark.skipif(not bench._peer_available("pml"), reason="pytorch-metric-learning not installed")
+@pytest.mark.skipif(not peers.available("pml"), reason="pytorch-metric-learning not installed")
 def test_pml_peer_computes_the_same_nt_xent():
     from pytorch_metric_learning.losses import NTXentLoss
 
@@ -109,11 +110,11 @@ def test_sweep_cases_carry_the_peers():
     names = {c.backend for c in cases}
     assert {"reference", "torch_compile"} <= names
     assert {c.batch_size for c in cases if c.backend == "torch_compile"} == {256, 512, 1024}
-    if bench._peer_available("pml"):
+    if peers.available("pml"):
         assert {c.batch_size for c in cases if c.backend == "pml"} == {256, 512, 1024}
     assert any(n.startswith("infcl skipped for nt_xent") for n in notes)  # CPU: stated, not silent
     # the grid without --sweep keeps pml to its small sizes
-    assert all(c.batch_size <= bench.PEER_MAX_BATCH for c in bench.make_cases("cpu", False) if c.backend == "pml")
+    assert all(c.batch_size <= peers.PEER_MAX_BATCH for c in bench.make_cases("cpu", False) if c.backend == "pml")
     assert {c.dtype for c in bench.make_cases("cpu", True, ["nt_xent"], sweep=True, dtypes=["bfloat16"])} == \
         {"bfloat16"}
     assert {c.backend for c in bench.make_cases("cpu", True, ["byol_pnr"], sweep=True)} >= {"torch_compile"}

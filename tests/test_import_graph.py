@@ -110,6 +110,17 @@ def test_the_library_never_imports_the_bench():
     assert not offenders, offenders
 
 
+def test_the_bench_modules_import_one_way():
+    """runner (the command line) sits on top: peers, limits, report and distributed import no other
+    bench module but dtypes, so each can be used (and tested) without the runner."""
+    graph = import_graph()
+    lower = ["peers", "limits", "report", "distributed", "dtypes"]
+    assert {f"pnr_kernels.bench.{m}" for m in lower} <= set(graph)
+    offenders = sorted(f"{m} -> {t}" for m in lower for t in graph[f"pnr_kernels.bench.{m}"]
+                       if t.startswith("pnr_kernels.bench") and t != "pnr_kernels.bench.dtypes")
+    assert not offenders, offenders
+
+
 def test_registering_without_a_public_function_names_it():
     from pnr_kernels import losses, registry
 

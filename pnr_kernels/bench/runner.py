@@ -1,13 +1,14 @@
 """``pnr-bench``: forward, backward and full-step time, peak extra memory and distance to the
-machine's matmul peak of every loss x backend (and third-party peer) x size x dtype.
+machine's measured limit of every loss x backend (and third-party peer) x size x dtype.
 
     pnr-bench --device cpu|cuda [--quick] [--sweep] [--losses ...] [--backends ...]
               [--json PATH] [--csv PATH] [--plot DIR]
     pnr-bench report --csv PATH [--docs MD] [--readme MD] [--plot DIR]
 
-Backends are the library's (reference, native, triton: those usable on the device) and peers,
-extra ``backend`` values measured in the same run: ``torch_compile`` (the loss's reference under
-``torch.compile``, default inductor; compilation happens in the warm-up, outside the timings),
+Backends are the library's (reference, native, triton: those usable on the device) and peers
+(:mod:`pnr_kernels.bench.peers`), extra ``backend`` values measured in the same run:
+``torch_compile`` (the loss's reference under ``torch.compile``, default inductor; compilation
+happens in the warm-up, outside the timings),
 ``pml`` (pytorch-metric-learning's NTXentLoss, for nt_xent) and ``infcl`` (Inf-CL's
 ``cal_inf_loss`` for nt_xent, on CUDA when ``inf_cl`` is importable).
 
@@ -22,12 +23,12 @@ before the step, measured in a fresh subprocess per case (with glibc returning e
 64 KiB or more to the system when freed) so that no earlier allocation hides it.
 
 Throughput is reported where the loss's registry entry has a work model: GFLOP/s of the products
-no exact kernel of the loss can avoid (``ops.infonce.infonce_flops``: the logits once, a symmetric
-block's triangle, one product per gradient, no recomputation), GB/s for BYOL/VICReg-PNR (reading
+no exact kernel of the loss can avoid (``ops.infonce.infonce_flops``: each logit used once, a
+symmetric block's pairs once, one product per gradient, no recomputation), GB/s for BYOL/VICReg-PNR (reading
 p1, p2, f1, f2 and writing two gradients once). ``percent_of_peak`` divides it by the machine's
 limit (:mod:`pnr_kernels.bench.limits`, ``pnr-bench limits``): on CPU the highest of the
-multiply-add loop's rate on all threads and torch.mm for a FLOP model, the higher of a STREAM copy
-and triad at the record's footprint for a bytes model, measured once per machine and cached. Peers
+multiply-add loop's rate on all threads and torch.mm for a FLOP model, the highest of a STREAM
+copy, triad and read at the record's footprint for a bytes model, measured once per machine and cached. Peers
 are credited with the same work model (the work the loss needs, not what they happen to do), so
 no record exceeds 100 % unless the limit was measured on a busier machine than the record.
 
@@ -59,11 +60,9 @@ from .. import _cli, backends
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
 from .dtypes import DTYPES
 from .limits import machine_peak
+from . import peers
+from .peers import PEER_MAX_BATCH, PEERS
 
-# Third-party peers measured beside our backends, as extra ``backend`` values: the losses each one
-# computes (None: every registered loss).
-PEERS: Dict[str, Optional[Tuple[str, ...]]] = {"torch_compile": None, "pml": ("nt_xent",), "infcl": ("nt_xent",)}
-PEER_MAX_BATCH = 256  # pml outside --sweep: its O(N^3) memory allows only small batches
 QUANTILES = (20, 50, 80)
 SWEEP_START = 256
 SWEEP_MAX = {"cpu": 16384, "cuda": 65536}
@@ -167,36 +166,6 @@ def _sweep_sizes(device: str, quick: bool):
     return grid
 
 
-def peer_unavailable_reason(name: str, loss: str, device: str) -> Optional[str]:
-    """None when peer ``name`` can run ``loss`` on ``device``, else why not."""
-    losses = PEERS[name]
-    if losses is not None and loss not in losses:
-        return f"it does not compute {loss}"
-    if name == "torch_compile":
-        if not torch._dynamo.is_dynamo_supported():
-            return "torch.compile is not supported on this Python/platform"
-        return None
-    if name == "pml":
-        try:
-            import pytorch_metric_learning  # noqa: F401
-        except ImportError:
-            return "pytorch-metric-learning is not installed (pip install pytorch-metric-learning)"
-        return None
-    if name == "infcl":
-        if device != "cuda":
-            return "Inf-CL's cal_inf_loss runs on CUDA only"
-        try:
-            import inf_cl  # noqa: F401
-        except ImportError:
-            return "inf-cl is not installed (optional: pip install inf-cl)"
-        return None
-    raise ValueError(f"unknown peer {name!r}")
-
-
-def _peer_available(name: str, loss: str = "nt_xent", device: str = "cpu") -> bool:
-    return peer_unavailable_reason(name, loss, device) is None
-
-
 def make_cases(device: str, quick: bool, losses=None, backend_names=None, *, sweep: bool = False,
                notes: Optional[List[str]] = None, dtypes: Optional[Sequence[str]] = None) -> List[Case]:
     """The cases to run, smallest batch first within each loss; ``dtypes`` replaces the device's
@@ -222,7 +191,7 @@ def make_cases(device: str, quick: bool, losses=None, backend_names=None, *, swe
                 elif not backend_names or name in backend_names:
                     note(f"{name} skipped for {loss} ({dtype}): {reason}")
             for peer in PEERS:
-                reason = peer_unavailable_reason(peer, loss, device)
+                reason = peers.unavailable_reason(peer, loss, device)
                 if reason is not None:
                     if PEERS[peer] is not None and loss in PEERS[peer] and (not backend_names or peer in backend_names):
                         note(f"{peer} skipped for {loss}: {reason}")
@@ -247,27 +216,8 @@ def _forward_fn(case: Case, device: str):
     spec = LOSSES[case.loss]
     args, kwargs = make_inputs(case.loss, case.batch_size, case.dim, DTYPES[case.dtype], device=device,
                                requires_grad=True, queue_size=case.queue_size or 5)
-    if case.backend == "pml":
-        from pytorch_metric_learning.losses import NTXentLoss
-
-        criterion = NTXentLoss(temperature=kwargs["temperature"])
-        labels = torch.arange(case.batch_size, device=device).repeat(2)
-        return (lambda: criterion(torch.cat(args), labels)), args
-    if case.backend == "infcl":
-        # Inf-CL computes the CLIP form (each view against the other view only), the nearest
-        # of its losses to NT-Xent: half of NT-Xent's logits.
-        from inf_cl import cal_inf_loss
-
-        scale = torch.tensor(1.0 / kwargs["temperature"], device=device)
-
-        def forward():
-            z1, z2 = (torch.nn.functional.normalize(z, dim=1) for z in args)
-            return 0.5 * (cal_inf_loss(z1, z2, scale=scale, head_dim=case.dim)
-                          + cal_inf_loss(z2, z1, scale=scale, head_dim=case.dim))
-        return forward, args
-    if case.backend == "torch_compile":
-        compiled = torch.compile(spec.reference)
-        return (lambda: compiled(*args, **kwargs)), args
+    if case.backend in PEERS:
+        return peers.forward_fn(case.backend, case.loss, args, kwargs, device), args
     fn = spec.function
     return (lambda: fn(*args, **kwargs, backend=case.backend)), args
 
@@ -608,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="percent_of_peak divides each record's throughput by the machine's limit, measured by the "
                "bench (CPU: cached per machine): the vector multiply-add rate per core and on all threads "
                "(fma_peak.c, built with $CC or cc) or torch.mm, whichever is higher, for FLOP models; "
-               "STREAM-style copy/triad bandwidth at the record's footprint for byte models. "
+               "STREAM-style copy/triad/read bandwidth at the record's footprint for byte models. "
                "pnr-bench limits --help: measure or remeasure them; "
                "pnr-bench report --help: regenerate the docs tables and figures from a CSV")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
