@@ -25,6 +25,21 @@ def test_quick_grid_covers_every_loss_on_both_devices():
         assert {case[0] for case in bench._sizes(device, quick=True)} == set(LOSSES)
 
 
+def test_the_full_cpu_grid_is_the_committed_table():
+    grid = {(loss, b, d, k) for loss, b, d, k, _ in bench._sizes("cpu", quick=False)}
+    batches = {256, 512, 1024, 2048, 4096}
+    for loss in ("simclr_pnr", "nt_xent", "cassle_simclr"):
+        assert {b for name, b, d, k in grid if name == loss} == batches
+    for loss in ("moco", "moco_pnr"):
+        assert {b for name, b, d, k in grid if name == loss and k == 16384} == batches
+        assert (loss, 256, 128, 65536) in grid
+    for loss in ("byol_pnr", "vicreg_pnr", "barlow_pnr"):
+        assert {d for name, b, d, k in grid if name == loss} == {128, 2048}
+    # --quick stays small: one size per loss, B <= 256
+    quick = bench._sizes("cpu", quick=True)
+    assert len(quick) == len(LOSSES) and max(b for _, b, *_ in quick) <= 256
+
+
 def test_work_model_simclr_pnr_is_17_n_n_minus_1_d():
     case = bench.Case("simclr_pnr", "reference", "float32", batch_size=64, dim=32)
     assert bench.work_model(case) == ("GFLOP/s", 17 * 128 * 127 * 32)

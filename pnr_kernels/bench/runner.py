@@ -65,6 +65,7 @@ from .peers import PEER_MAX_BATCH, PEERS
 
 QUANTILES = (20, 50, 80)
 SWEEP_START = 256
+CPU_GRID_BATCHES = (256, 512, 1024, 2048, 4096)
 SWEEP_MAX = {"cpu": 16384, "cuda": 65536}
 PHASES = ("forward", "backward", "full")
 OK, OOM, TIMEOUT, FAILED, SKIPPED = "ok", "out of memory", "timeout", "failed", "skipped"
@@ -111,17 +112,19 @@ def percentiles(values: Sequence[float], quantiles: Sequence[int] = QUANTILES) -
 
 
 def _sizes(device: str, quick: bool):
-    """(loss, batch, dim, queue, dtypes) grid per device; quick covers every loss once, small."""
+    """(loss, batch, dim, queue, dtypes) grid per device; quick covers every loss once, small. The
+    full CPU grid: the contrastive losses at B = 256 to 4096 (D = 128; MoCo's K = 16384 and, at
+    B = 256, the paper's 65536), the regularisers at B = 256 and 4096 with D = 2048 and 128."""
     if device == "cpu":
         dtypes = ["float32"]
         if quick:
             contrastive = [(256, 128)]
             moco = [(128, 128, 4096)]
             regularizer = [(256, 512)]
-        else:
-            contrastive = [(256, 128), (2048, 128)]
-            moco = [(256, 128, 16384)]
-            regularizer = [(256, 2048)]
+        else:  # the committed table (issue 20): B = 256 to 4096, MoCo also at the paper's K = 65536
+            contrastive = [(b, 128) for b in CPU_GRID_BATCHES]
+            moco = [(b, 128, 16384) for b in CPU_GRID_BATCHES] + [(256, 128, 65536)]
+            regularizer = [(b, d) for d in (2048, 128) for b in (256, 4096)]
     else:
         dtypes = ["bfloat16", "float32"]
         if quick:
