@@ -1,4 +1,5 @@
 """The benchmark runner: its records, its memory measurement and its CLI."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -336,3 +337,76 @@ def test_report_upserts_a_json_of_records_first(tmp_path):
     rows = bench_report.read_csv(str(csv_path))
     assert {(r["backend"], r["x_value"], r["status"]) for r in rows} == {("native", "256", "ok"),
                                                                           ("reference", "512", "out of memory")}
+
+
+# ---------------------------------------------------------------------------------------------
+# --interleave: the candidates of one size timed in turns, in one process
+
+
+def test_interleaved_timing_takes_turns_after_the_warm_up_and_drops_a_failing_candidate():
+    order = []
+
+    def candidate(name, fail_at=None):
+        x = torch.ones(3, requires_grad=True)
+
+        def forward():
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+            return (x * 2).sum()
+        return forward, [x]
+
+    results = bench.time_interleaved([candidate("A"), candidate("B", fail_at=3), candidate("C")], "cpu",
+                                     repeats=3, warmup=1)
+    # warm-up round, then A, B, C in turns; B fails in its third step and leaves the later rounds
+    assert order == ["A", "B", "C", "A", "B", "C", "A", "B", "C", "A", "C"]
+    assert [len(r["full"]) for r in (results[0], results[2])] == [3, 3]
+    assert isinstance(results[1], RuntimeError)
+    assert all(f >= 0 and b >= 0 for f, b in zip(results[0]["forward"], results[0]["backward"]))
+
+
+def test_interleave_groups_are_the_candidates_of_one_size():
+    cases = bench.make_cases("cpu", True, ["nt_xent", "byol_pnr"], ["reference", "native"], sweep=True)
+    groups = bench.interleave_groups(cases)
+    assert [len(g) for g in groups] == [2] * len({(c.loss, c.batch_size) for c in cases})
+    assert all(len({(c.loss, c.dtype, c.batch_size, c.dim, c.queue_size) for c in g}) == 1 for g in groups)
+    assert [c for g in groups for c in g] == cases
+
+
+def test_a_group_leaves_out_a_stopped_series():
+    cases = [bench.Case("nt_xent", b, "float32", 256, 8) for b in ("reference", "native")]
+    bigger = [dataclasses.replace(c, batch_size=512) for c in cases]
+    given = []
+
+    def measure_group(group):
+        given.append([c.backend for c in group])
+        return [bench.failed_record(c, "cpu", bench.OOM, "out of memory") if c.backend == "reference" and
+                c.batch_size == 256 else dict(_record(c.backend, c.batch_size), interleaved=[x.backend for x in group])
+                for c in group]
+
+    records = bench.run_groups([cases, bigger], measure_group, device="cpu", budget=bench.Budget(), repeats=3,
+                               warmup=1)
+    assert given == [["reference", "native"], ["native"]]
+    assert [r["status"] for r in records] == [bench.OOM, bench.OK, bench.SKIPPED, bench.OK]
+
+
+def test_cli_interleave_times_the_candidates_in_one_process(tmp_path):
+    out, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    run = subprocess.run([sys.executable, "-m", "pnr_kernels.bench", "--interleave", "--quick", "--losses", "nt_xent",
+                          "--backends", "reference", "native", "--repeats", "2", "--json", str(out),
+                          "--csv", str(csv_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    records = json.loads(out.read_text())
+    assert [r["backend"] for r in records] == ["reference", "native"]
+    assert all(r["status"] == "ok" and r["interleaved"] == ["reference", "native"] for r in records)
+    assert records[0]["loadavg"] == records[1]["loadavg"] and len(records[0]["full_ms"]) == 3
+    assert "candidates interleaved in one process" in run.stdout
+    rows = bench_report.read_csv(str(csv_path))
+    notes = {r["backend"]: r["note"] for r in rows if r["metric"] == "time" and r["mode"] == "full"}
+    assert notes == {"reference": "interleaved with reference, native", "native": "interleaved with reference, native"}
+
+
+def test_help_documents_the_limits_and_interleave():
+    text = bench.build_parser().format_help()
+    assert "--interleave" in text and "A, B, C, A, B, C" in text
+    assert "multiply-add" in text and "STREAM" in text and "pnr-bench limits" in text

@@ -137,8 +137,8 @@ def test_an_unknown_subcommand_is_one_line(capsys):
 
 def test_a_bench_run_whose_every_case_failed_exits_1(monkeypatch, capsys, tmp_path):
     module = sys.modules[bench.main.__module__]
-    monkeypatch.setattr(module, "_measure_in_subprocess",
-                        lambda case, *args, **kwargs: module.failed_record(case, "cpu", module.FAILED, "boom"))
+    monkeypatch.setattr(module, "_measure_group_in_subprocess", lambda cases, *args, **kwargs:
+                        [module.failed_record(case, "cpu", module.FAILED, "boom") for case in cases])
     code, err = run_in_process(bench.main, ["--quick", "--losses", "nt_xent", "--backends", "reference",
                                             "--json", str(tmp_path / "r.json")], capsys)
     assert code == 1 and "Traceback" not in err
@@ -147,8 +147,8 @@ def test_a_bench_run_whose_every_case_failed_exits_1(monkeypatch, capsys, tmp_pa
 
 def test_bench_json_into_a_missing_folder_creates_it(monkeypatch, capsys, tmp_path):
     module = sys.modules[bench.main.__module__]
-    monkeypatch.setattr(module, "_measure_in_subprocess", lambda case, repeats, warmup, *a, **k:
-                        module.measure(case, "cpu", repeats, warmup))
+    monkeypatch.setattr(module, "_measure_group_in_subprocess", lambda cases, repeats, warmup, *a, **k:
+                        module.measure_interleaved(cases, "cpu", repeats, warmup))
     monkeypatch.setattr(module, "add_percent_of_peak", lambda record: record)
     out = tmp_path / "new" / "deeper" / "out.json"
     code, err = run_in_process(bench.main, ["--quick", "--losses", "byol_pnr", "--backends", "reference",

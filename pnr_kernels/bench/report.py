@@ -6,7 +6,8 @@
 One row per (device, loss, backend, dtype, D, K, x, mode, metric), the way Liger-Kernel keeps its
 benchmark data: ``mode`` is forward, backward or full (the step); ``metric`` is time (ms),
 memory (MB, peak extra), throughput (GFLOP/s or GB/s), percent_of_peak (%) or machine_peak (the
-measured peak it divides by, with how it was measured in ``note``); p20/p50/p80 are the
+measured peak it divides by, with how it was measured in ``note``; the full step's time row of a
+case timed with ``--interleave`` notes the candidates it took turns with); p20/p50/p80 are the
 percentiles over the timed repeats (throughput's are derived from the time's, memory is one
 measurement). A case that failed or was skipped keeps its rows with empty values and the reason in
 ``status``. :func:`upsert_csv` replaces rows with the same key and keeps the others, so the CSV
@@ -100,11 +101,12 @@ def records_to_rows(records: Iterable[dict], *, repeats: Optional[int] = None,
             return {**common, "mode": mode, "metric": metric, "unit": unit, "status": status, "note": note,
                     **{q: _num(values.get(q)) for q in QS}}
 
+        together = f"interleaved with {', '.join(r['interleaved'])}" if r.get("interleaved") else ""
         for phase in ("forward", "backward", "full"):
             timing = r.get(f"{phase}_ms")
             if ok and not isinstance(timing, dict) and phase == "full":
                 timing = {q: r["fwd_bwd_ms"] for q in QS}  # a record of the older format
-            rows.append(row(phase, "time", "ms", timing if ok else None))
+            rows.append(row(phase, "time", "ms", timing if ok else None, note=together if phase == "full" else ""))
         memory = r.get("peak_memory_mb")
         rows.append(row("full", "memory", "MB", {q: memory for q in QS} if ok else None))
         if ok and r.get("throughput") is not None:

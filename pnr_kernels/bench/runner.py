@@ -242,40 +242,49 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_phases(forward: Callable, inputs, device: str, repeats: int, warmup: int) -> Dict[str, List[float]]:
-    """Milliseconds of the forward, the backward and the full step of each timed repeat."""
-    def reset():
-        for a in inputs:
-            a.grad = None
+def _timed_step(forward: Callable, inputs, device: str):
+    """(forward ms, full step ms) of one forward + backward from no gradients."""
+    for a in inputs:
+        a.grad = None
+    if device == "cuda":
+        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        loss = forward()
+        middle.record()
+        loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(middle), start.elapsed_time(end)
+    start = time.perf_counter()
+    loss = forward()
+    middle = time.perf_counter()
+    loss.backward()
+    end = time.perf_counter()
+    return (middle - start) * 1e3, (end - start) * 1e3
 
-    for _ in range(warmup):
-        reset()
-        forward().backward()
-    _sync(device)
-    times = {phase: [] for phase in PHASES}
-    for _ in range(repeats):
-        reset()
-        if device == "cuda":
-            start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            start.record()
-            loss = forward()
-            middle.record()
-            loss.backward()
-            end.record()
-            torch.cuda.synchronize()
-            fwd, full = start.elapsed_time(middle), start.elapsed_time(end)
-        else:
-            start = time.perf_counter()
-            loss = forward()
-            middle = time.perf_counter()
-            loss.backward()
-            end = time.perf_counter()
-            fwd, full = (middle - start) * 1e3, (end - start) * 1e3
-        del loss
-        times["forward"].append(fwd)
-        times["backward"].append(full - fwd)
-        times["full"].append(full)
-    return times
+
+def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
+                     warmup: int) -> List[object]:
+    """Milliseconds of the forward, the backward and the full step of each timed repeat, per
+    candidate ``(forward, inputs)``, the candidates taking turns: ``warmup`` rounds of one step
+    each, then ``repeats`` rounds A, B, C, A, B, C, ... so that what the machine does meanwhile
+    falls on all of them alike. Per candidate: its ``{phase: [ms, ...]}``, or the exception that
+    stopped it (it leaves the later rounds; the others go on)."""
+    results: List[object] = [{phase: [] for phase in PHASES} for _ in candidates]
+    for round_ in range(warmup + repeats):
+        for i, (forward, inputs) in enumerate(candidates):
+            if isinstance(results[i], BaseException):
+                continue
+            try:
+                fwd, full = _timed_step(forward, inputs, device)
+            except Exception as error:  # noqa: BLE001  (one candidate failing is its record)
+                results[i] = error
+                continue
+            if round_ >= warmup:
+                results[i]["forward"].append(fwd)
+                results[i]["backward"].append(full - fwd)
+                results[i]["full"].append(full)
+    return results
 
 
 def _status_kb(field: str) -> int:
@@ -342,54 +351,79 @@ def failed_record(case: Case, device: str, status: str, error: str, **extra) -> 
     return record
 
 
+def _record_failure(record: dict, case: Case, device: str, error: BaseException) -> dict:
+    status = OOM if _is_oom(error) else FAILED
+    if case.backend == "torch_compile" and status == FAILED:
+        error_text = f"compile or run failed: {_first_line(error)}"
+    else:
+        error_text = status if status == OOM else _first_line(error)
+    record.update(status=status, error=error_text, fwd_bwd_ms=None, peak_memory_mb=None)
+    return record
+
+
 def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
     """One record for one case, measured in this process."""
-    record = base_record(case, device)
-    try:
-        forward, inputs = _forward_fn(case, device)
+    return measure_interleaved([case], device, repeats, warmup)[0]
 
-        def step():
-            for a in inputs:
+
+def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup: int) -> List[dict]:
+    """One record per case, measured together in this process (``--interleave``: the candidates
+    of one size). Each case is set up, run once (one-time work: compilation, autotuning, thread
+    pools) and its peak extra memory measured, one after the other; then all are timed taking
+    turns (:func:`time_interleaved`, ``warmup - 1`` more warm-up rounds). A case that fails gets
+    a failed record and leaves the rounds. With more than one case, every record lists the
+    ``interleaved`` backends and the load average at the end of the rounds."""
+    records, prepared = [base_record(case, device) for case in cases], []
+    for record, case in zip(records, cases):
+        try:
+            forward, inputs = _forward_fn(case, device)
+
+            def step(forward=forward, inputs=inputs):
+                for a in inputs:
+                    a.grad = None
+                forward().backward()
+
+            step()  # one-time work outside the measurements
+            for a in inputs:  # the step's own gradients count as its memory, the last step's do not
                 a.grad = None
-            forward().backward()
-
-        step()  # one-time work (compilation, autotuning, thread pools) outside the measurements
-        for a in inputs:  # the step's own gradients count as its memory, the last step's do not
-            a.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            record["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        else:
-            record["peak_memory_mb"] = _cpu_peak_extra_mb(step)
-            _keep_freed_memory()
-        times = time_phases(forward, inputs, device, repeats, max(0, warmup - 1))
-    except Exception as error:  # noqa: BLE001  (a failed case is a record, not a crash)
-        status = OOM if _is_oom(error) else FAILED
-        if device == "cuda":  # what the failed step held goes back before the next case
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                record["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            else:
+                record["peak_memory_mb"] = _cpu_peak_extra_mb(step)
+            prepared.append((record, case, forward, inputs))
+        except Exception as error:  # noqa: BLE001  (a failed case is a record, not a crash)
             forward = inputs = step = None
-            torch.cuda.empty_cache()
-        if case.backend == "torch_compile" and status == FAILED:
-            error_text = f"compile or run failed: {_first_line(error)}"
-        else:
-            error_text = status if status == OOM else _first_line(error)
-        record.update(status=status, error=error_text, fwd_bwd_ms=None, peak_memory_mb=None)
-        return record
-    record["status"] = OK
-    record["repeats"] = repeats
-    for phase in PHASES:
-        record[f"{phase}_ms"] = percentiles(times[phase])
-    record["fwd_bwd_ms"] = record["full_ms"]["p50"]
-    model = work_model(case)
-    if model is not None:
-        unit, amount = model
-        record["throughput_unit"] = unit
-        record["work"] = amount
-        record["throughput"] = amount / (record["fwd_bwd_ms"] * 1e-3) / 1e9
-    return record
+            if device == "cuda":  # what the failed step held goes back before the next case
+                torch.cuda.empty_cache()
+            _record_failure(record, case, device, error)
+    if device == "cpu":
+        _keep_freed_memory()
+    results = time_interleaved([(f, i) for _, _, f, i in prepared], device, repeats, max(0, warmup - 1))
+    load = list(os.getloadavg())
+    for (record, case, _, _), times in zip(prepared, results):
+        if len(cases) > 1:
+            record["interleaved"] = [c.backend for c in cases]
+            record["loadavg"] = load
+        if isinstance(times, BaseException):
+            _record_failure(record, case, device, times)
+            continue
+        record["status"] = OK
+        record["repeats"] = repeats
+        for phase in PHASES:
+            record[f"{phase}_ms"] = percentiles(times[phase])
+        record["fwd_bwd_ms"] = record["full_ms"]["p50"]
+        model = work_model(case)
+        if model is not None:
+            unit, amount = model
+            record["throughput_unit"] = unit
+            record["work"] = amount
+            record["throughput"] = amount / (record["fwd_bwd_ms"] * 1e-3) / 1e9
+    return records
 
 
 def _cpu_name() -> str:
@@ -417,20 +451,30 @@ def _limit_data(budget_mb: Optional[float]):
 
 def _measure_in_subprocess(case: Case, repeats: int, warmup: int, timeout_s: Optional[float] = None,
                            memory_budget_mb: Optional[float] = None) -> dict:
-    payload = json.dumps(dict(case=dataclasses.asdict(case), repeats=repeats, warmup=warmup,
+    return _measure_group_in_subprocess([case], repeats, warmup, timeout_s, memory_budget_mb)[0]
+
+
+def _measure_group_in_subprocess(cases: Sequence[Case], repeats: int, warmup: int, timeout_s: Optional[float] = None,
+                                 memory_budget_mb: Optional[float] = None) -> List[dict]:
+    """The records of ``cases`` measured together (:func:`measure_interleaved`) in a fresh
+    process; ``timeout_s`` is per case (the process gets their sum), the memory budget the
+    process's."""
+    payload = json.dumps(dict(cases=[dataclasses.asdict(c) for c in cases], repeats=repeats, warmup=warmup,
                               memory_budget_mb=memory_budget_mb))
     # Allocations of 64 KiB and more are mmapped and unmapped when freed, so the resident set
     # follows what is live instead of what glibc keeps cached from the warm-up step.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    total_s = timeout_s * len(cases) if timeout_s else None
     try:
         out = subprocess.run([sys.executable, "-m", "pnr_kernels.bench", "--worker", payload],
-                             capture_output=True, text=True, env=env, timeout=timeout_s)
+                             capture_output=True, text=True, env=env, timeout=total_s)
     except subprocess.TimeoutExpired:
-        return failed_record(case, "cpu", TIMEOUT, f"timeout: the case took more than {timeout_s:g} s")
+        what = "the case" if len(cases) == 1 else f"the {len(cases)} interleaved cases"
+        return [failed_record(c, "cpu", TIMEOUT, f"timeout: {what} took more than {total_s:g} s") for c in cases]
     if out.returncode != 0:
         tail = " | ".join(out.stderr.strip().splitlines()[-3:])[-400:]
         status = OOM if out.returncode in (-9, 137) or "can't allocate memory" in out.stderr else FAILED
-        return failed_record(case, "cpu", status, f"worker exited with {out.returncode}: {tail}")
+        return [failed_record(c, "cpu", status, f"worker exited with {out.returncode}: {tail}") for c in cases]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -488,10 +532,35 @@ def run_cases(cases: Sequence[Case], measure_case: Callable[[Case], dict], *, de
     projection from its last sizes (time and memory as power laws of the batch, exponent at least
     2; memory from a single size with exponent 3) exceeds the budget: those cases get a
     ``skipped`` record saying why."""
+    return run_groups([[case] for case in cases], lambda group: [measure_case(group[0])], device=device,
+                      budget=budget, repeats=repeats, warmup=warmup, on_record=on_record)
+
+
+def interleave_groups(cases: Sequence[Case]) -> List[List[Case]]:
+    """``cases`` in order, consecutive cases of one size (loss, dtype, B, D, K) grouped: the
+    candidates ``--interleave`` times together."""
+    groups: List[List[Case]] = []
+    for case in cases:
+        size = (case.loss, case.dtype, case.batch_size, case.dim, case.queue_size)
+        last = groups[-1][0] if groups else None
+        if last is not None and (last.loss, last.dtype, last.batch_size, last.dim, last.queue_size) == size:
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    return groups
+
+
+def run_groups(groups: Sequence[Sequence[Case]], measure_group: Callable[[List[Case]], List[dict]], *, device: str,
+               budget: Budget, repeats: int, warmup: int,
+               on_record: Callable[[dict], None] = lambda r: None) -> List[dict]:
+    """:func:`run_cases` for groups of cases measured together (``measure_group`` gives one
+    record per case it is given): a case whose series is stopped or projected past the budget is
+    left out of its group's measurement with a ``skipped`` record."""
     records = []
     stopped: Dict[tuple, str] = {}
     history: Dict[tuple, List[Tuple[int, float, float]]] = {}
-    for case in cases:
+
+    def stop_reason(case):
         key = _series(case)
         reason = stopped.get(key)
         points = history.get(key)
@@ -509,17 +578,25 @@ def run_cases(cases: Sequence[Case], measure_case: Callable[[Case], dict], *, de
                               f"per-case time budget of {budget.case_timeout_s:g} s")
             if reason is not None:
                 stopped[key] = reason
-        if reason is not None:
-            record = failed_record(case, device, SKIPPED, f"skipped: {reason}")
-        else:
-            record = measure_case(case)
-            if record.get("status", OK) != OK:
-                stopped[key] = f"{case.backend} stopped after batch {case.batch_size}: {record['error']}"
-            elif record.get("fwd_bwd_ms") is not None:
-                history.setdefault(key, []).append(
-                    (case.batch_size, record["fwd_bwd_ms"], max(record.get("peak_memory_mb") or 0.0, 1.0)))
-        records.append(record)
-        on_record(record)
+        return reason
+
+    for group in groups:
+        reasons = [stop_reason(case) for case in group]
+        run = [case for case, reason in zip(group, reasons) if reason is None]
+        measured = iter(measure_group(run) if run else [])
+        for case, reason in zip(group, reasons):
+            if reason is not None:
+                record = failed_record(case, device, SKIPPED, f"skipped: {reason}")
+            else:
+                record = next(measured)
+                key = _series(case)
+                if record.get("status", OK) != OK:
+                    stopped[key] = f"{case.backend} stopped after batch {case.batch_size}: {record['error']}"
+                elif record.get("fwd_bwd_ms") is not None:
+                    history.setdefault(key, []).append(
+                        (case.batch_size, record["fwd_bwd_ms"], max(record.get("peak_memory_mb") or 0.0, 1.0)))
+            records.append(record)
+            on_record(record)
     return records
 
 
@@ -591,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="upsert the results as rows into this CSV (e.g. benchmarks/data/cpu.csv)")
     parser.add_argument("--plot", metavar="DIR", type=_cli.output_dir,
                         help="write PNG figures of this run's records to DIR (needs matplotlib)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the candidates of each size (every backend and peer of one loss, dtype, B, D, "
+                             "K) side by side in one process: each is set up, compiled and its memory measured, "
+                             "then, after the warm-up, one step of each in turn per repeat (A, B, C, A, B, C, ...), "
+                             "so that machine noise hits all alike; every record lists the candidates and the "
+                             "load average at the end (CPU: one process per size, its time budget "
+                             "--case-timeout per candidate)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -607,11 +691,13 @@ def _default_memory_mb(device: str) -> float:
 
 
 def _worker(payload: str) -> int:
-    """One CPU case in a fresh process; prints its record as JSON."""
+    """CPU cases (one, or one size's candidates interleaved) in a fresh process; prints their
+    records as a JSON list."""
     job = json.loads(payload)
     torch.manual_seed(0)
     _limit_data(job.get("memory_budget_mb"))
-    print(json.dumps(measure(Case(**job["case"]), "cpu", job["repeats"], job["warmup"])))
+    cases = [Case(**c) for c in job["cases"]]
+    print(json.dumps(measure_interleaved(cases, "cpu", job["repeats"], job["warmup"])))
     return 0
 
 
@@ -654,12 +740,12 @@ def main(argv=None) -> int:
         print(f"note: {text}", file=sys.stderr, flush=True)
 
     if args.device == "cpu":
-        def measure_case(case):
-            return _measure_in_subprocess(case, repeats, warmup, budget.case_timeout_s, budget.memory_mb)
+        def measure_group(group):
+            return _measure_group_in_subprocess(group, repeats, warmup, budget.case_timeout_s, budget.memory_mb)
     else:
-        def measure_case(case):
+        def measure_group(group):
             torch.manual_seed(0)
-            return measure(case, "cuda", repeats, warmup)
+            return measure_interleaved(group, "cuda", repeats, warmup)
 
     done = []
 
@@ -673,11 +759,14 @@ def main(argv=None) -> int:
             with open(_cli.make_parents(args.json), "w") as f:
                 json.dump(done, f, indent=1)
 
-    records = run_cases(cases, measure_case, device=args.device, budget=budget, repeats=repeats,
-                        warmup=warmup, on_record=on_record)
+    groups = interleave_groups(cases) if args.interleave else [[case] for case in cases]
+    records = run_groups(groups, measure_group, device=args.device, budget=budget, repeats=repeats,
+                         warmup=warmup, on_record=on_record)
     load = os.getloadavg()
+    how = "each size's candidates interleaved in one process" if args.interleave else "one process per case"
     print(f"device: {records[0]['device_name']}; torch {torch.__version__}; p50 of {repeats} repeats "
-          f"(p20-p80 shown) after {warmup} warm-up steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"(p20-p80 shown) after {warmup} warm-up steps, {how}; load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}")
     print(f"budget per case: {budget.case_timeout_s:g} s, {budget.memory_mb:.0f} MB")
     for how in sorted({r["peak_how"] for r in records if "peak_how" in r}):
         print(f"percent_of_peak against: {how}")
