@@ -282,3 +282,27 @@ def test_a_limit_measured_on_a_busier_machine_is_measured_again_and_the_higher_k
     entry = limits.CpuLimits(path).mm("float32")  # quieter still, measured lower: the higher stays
     assert entry["gflops"] == 9.0 and entry["loadavg"][0] == 0.0
     assert limits.CpuLimits(path).mm("float32")["gflops"] == 9.0  # and is not measured a fourth time
+
+
+def test_a_record_past_the_limit_has_the_limit_measured_again_and_the_higher_kept(monkeypatch, tmp_path):
+    """A rate above the limit shows it was measured at a busier moment: it is measured again."""
+    rates = iter([100.0, 300.0, 50.0])  # the all-threads loop: measured low, then high, then low again
+    monkeypatch.setattr(limits, "measure_fma", lambda threads, steps: {"float32": next(rates) if threads == 2 else 1.0})
+    monkeypatch.setattr(limits, "measure_mm", lambda dtype: 10.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = limits.CpuLimits(tmp_path / "limits.json")
+    monkeypatch.setattr(limits, "_cpu_limits", lambda: cpu)
+    limits.machine_peak.cache_clear()
+    try:
+        record = {"device": "cpu", "dtype": "float32", "throughput_unit": "GFLOP/s", "throughput": 150.0}
+        bench.add_percent_of_peak(record)
+        assert record["peak_throughput"] == 300.0 and record["percent_of_peak"] == pytest.approx(50.0)
+        # again past it (the third measurement is lower): the higher one is kept, and the record says > 100 %
+        record = {**record, "throughput": 400.0}
+        bench.add_percent_of_peak(record)
+        assert record["peak_throughput"] == 300.0 and record["percent_of_peak"] == pytest.approx(400 / 3)
+        # without raising, the limit as it stands
+        low = {**record, "throughput": 30.0}
+        assert bench.add_percent_of_peak(low, raise_peak=None)["percent_of_peak"] == pytest.approx(10.0)
+    finally:
+        limits.machine_peak.cache_clear()

@@ -149,7 +149,7 @@ def test_bench_json_into_a_missing_folder_creates_it(monkeypatch, capsys, tmp_pa
     module = sys.modules[bench.main.__module__]
     monkeypatch.setattr(module, "_measure_group_in_subprocess", lambda cases, repeats, warmup, *a, **k:
                         module.measure_interleaved(cases, "cpu", repeats, warmup))
-    monkeypatch.setattr(module, "add_percent_of_peak", lambda record: record)
+    monkeypatch.setattr(module, "add_percent_of_peak", lambda record, **kwargs: record)
     out = tmp_path / "new" / "deeper" / "out.json"
     code, err = run_in_process(bench.main, ["--quick", "--losses", "byol_pnr", "--backends", "reference",
                                             "--repeats", "1", "--json", str(out)], capsys)
