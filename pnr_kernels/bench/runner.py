@@ -1,9 +1,10 @@
 """``pnr-bench``: forward, backward and full-step time, peak extra memory and distance to the
 machine's measured limit of every loss x backend (and third-party peer) x size x dtype.
 
-    pnr-bench --device cpu|cuda [--quick] [--sweep] [--losses ...] [--backends ...]
+    pnr-bench --device cpu|cuda [--quick] [--sweep] [--interleave] [--losses ...] [--backends ...]
               [--json PATH] [--csv PATH] [--plot DIR]
     pnr-bench report --csv PATH [--docs MD] [--readme MD] [--plot DIR]
+    pnr-bench limits [--remeasure] [--cache PATH]
 
 Backends are the library's (reference, native, triton: those usable on the device) and peers
 (:mod:`pnr_kernels.bench.peers`), extra ``backend`` values measured in the same run:
@@ -21,6 +22,12 @@ inputs: on CUDA ``max_memory_allocated`` minus the allocation before the step; o
 the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over its resident set
 before the step, measured in a fresh subprocess per case (with glibc returning every allocation of
 64 KiB or more to the system when freed) so that no earlier allocation hides it.
+
+``--interleave`` measures the candidates of one size (every backend and peer of one loss, dtype,
+B, D, K) in one process (:func:`measure_interleaved`; on CPU one subprocess per size): each set
+up, run once and its memory measured in turn, then timed taking turns, one step of each per
+repeat (A, B, C, A, B, C, ...), so that machine noise hits all alike; each record lists the
+candidates (``interleaved``) and the load average at the end of the rounds.
 
 Throughput is reported where the loss's registry entry has a work model: GFLOP/s of the products
 no exact kernel of the loss can avoid (``ops.infonce.infonce_flops``: each logit used once, a
@@ -641,10 +648,12 @@ def format_table(records: List[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _cli.ArgumentParser(
         prog="pnr-bench", description=__doc__.split("\n\n")[0],
-        epilog="percent_of_peak divides each record's throughput by the machine's limit, measured by the "
-               "bench (CPU: cached per machine): the vector multiply-add rate per core and on all threads "
-               "(fma_peak.c, built with $CC or cc) or torch.mm, whichever is higher, for FLOP models; "
-               "STREAM-style copy/triad/read bandwidth at the record's footprint for byte models. "
+        epilog="percent_of_peak divides each record's throughput (its work model: the products or bytes no "
+               "exact kernel avoids) by the machine's limit, measured by the bench (CPU: cached per machine): "
+               "the vector multiply-add rate on all the bench's threads (fma_peak.c, built with $CC or cc; "
+               "without one, torch.mm alone, saying why) or torch.mm, whichever is higher, for FLOP models; "
+               "STREAM-style copy/triad/read bandwidth at the record's footprint for byte models; a limit "
+               "that a record goes past is measured again, the higher kept. "
                "pnr-bench limits --help: measure or remeasure them; "
                "pnr-bench report --help: regenerate the docs tables and figures from a CSV")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
