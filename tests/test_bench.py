@@ -229,7 +229,8 @@ def test_percent_of_peak_divides_by_the_measured_peak():
     assert record["percent_of_peak"] == pytest.approx(50.0)
     assert record["peak_throughput"] == 84.0 and record["peak_how"] == "stub"
     assert asked == [("cpu", "float32", "GFLOP/s", 0)]
-    failed = bench.failed_record(bench.Case("nt_xent", "native", "float32", 256, 128), "cpu", bench.OOM, "out of memory")
+    failed = bench.failed_record(bench.Case("nt_xent", "native", "float32", 256, 128), "cpu", bench.OOM,
+                                 "out of memory")
     assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak)
 
 
@@ -237,7 +238,8 @@ def test_machine_peak_is_measured_once_per_key(monkeypatch, tmp_path):
     from pnr_kernels.bench import limits
 
     calls = []
-    monkeypatch.setattr(limits, "measure_fma", lambda threads, steps: calls.append(threads) or {"float32": 10.0 * threads})
+    monkeypatch.setattr(limits, "measure_fma",
+                        lambda threads, steps: calls.append(threads) or {"float32": 10.0 * threads})
     monkeypatch.setattr(limits, "measure_mm", lambda dtype: 5.0)
     monkeypatch.setattr(limits, "_cpu_limits", lambda: limits.CpuLimits(tmp_path / "limits.json"))
     bench.machine_peak.cache_clear()

@@ -47,7 +47,8 @@ def available(name: str, loss: str = "nt_xent", device: str = "cpu") -> bool:
     return unavailable_reason(name, loss, device) is None
 
 
-def forward_fn(name: str, loss: str, args: Sequence[torch.Tensor], kwargs: dict, device: str) -> Callable[[], torch.Tensor]:
+def forward_fn(name: str, loss: str, args: Sequence[torch.Tensor], kwargs: dict,
+               device: str) -> Callable[[], torch.Tensor]:
     """A closure computing ``loss`` with peer ``name`` on the inputs ``make_inputs`` gave (a scalar
     that requires a gradient)."""
     if name == "pml":
