@@ -412,3 +412,15 @@ def test_help_documents_the_limits_and_interleave():
     text = bench.build_parser().format_help()
     assert "--interleave" in text and "A, B, C, A, B, C" in text
     assert "multiply-add" in text and "STREAM" in text and "pnr-bench limits" in text
+
+
+def test_the_docs_say_when_the_table_was_timed_interleaved():
+    rows = _synthetic_rows()
+    timed = [r for r in rows if r["metric"] == "time" and r["mode"] == "full" and r["status"] == "ok"]
+    assert timed and not any("interleaved" in line for line in bench_report._conditions(rows))
+    for r in timed:
+        r["note"] = "interleaved with reference, native"
+    assert "Each size's candidates were timed interleaved in one process" in "\n".join(bench_report._conditions(rows))
+    timed[0]["note"] = ""
+    assert f"{len(timed) - 1} of the {len(timed)} timed cases were timed interleaved" in \
+        "\n".join(bench_report._conditions(rows))

@@ -468,6 +468,13 @@ def _conditions(rows) -> List[str]:
             f"{', '.join(commits) or '?'}; p50 (p20-p80) over {'/'.join(repeats) or '?'} timed repeats; "
             f"1-minute load average during the cases {min(loads):.1f} to {max(loads):.1f}" if loads else "")
     lines = [text + "." if text else ""]
+    timed = [r for r in rows if r["metric"] == "time" and r["mode"] == "full" and r["status"] == "ok"]
+    together = sum(1 for r in timed if r.get("note", "").startswith("interleaved with "))
+    if timed and together == len(timed):
+        lines.append("Each size's candidates were timed interleaved in one process (`pnr-bench --interleave`).")
+    elif together:
+        lines.append(f"{together} of the {len(timed)} timed cases were timed interleaved with the other "
+                     "candidates of their size (`pnr-bench --interleave`), the others each in a process of its own.")
     cores = re.search(r"\((\d+) cores\)", rows[0]["device_name"]) if rows else None
     if loads and cores and max(loads) > int(cores.group(1)):
         lines.append(f"The load average exceeded the {cores.group(1)} cores: other processes shared the "
