@@ -33,8 +33,15 @@ constexpr double kCosineEps = 1e-8;          // torch.nn.functional.cosine_simil
 constexpr double kBarlowVarianceEps = 1e-5;  // pnr_kernels.reference.BARLOW_VARIANCE_EPS
 constexpr int64_t kLanes = 16;
 constexpr int64_t kParallelElements = 1 << 15;  // elements per parallel task, at least
+// The paired kernels' tasks, at least: waking a second OpenMP thread that sleeps (OMP_WAIT_POLICY=
+// passive, or a busy machine) costs some 40 us, more than 4 x 256 x 128 elements take on one thread
+// (measured: B = 256, D = 128 fused loss 0.040 ms on one thread, 0.086 ms on two; D = 512 0.11 vs
+// 0.09 ms).
+constexpr int64_t kPairedTaskElements = 1 << 17;
 
-int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, per_item)); }
+int64_t grain(int64_t per_item, int64_t task_elements = kParallelElements) {
+  return std::max<int64_t>(1, task_elements / std::max<int64_t>(1, per_item));
+}
 
 // `t` with unit stride along its columns (its rows may have any stride).
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -116,43 +123,48 @@ void scaled_cosines(const scalar_t* p1, const scalar_t* p2, const scalar_t* f1, 
   terms[3] = s[3] * r[1] * r[2];
 }
 
+// The terms t[4] (and for cosines the norms n[4]) of row i (see paired_terms_forward_cpu).
+template <typename scalar_t>
+void row_terms(const Rows<scalar_t>& x, int64_t i, int64_t D, bool cosine, at::opmath_type<scalar_t>* t,
+               at::opmath_type<scalar_t>* n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *p1 = x.row(0, i), *p2 = x.row(1, i), *f1 = x.row(2, i), *f2 = x.row(3, i);
+  if (!cosine) {
+    const auto s = row_sums<acc_t, 4>(D, [&](int64_t d) {
+      const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
+      return std::array<acc_t, 4>{(u1 - v1) * (u1 - v1), (u2 - v2) * (u2 - v2), (u1 - v2) * (u1 - v2),
+                                  (u2 - v1) * (u2 - v1)};
+    });
+    for (int k = 0; k < 4; ++k) t[k] = s[k];
+    return;
+  }
+  auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
+    const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
+    return std::array<acc_t, 8>{u1 * v1, u2 * v2, u1 * v2, u2 * v1, u1 * u1, u2 * u2, v1 * v1, v2 * v2};
+  });
+  if (!std::all_of(s.begin(), s.end(), [](acc_t v) { return is_finite(v); })) {
+    scaled_cosines<scalar_t>(p1, p2, f1, f2, D, t, n);
+    return;
+  }
+  acc_t clamped[4];
+  for (int k = 0; k < 4; ++k) {
+    n[k] = std::sqrt(s[4 + k]);
+    clamped[k] = nan_max(n[k], static_cast<acc_t>(kCosineEps));
+  }
+  t[0] = s[0] / (clamped[0] * clamped[2]);
+  t[1] = s[1] / (clamped[1] * clamped[3]);
+  t[2] = s[2] / (clamped[0] * clamped[3]);
+  t[3] = s[3] / (clamped[1] * clamped[2]);
+}
+
 template <typename scalar_t>
 void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, at::Tensor& terms,
                            at::Tensor& norms) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t* t = terms.data_ptr<acc_t>();
   acc_t* n = cosine ? norms.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t *p1 = x.row(0, i), *p2 = x.row(1, i), *f1 = x.row(2, i), *f2 = x.row(3, i);
-      if (cosine) {
-        auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
-          const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
-          return std::array<acc_t, 8>{u1 * v1, u2 * v2, u1 * v2, u2 * v1, u1 * u1, u2 * u2, v1 * v1, v2 * v2};
-        });
-        if (std::all_of(s.begin(), s.end(), [](acc_t v) { return is_finite(v); })) {
-          acc_t norm[4], clamped[4];
-          for (int k = 0; k < 4; ++k) {
-            norm[k] = std::sqrt(s[4 + k]);
-            clamped[k] = nan_max(norm[k], static_cast<acc_t>(kCosineEps));
-            n[i * 4 + k] = norm[k];
-          }
-          t[i * 4 + 0] = s[0] / (clamped[0] * clamped[2]);
-          t[i * 4 + 1] = s[1] / (clamped[1] * clamped[3]);
-          t[i * 4 + 2] = s[2] / (clamped[0] * clamped[3]);
-          t[i * 4 + 3] = s[3] / (clamped[1] * clamped[2]);
-        } else {
-          scaled_cosines<scalar_t>(p1, p2, f1, f2, D, t + i * 4, n + i * 4);
-        }
-      } else {
-        const auto s = row_sums<acc_t, 4>(D, [&](int64_t d) {
-          const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
-          return std::array<acc_t, 4>{(u1 - v1) * (u1 - v1), (u2 - v2) * (u2 - v2), (u1 - v2) * (u1 - v2),
-                                      (u2 - v1) * (u2 - v1)};
-        });
-        for (int k = 0; k < 4; ++k) t[i * 4 + k] = s[k];
-      }
-    }
+  at::parallel_for(0, B, grain(4 * D, kPairedTaskElements), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) row_terms(x, i, D, cosine, t + i * 4, cosine ? n + i * 4 : nullptr);
   });
 }
 
@@ -168,6 +180,34 @@ void write_row_gradient(scalar_t* out, const scalar_t* p, const scalar_t* f1, co
   }
 }
 
+// The gradients of row i of p1 and p2 (either output may be null) from the gradients g[4] of its
+// terms t[4] and, for cosines, its norms n[4] (the formulas of paired_terms_backward_cpu).
+template <typename scalar_t>
+void row_gradients(const Rows<scalar_t>& x, int64_t i, int64_t D, bool cosine, const at::opmath_type<scalar_t>* g,
+                   const at::opmath_type<scalar_t>* t, const at::opmath_type<scalar_t>* n, scalar_t* g1,
+                   scalar_t* g2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(kCosineEps);
+  const acc_t g11 = g[0], g22 = g[1], g12 = g[2], g21 = g[3];
+  // d p1 = k1 (a11 f1 + a12 f2 + b1 p1);  d p2 = k2 (a21 f1 + a22 f2 + b2 p2)
+  acc_t k1 = 1, k2 = 1, a11, a12, b1, a21, a22, b2;
+  if (cosine) {
+    k1 = 1 / nan_max(n[0], eps), k2 = 1 / nan_max(n[1], eps);
+    const acc_t inv_f1 = 1 / nan_max(n[2], eps), inv_f2 = 1 / nan_max(n[3], eps);
+    const acc_t unit_p1 = n[0] > 0 ? 1 / n[0] : (n[0] == 0 ? 0 : n[0]);
+    const acc_t unit_p2 = n[1] > 0 ? 1 / n[1] : (n[1] == 0 ? 0 : n[1]);
+    a11 = g11 * inv_f1, a12 = g12 * inv_f2;
+    a21 = g21 * inv_f1, a22 = g22 * inv_f2;
+    b1 = -unit_p1 * (g11 * t[0] + g12 * t[2]);
+    b2 = -unit_p2 * (g22 * t[1] + g21 * t[3]);
+  } else {
+    a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
+    a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
+  }
+  if (g1 != nullptr) write_row_gradient(g1, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1);
+  if (g2 != nullptr) write_row_gradient(g2, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2);
+}
+
 template <typename scalar_t>
 void paired_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& terms, const at::Tensor& norms,
                             const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, scalar_t* g1,
@@ -176,31 +216,42 @@ void paired_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& term
   const acc_t* g = grad_terms.const_data_ptr<acc_t>();
   const acc_t* t = terms.const_data_ptr<acc_t>();
   const acc_t* n = cosine ? norms.const_data_ptr<acc_t>() : nullptr;
-  const acc_t eps = static_cast<acc_t>(kCosineEps);
-  at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain(4 * D, kPairedTaskElements), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t g11 = g[i * 4], g22 = g[i * 4 + 1], g12 = g[i * 4 + 2], g21 = g[i * 4 + 3];
-      // d p1 = k1 (a11 f1 + a12 f2 + b1 p1);  d p2 = k2 (a21 f1 + a22 f2 + b2 p2)
-      acc_t k1 = 1, k2 = 1, a11, a12, b1, a21, a22, b2;
-      if (cosine) {
-        const acc_t* row_norms = n + i * 4;
-        k1 = 1 / nan_max(row_norms[0], eps), k2 = 1 / nan_max(row_norms[1], eps);
-        const acc_t inv_f1 = 1 / nan_max(row_norms[2], eps), inv_f2 = 1 / nan_max(row_norms[3], eps);
-        const acc_t unit_p1 = row_norms[0] > 0 ? 1 / row_norms[0] : (row_norms[0] == 0 ? 0 : row_norms[0]);
-        const acc_t unit_p2 = row_norms[1] > 0 ? 1 / row_norms[1] : (row_norms[1] == 0 ? 0 : row_norms[1]);
-        const acc_t* c = t + i * 4;
-        a11 = g11 * inv_f1, a12 = g12 * inv_f2;
-        a21 = g21 * inv_f1, a22 = g22 * inv_f2;
-        b1 = -unit_p1 * (g11 * c[0] + g12 * c[2]);
-        b2 = -unit_p2 * (g22 * c[1] + g21 * c[3]);
-      } else {
-        a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
-        a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
-      }
-      if (g1 != nullptr) write_row_gradient(g1 + i * D, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1);
-      if (g2 != nullptr) write_row_gradient(g2 + i * D, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2);
+      row_gradients(x, i, D, cosine, g + i * 4, t + i * 4, cosine ? n + i * 4 : nullptr,
+                    g1 != nullptr ? g1 + i * D : nullptr, g2 != nullptr ? g2 + i * D : nullptr);
     }
   });
+}
+
+// The fused loss constant + sum_ik w_k terms[i, k] (accumulated in float64, in row order, so the
+// result does not depend on the thread count) and, where asked for, its gradients of p1 and p2: each
+// row is read from memory once, its gradients computed while it is in cache.
+template <typename scalar_t>
+double paired_loss_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, const double* w,
+                          scalar_t* g1, scalar_t* g2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t g[4] = {static_cast<acc_t>(w[0]), static_cast<acc_t>(w[1]), static_cast<acc_t>(w[2]),
+                      static_cast<acc_t>(w[3])};
+  std::vector<double> row_loss(B);
+  at::parallel_for(0, B, grain(4 * D, kPairedTaskElements), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t t[4], n[4];
+      row_terms(x, i, D, cosine, t, n);
+      double r = 0;
+      for (int k = 0; k < 4; ++k) {
+        if (w[k] != 0) r += w[k] * static_cast<double>(t[k]);
+      }
+      row_loss[i] = r;
+      if (g1 != nullptr || g2 != nullptr) {
+        row_gradients(x, i, D, cosine, g, t, n, g1 != nullptr ? g1 + i * D : nullptr,
+                      g2 != nullptr ? g2 + i * D : nullptr);
+      }
+    }
+  });
+  double total = 0;
+  for (int64_t i = 0; i < B; ++i) total += row_loss[i];
+  return total;
 }
 
 // The statistics of one column (a[r * sa], b[r * sb]) whose sums overflow, written to stats[k * D]:
@@ -446,6 +497,27 @@ std::vector<at::Tensor> paired_terms_backward_cpu(const at::Tensor& grad_terms, 
     if (p2_needs_grad) grads.push_back(g2);
   });
   return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
+                                                                       const at::Tensor& f1, const at::Tensor& f2,
+                                                                       bool cosine, const std::array<double, 4>& weights,
+                                                                       double constant, bool p1_needs_grad,
+                                                                       bool p2_needs_grad) {
+  const int64_t B = p1.size(0), D = p1.size(1);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "paired_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor g1 = at::empty({p1_needs_grad ? B : 0, D}, p1.options());
+    at::Tensor g2 = at::empty({p2_needs_grad ? B : 0, D}, p2.options());
+    const double total = paired_loss_kernel<scalar_t>(Rows<scalar_t>(p1, p2, f1, f2), B, D, cosine, weights.data(),
+                                                      p1_needs_grad ? g1.data_ptr<scalar_t>() : nullptr,
+                                                      p2_needs_grad ? g2.data_ptr<scalar_t>() : nullptr);
+    at::Tensor loss = at::empty({}, p1.options().dtype(compute_scalar_type<scalar_t>()));
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(constant + total);
+    out = {loss, g1, g2};
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_gram_forward_cpu(const at::Tensor& a, const at::Tensor& b,
