@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_forward_cpu(const at:
                                                                        double constant, bool p1_needs_grad,
                                                                        bool p2_needs_grad);
 
-// (loss (0-d), stats (5, D) = mean_a, rstd_a, mean_b, rstd_b, diag(C), gram_b (B, B)).
+// (loss (0-d), stats (5, D) = mean_a, rstd_a, mean_b, rstd_b, diag(C), gram_b): gram_b is G_b (B, B)
+// for B <= D, C = a^T b^ / B (D, D) for B > D.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_gram_forward_cpu(const at::Tensor& a, const at::Tensor& b,
                                                                        double off_diagonal_weight, double scale);
 

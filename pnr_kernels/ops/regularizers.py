@@ -43,8 +43,11 @@ forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d;
     g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
     d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
 
-Two cases need the D x D cross-correlation itself: torch.distributed, where C is averaged over
-the ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
+For B > D a backend may compute C (D x D, the smaller matrix) instead of the Gram matrices in the
+same op (``barlow_correlation_form(device)``; the native CPU kernels do): it saves C in
+``gram_b``'s place, (D, D), and its backward uses ``G_b a^ = B b^ C^T``. Otherwise two cases need
+the D x D cross-correlation through autograd: torch.distributed, where C is averaged over the ranks
+before the loss, and B > D. There C comes from
 ``reference.barlow_correlation`` (standardise, one matmul, ``distributed.all_reduce_mean``; its
 backward through the standardisation is autograd's) and ``barlow_correlation_loss(c, l, s)``
 reduces it in one read, without the ``C**2`` and diagonal temporaries of the reference:
@@ -75,8 +78,8 @@ PairedBackward = Callable[..., List[torch.Tensor]]
 # paired_loss(p1, p2, f1, f2, kind, weights (4 floats), constant, p1_needs_grad, p2_needs_grad)
 #   -> (loss (0-d, compute dtype), grad p1, grad p2), each gradient (0, D) where not needed
 PairedLoss = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-# barlow_forward(a, b, off_diagonal_weight, scale) -> (loss (0-d), stats (5, D), gram_b (B, B)),
-#   all in the compute dtype
+# barlow_forward(a, b, off_diagonal_weight, scale) -> (loss (0-d), stats (5, D), gram_b (B, B); or C
+#   (D, D) for B > D where barlow_correlation_form), all in the compute dtype
 BarlowForward = Callable[[torch.Tensor, torch.Tensor, float, float],
                          Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # barlow_backward(grad_loss (0-d), a, b, stats, gram_b, off_diagonal_weight, scale) -> grad a
@@ -96,6 +99,8 @@ class RegularizerKernels:
     correlation_loss_forward: CorrelationLossForward
     correlation_loss_backward: CorrelationLossBackward
     paired_loss: Optional[PairedLoss] = None  # None: compose_paired_loss(paired_forward, paired_backward)
+    # whether barlow_forward/backward take B > D on a device, saving C (D, D) in gram_b's place
+    barlow_correlation_form: Callable[[torch.device], bool] = lambda device: False
 
 
 def compose_paired_loss(paired_forward: PairedForward, paired_backward: PairedBackward) -> PairedLoss:
@@ -119,6 +124,7 @@ class RegularizerOps:
     paired_loss: Callable
     barlow_gram_loss: Callable
     barlow_correlation_loss: Callable
+    barlow_correlation_form: Callable[[torch.device], bool]
 
 
 def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
@@ -214,7 +220,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
 
     def barlow_fake(a, b, off_diagonal_weight, scale):
         (n, d), dtype = a.shape, compute_dtype(a.dtype)
-        return a.new_empty((), dtype=dtype), a.new_empty((5, d), dtype=dtype), a.new_empty((n, n), dtype=dtype)
+        m = d if n > d and kernels.barlow_correlation_form(a.device) else n
+        return a.new_empty((), dtype=dtype), a.new_empty((5, d), dtype=dtype), a.new_empty((m, m), dtype=dtype)
 
     def barlow_backward(grad_loss: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
                         gram_b: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
@@ -270,6 +277,7 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
                         barlow_backward, barlow_backward_fake, barlow_setup, barlow_formula),
         define_fused_op(f"{prefix}barlow_correlation_loss_{backend}", backend, correlation_loss, correlation_fake,
                         correlation_backward, correlation_backward_fake, correlation_setup, correlation_formula),
+        kernels.barlow_correlation_form,
     )
 
 
@@ -302,7 +310,7 @@ def vicreg_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
 
 def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight,
                            off_diagonal_weight, scale):
-    if distributed.world_size() > 1 or p1.shape[0] > p1.shape[1]:
+    if distributed.world_size() > 1 or (p1.shape[0] > p1.shape[1] and not ops.barlow_correlation_form(p1.device)):
         # Under DDP, C is averaged over ranks before the loss (docs/losses.md section 4).
         def barlow(p, f):
             up = compute_dtype(p.dtype)
