@@ -51,7 +51,9 @@ void check_barlow_backward(const at::Tensor& grad_loss, const at::Tensor& a, con
   check_embeddings({a, b}, "barlow inputs");
   check_saved(grad_loss, "grad_loss", a, {});
   check_saved(stats, "stats", a, {5, a.size(1)});
-  check_saved(gram_b, "gram_b", a, {a.size(0), a.size(0)});
+  // the CPU kernels save C (D, D) in G_b's place when B > D (regularizers_cpu.h)
+  const int64_t saved = a.is_cpu() && a.size(0) > a.size(1) ? a.size(1) : a.size(0);
+  check_saved(gram_b, "gram_b", a, {saved, saved});
 }
 
 // c must be a square float32 matrix (float64 also on CPU): a cross-correlation matrix.
@@ -82,6 +84,19 @@ std::tuple<at::Tensor, at::Tensor> paired_forward_cpu(const at::Tensor& p1, cons
   const bool cosine = is_cosine(kind);
   check_embeddings({p1, p2, f1, f2}, "paired inputs");
   return paired_terms_forward_cpu(p1, p2, f1, f2, cosine);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_cpu(const at::Tensor& p1, const at::Tensor& p2,
+                                                               const at::Tensor& f1, const at::Tensor& f2,
+                                                               const std::string& kind, at::ArrayRef<double> weights,
+                                                               double constant, bool p1_needs_grad,
+                                                               bool p2_needs_grad) {
+  const KernelGuard kernel_guard;
+  const bool cosine = is_cosine(kind);
+  check_embeddings({p1, p2, f1, f2}, "paired inputs");
+  TORCH_CHECK(weights.size() == 4, "weights must have 4 entries (one per pair), got ", weights.size());
+  return paired_loss_forward_cpu(p1, p2, f1, f2, cosine, {weights[0], weights[1], weights[2], weights[3]}, constant,
+                                 p1_needs_grad, p2_needs_grad);
 }
 
 std::vector<at::Tensor> paired_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& terms,
@@ -236,6 +251,8 @@ TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
   m.def("paired_terms_forward(Tensor p1, Tensor p2, Tensor f1, Tensor f2, str kind) -> (Tensor, Tensor)");
   m.def("paired_terms_backward(Tensor grad_terms, Tensor terms, Tensor norms, Tensor p1, Tensor p2, Tensor f1, "
         "Tensor f2, str kind, bool p1_needs_grad, bool p2_needs_grad) -> Tensor[]");
+  m.def("paired_loss_forward(Tensor p1, Tensor p2, Tensor f1, Tensor f2, str kind, float[] weights, float constant, "
+        "bool p1_needs_grad, bool p2_needs_grad) -> (Tensor, Tensor, Tensor)");
   m.def("barlow_gram_forward(Tensor a, Tensor b, float off_diagonal_weight, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("barlow_gram_backward(Tensor grad_loss, Tensor a, Tensor b, Tensor stats, Tensor gram_b, "
         "float off_diagonal_weight, float scale) -> Tensor");
@@ -247,6 +264,7 @@ TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
 TORCH_LIBRARY_IMPL(pnr_kernels, CPU, m) {
   m.impl("paired_terms_forward", &paired_forward_cpu);
   m.impl("paired_terms_backward", &paired_backward_cpu);
+  m.impl("paired_loss_forward", &paired_loss_cpu);
   m.impl("barlow_gram_forward", &barlow_forward_cpu);
   m.impl("barlow_gram_backward", &barlow_backward_cpu);
   m.impl("barlow_correlation_loss_forward", &correlation_loss_forward_cpu);

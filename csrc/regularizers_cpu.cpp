@@ -4,7 +4,8 @@
 // kept in kLanes independent partial sums per quantity so that the compiler vectorises them.
 // Barlow (Gram form): column statistics in one parallel loop over column stripes, the two B x B
 // Gram matrices and the backward's G_b a^ product through at::mm (the CPU BLAS), everything else
-// (standardisation, diagonal, loss, standardisation backward) in fused loops, O(B D).
+// (standardisation, diagonal, loss, standardisation backward) in fused loops, O(B D). For B > D the
+// same op computes and saves the D x D C = a^T b^ / B instead (the smaller matrix; G_b a^ = B b^ C^T).
 // Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
 // Huge magnitudes: where a row's (cosine) or column's (Barlow statistics) sums overflow, that row or
@@ -32,9 +33,69 @@ namespace {
 constexpr double kCosineEps = 1e-8;          // torch.nn.functional.cosine_similarity's eps
 constexpr double kBarlowVarianceEps = 1e-5;  // pnr_kernels.reference.BARLOW_VARIANCE_EPS
 constexpr int64_t kLanes = 16;
-constexpr int64_t kParallelElements = 1 << 15;  // elements per parallel task, at least
+// Elements per parallel task, at least: waking a second OpenMP thread that sleeps (OMP_WAIT_POLICY=
+// passive, or a busy machine) costs some 40 us, more than 4 x 256 x 128 elements take on one thread
+// (measured: the fused paired loss at B = 256, D = 128 0.040 ms on one thread, 0.086 ms on two;
+// D = 512 0.11 vs 0.09 ms).
+constexpr int64_t kParallelElements = 1 << 17;
 
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, per_item)); }
+
+// The paired kernels' row loops are compiled three times, for AVX-512, AVX2 + FMA and the build's
+// baseline (the build flags have no -march), and the widest the CPU has runs: the per-row helpers
+// are forced inline into each so that their loops vectorise at that width. Sums are the same
+// kLanes-way partial sums on every path (an FMA contracts a product and a sum: rounding differs in
+// the last bits, not the method).
+#define PNR_INLINE inline __attribute__((always_inline))
+#define PNR_LAMBDA_INLINE __attribute__((always_inline))
+#if defined(__x86_64__)
+#define PNR_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+#define PNR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+enum class RowIsa { kBaseline, kAvx2, kAvx512 };
+
+RowIsa row_isa() {
+#if defined(__x86_64__)
+  static const RowIsa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+                                ? RowIsa::kAvx512
+                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? RowIsa::kAvx2
+                                                                                              : RowIsa::kBaseline;
+  return isa;
+#else
+  return RowIsa::kBaseline;
+#endif
+}
+
+template <typename Body>
+void rows_baseline(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t i = begin; i < end; ++i) body(i);
+}
+#if defined(__x86_64__)
+template <typename Body>
+PNR_TARGET_AVX2 void rows_avx2(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t i = begin; i < end; ++i) body(i);
+}
+template <typename Body>
+PNR_TARGET_AVX512 void rows_avx512(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t i = begin; i < end; ++i) body(i);
+}
+#endif
+
+// body(i) for every row i < B, in parallel tasks of at least kParallelElements / per_row rows, on the
+// widest instruction set (body must be a PNR_LAMBDA_INLINE lambda).
+template <typename Body>
+void for_each_row(int64_t B, int64_t per_row, const Body& body) {
+  const RowIsa isa = row_isa();
+  at::parallel_for(0, B, grain(per_row), [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+    if (isa == RowIsa::kAvx512) return rows_avx512(begin, end, body);
+    if (isa == RowIsa::kAvx2) return rows_avx2(begin, end, body);
+#endif
+    rows_baseline(begin, end, body);
+  });
+}
 
 // `t` with unit stride along its columns (its rows may have any stride).
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -46,7 +107,7 @@ at::ScalarType compute_scalar_type() {
 
 // {sum over d < D of f(d)[q]} for the Q quantities f returns, in kLanes partial sums each.
 template <typename acc_t, size_t Q, typename F>
-std::array<acc_t, Q> row_sums(int64_t D, const F& f) {
+PNR_INLINE std::array<acc_t, Q> row_sums(int64_t D, const F& f) {
   acc_t lanes[Q][kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes) {
@@ -116,43 +177,55 @@ void scaled_cosines(const scalar_t* p1, const scalar_t* p2, const scalar_t* f1, 
   terms[3] = s[3] * r[1] * r[2];
 }
 
+// The terms t[4] (and for cosines the norms n[4]) of row i (see paired_terms_forward_cpu).
+template <typename scalar_t>
+PNR_INLINE void row_terms(const Rows<scalar_t>& x, int64_t i, int64_t D, bool cosine, at::opmath_type<scalar_t>* t,
+               at::opmath_type<scalar_t>* n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *p1 = x.row(0, i), *p2 = x.row(1, i), *f1 = x.row(2, i), *f2 = x.row(3, i);
+  // omp simd reductions: vector-wide partial sums per quantity (kLanes-like, at the ISA's width)
+  if (!cosine) {
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
+      s0 += (u1 - v1) * (u1 - v1), s1 += (u2 - v2) * (u2 - v2), s2 += (u1 - v2) * (u1 - v2);
+      s3 += (u2 - v1) * (u2 - v1);
+    }
+    t[0] = s0, t[1] = s1, t[2] = s2, t[3] = s3;
+    return;
+  }
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
+    s0 += u1 * v1, s1 += u2 * v2, s2 += u1 * v2, s3 += u2 * v1;
+    s4 += u1 * u1, s5 += u2 * u2, s6 += v1 * v1, s7 += v2 * v2;
+  }
+  const std::array<acc_t, 8> s{s0, s1, s2, s3, s4, s5, s6, s7};
+  if (!std::all_of(s.begin(), s.end(), [](acc_t v) { return is_finite(v); })) {
+    scaled_cosines<scalar_t>(p1, p2, f1, f2, D, t, n);
+    return;
+  }
+  acc_t clamped[4];
+  for (int k = 0; k < 4; ++k) {
+    n[k] = std::sqrt(s[4 + k]);
+    clamped[k] = nan_max(n[k], static_cast<acc_t>(kCosineEps));
+  }
+  t[0] = s[0] / (clamped[0] * clamped[2]);
+  t[1] = s[1] / (clamped[1] * clamped[3]);
+  t[2] = s[2] / (clamped[0] * clamped[3]);
+  t[3] = s[3] / (clamped[1] * clamped[2]);
+}
+
 template <typename scalar_t>
 void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, at::Tensor& terms,
                            at::Tensor& norms) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t* t = terms.data_ptr<acc_t>();
   acc_t* n = cosine ? norms.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t *p1 = x.row(0, i), *p2 = x.row(1, i), *f1 = x.row(2, i), *f2 = x.row(3, i);
-      if (cosine) {
-        auto s = row_sums<acc_t, 8>(D, [&](int64_t d) {
-          const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
-          return std::array<acc_t, 8>{u1 * v1, u2 * v2, u1 * v2, u2 * v1, u1 * u1, u2 * u2, v1 * v1, v2 * v2};
-        });
-        if (std::all_of(s.begin(), s.end(), [](acc_t v) { return is_finite(v); })) {
-          acc_t norm[4], clamped[4];
-          for (int k = 0; k < 4; ++k) {
-            norm[k] = std::sqrt(s[4 + k]);
-            clamped[k] = nan_max(norm[k], static_cast<acc_t>(kCosineEps));
-            n[i * 4 + k] = norm[k];
-          }
-          t[i * 4 + 0] = s[0] / (clamped[0] * clamped[2]);
-          t[i * 4 + 1] = s[1] / (clamped[1] * clamped[3]);
-          t[i * 4 + 2] = s[2] / (clamped[0] * clamped[3]);
-          t[i * 4 + 3] = s[3] / (clamped[1] * clamped[2]);
-        } else {
-          scaled_cosines<scalar_t>(p1, p2, f1, f2, D, t + i * 4, n + i * 4);
-        }
-      } else {
-        const auto s = row_sums<acc_t, 4>(D, [&](int64_t d) {
-          const acc_t u1 = p1[d], u2 = p2[d], v1 = f1[d], v2 = f2[d];
-          return std::array<acc_t, 4>{(u1 - v1) * (u1 - v1), (u2 - v2) * (u2 - v2), (u1 - v2) * (u1 - v2),
-                                      (u2 - v1) * (u2 - v1)};
-        });
-        for (int k = 0; k < 4; ++k) t[i * 4 + k] = s[k];
-      }
-    }
+  for_each_row(B, 4 * D, [&](int64_t i) PNR_LAMBDA_INLINE {
+    row_terms(x, i, D, cosine, t + i * 4, cosine ? n + i * 4 : nullptr);
   });
 }
 
@@ -160,12 +233,41 @@ void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool c
 // eps) and the c's carry 1 / |f| and 1 / |p|: each product in the parentheses is O(|g|) whatever the
 // rows' scale, so nothing underflows for huge rows (k * c_f1 would: 1e-30 * 1e-30 in float32).
 template <typename scalar_t, typename acc_t>
-void write_row_gradient(scalar_t* out, const scalar_t* p, const scalar_t* f1, const scalar_t* f2, int64_t D,
+PNR_INLINE void write_row_gradient(scalar_t* out, const scalar_t* p, const scalar_t* f1, const scalar_t* f2, int64_t D,
                         acc_t k, acc_t c_f1, acc_t c_f2, acc_t c_p) {
+#pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     out[d] = static_cast<scalar_t>(k * (c_f1 * static_cast<acc_t>(f1[d]) + c_f2 * static_cast<acc_t>(f2[d]) +
                                         c_p * static_cast<acc_t>(p[d])));
   }
+}
+
+// The gradients of row i of p1 and p2 (either output may be null) from the gradients g[4] of its
+// terms t[4] and, for cosines, its norms n[4] (the formulas of paired_terms_backward_cpu).
+template <typename scalar_t>
+PNR_INLINE void row_gradients(const Rows<scalar_t>& x, int64_t i, int64_t D, bool cosine, const at::opmath_type<scalar_t>* g,
+                   const at::opmath_type<scalar_t>* t, const at::opmath_type<scalar_t>* n, scalar_t* g1,
+                   scalar_t* g2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(kCosineEps);
+  const acc_t g11 = g[0], g22 = g[1], g12 = g[2], g21 = g[3];
+  // d p1 = k1 (a11 f1 + a12 f2 + b1 p1);  d p2 = k2 (a21 f1 + a22 f2 + b2 p2)
+  acc_t k1 = 1, k2 = 1, a11, a12, b1, a21, a22, b2;
+  if (cosine) {
+    k1 = 1 / nan_max(n[0], eps), k2 = 1 / nan_max(n[1], eps);
+    const acc_t inv_f1 = 1 / nan_max(n[2], eps), inv_f2 = 1 / nan_max(n[3], eps);
+    const acc_t unit_p1 = n[0] > 0 ? 1 / n[0] : (n[0] == 0 ? 0 : n[0]);
+    const acc_t unit_p2 = n[1] > 0 ? 1 / n[1] : (n[1] == 0 ? 0 : n[1]);
+    a11 = g11 * inv_f1, a12 = g12 * inv_f2;
+    a21 = g21 * inv_f1, a22 = g22 * inv_f2;
+    b1 = -unit_p1 * (g11 * t[0] + g12 * t[2]);
+    b2 = -unit_p2 * (g22 * t[1] + g21 * t[3]);
+  } else {
+    a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
+    a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
+  }
+  if (g1 != nullptr) write_row_gradient(g1, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1);
+  if (g2 != nullptr) write_row_gradient(g2, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2);
 }
 
 template <typename scalar_t>
@@ -176,31 +278,38 @@ void paired_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& term
   const acc_t* g = grad_terms.const_data_ptr<acc_t>();
   const acc_t* t = terms.const_data_ptr<acc_t>();
   const acc_t* n = cosine ? norms.const_data_ptr<acc_t>() : nullptr;
-  const acc_t eps = static_cast<acc_t>(kCosineEps);
-  at::parallel_for(0, B, grain(4 * D), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t g11 = g[i * 4], g22 = g[i * 4 + 1], g12 = g[i * 4 + 2], g21 = g[i * 4 + 3];
-      // d p1 = k1 (a11 f1 + a12 f2 + b1 p1);  d p2 = k2 (a21 f1 + a22 f2 + b2 p2)
-      acc_t k1 = 1, k2 = 1, a11, a12, b1, a21, a22, b2;
-      if (cosine) {
-        const acc_t* row_norms = n + i * 4;
-        k1 = 1 / nan_max(row_norms[0], eps), k2 = 1 / nan_max(row_norms[1], eps);
-        const acc_t inv_f1 = 1 / nan_max(row_norms[2], eps), inv_f2 = 1 / nan_max(row_norms[3], eps);
-        const acc_t unit_p1 = row_norms[0] > 0 ? 1 / row_norms[0] : (row_norms[0] == 0 ? 0 : row_norms[0]);
-        const acc_t unit_p2 = row_norms[1] > 0 ? 1 / row_norms[1] : (row_norms[1] == 0 ? 0 : row_norms[1]);
-        const acc_t* c = t + i * 4;
-        a11 = g11 * inv_f1, a12 = g12 * inv_f2;
-        a21 = g21 * inv_f1, a22 = g22 * inv_f2;
-        b1 = -unit_p1 * (g11 * c[0] + g12 * c[2]);
-        b2 = -unit_p2 * (g22 * c[1] + g21 * c[3]);
-      } else {
-        a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
-        a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
-      }
-      if (g1 != nullptr) write_row_gradient(g1 + i * D, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1);
-      if (g2 != nullptr) write_row_gradient(g2 + i * D, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2);
+  for_each_row(B, 4 * D, [&](int64_t i) PNR_LAMBDA_INLINE {
+    row_gradients(x, i, D, cosine, g + i * 4, t + i * 4, cosine ? n + i * 4 : nullptr,
+                  g1 != nullptr ? g1 + i * D : nullptr, g2 != nullptr ? g2 + i * D : nullptr);
+  });
+}
+
+// The fused loss constant + sum_ik w_k terms[i, k] (accumulated in float64, in row order, so the
+// result does not depend on the thread count) and, where asked for, its gradients of p1 and p2: each
+// row is read from memory once, its gradients computed while it is in cache.
+template <typename scalar_t>
+double paired_loss_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, const double* w,
+                          scalar_t* g1, scalar_t* g2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t g[4] = {static_cast<acc_t>(w[0]), static_cast<acc_t>(w[1]), static_cast<acc_t>(w[2]),
+                      static_cast<acc_t>(w[3])};
+  std::vector<double> row_loss(B);
+  for_each_row(B, 4 * D, [&](int64_t i) PNR_LAMBDA_INLINE {
+    acc_t t[4], n[4];
+    row_terms(x, i, D, cosine, t, n);
+    double r = 0;
+    for (int k = 0; k < 4; ++k) {
+      if (w[k] != 0) r += w[k] * static_cast<double>(t[k]);
+    }
+    row_loss[i] = r;
+    if (g1 != nullptr || g2 != nullptr) {
+      row_gradients(x, i, D, cosine, g, t, n, g1 != nullptr ? g1 + i * D : nullptr,
+                    g2 != nullptr ? g2 + i * D : nullptr);
     }
   });
+  double total = 0;
+  for (int64_t i = 0; i < B; ++i) total += row_loss[i];
+  return total;
 }
 
 // The statistics of one column (a[r * sa], b[r * sb]) whose sums overflow, written to stats[k * D]:
@@ -315,15 +424,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_kernel(const at::T
                                 b.stride(0), B, D, st);
   const at::Tensor a_std = standardised<scalar_t>(a, st, st + D);
   const at::Tensor b_std = standardised<scalar_t>(b, st + 2 * D, st + 3 * D);
-  const at::Tensor gram_a = at::mm(a_std, a_std.t());
-  at::Tensor gram_b = at::mm(b_std, b_std.t());
+  // B <= D: the B x B Gram matrices, sum_ij C_ij^2 = <G_a, G_b> / B^2, G_b saved; B > D: C itself
+  // (D x D, the smaller), saved in G_b's place.
+  const bool correlation_form = B > D;
+  at::Tensor gram_b;
+  double all_squares;
+  if (correlation_form) {
+    gram_b = at::mm(a_std.t(), b_std).div_(static_cast<double>(B));
+    all_squares = frobenius_inner<acc_t>(gram_b, gram_b);
+  } else {
+    const at::Tensor gram_a = at::mm(a_std, a_std.t());
+    gram_b = at::mm(b_std, b_std.t());
+    all_squares = frobenius_inner<acc_t>(gram_a, gram_b) / (static_cast<double>(B) * B);
+  }
   double on_diagonal = 0, diagonal_squares = 0;
   for (int64_t c = 0; c < D; ++c) {
     const double d = st[4 * D + c];
     on_diagonal += (d - 1) * (d - 1);
     diagonal_squares += d * d;
   }
-  const double all_squares = frobenius_inner<acc_t>(gram_a, gram_b) / (static_cast<double>(B) * B);
   at::Tensor loss = at::empty({}, options);
   loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(s * (on_diagonal + l * (all_squares - diagonal_squares)));
   return {loss, stats, gram_b};
@@ -338,13 +457,17 @@ at::Tensor barlow_backward_kernel(double grad_loss, const at::Tensor& a_in, cons
   const acc_t* st = stats.const_data_ptr<acc_t>();
   const acc_t *rstd_a = st + D, *mean_b = st + 2 * D, *rstd_b = st + 3 * D, *diag = st + 4 * D;
   const at::Tensor a_std = standardised<scalar_t>(a, st, rstd_a);
-  at::Tensor grad_std = at::mm(gram_b, a_std);  // G_b a^, overwritten with d loss / d a^ below
+  // G_b a^ (B <= D), or b^ C^T = G_b a^ / B (B > D, gram_b holds C); overwritten with d loss / d a^
+  const bool correlation_form = B > D;
+  at::Tensor grad_std = correlation_form ? at::mm(standardised<scalar_t>(b, mean_b, rstd_b), gram_b.t())
+                                         : at::mm(gram_b, a_std);
   at::Tensor out = at::empty({B, D}, a.options());
   const acc_t* as = a_std.const_data_ptr<acc_t>();
   acc_t* gs = grad_std.data_ptr<acc_t>();
   const scalar_t* pb = b.const_data_ptr<scalar_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
-  const acc_t beta = static_cast<acc_t>(grad_loss * s * 2 * l / (static_cast<double>(B) * B));
+  const acc_t beta =
+      static_cast<acc_t>(grad_loss * s * 2 * l / (correlation_form ? static_cast<double>(B) : static_cast<double>(B) * B));
   at::parallel_for(0, D, grain(3 * B), [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
     std::vector<acc_t> alpha(w), sum_g(w, 0), sum_ga(w, 0);
@@ -446,6 +569,27 @@ std::vector<at::Tensor> paired_terms_backward_cpu(const at::Tensor& grad_terms, 
     if (p2_needs_grad) grads.push_back(g2);
   });
   return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
+                                                                       const at::Tensor& f1, const at::Tensor& f2,
+                                                                       bool cosine, const std::array<double, 4>& weights,
+                                                                       double constant, bool p1_needs_grad,
+                                                                       bool p2_needs_grad) {
+  const int64_t B = p1.size(0), D = p1.size(1);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "paired_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor g1 = at::empty({p1_needs_grad ? B : 0, D}, p1.options());
+    at::Tensor g2 = at::empty({p2_needs_grad ? B : 0, D}, p2.options());
+    const double total = paired_loss_kernel<scalar_t>(Rows<scalar_t>(p1, p2, f1, f2), B, D, cosine, weights.data(),
+                                                      p1_needs_grad ? g1.data_ptr<scalar_t>() : nullptr,
+                                                      p2_needs_grad ? g2.data_ptr<scalar_t>() : nullptr);
+    at::Tensor loss = at::empty({}, p1.options().dtype(compute_scalar_type<scalar_t>()));
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(constant + total);
+    out = {loss, g1, g2};
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_gram_forward_cpu(const at::Tensor& a, const at::Tensor& b,

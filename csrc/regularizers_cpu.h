@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -24,7 +25,17 @@ std::vector<at::Tensor> paired_terms_backward_cpu(const at::Tensor& grad_terms, 
                                                   const at::Tensor& f2, bool cosine, bool p1_needs_grad,
                                                   bool p2_needs_grad);
 
-// (loss (0-d), stats (5, D) = mean_a, rstd_a, mean_b, rstd_b, diag(C), gram_b (B, B)).
+// (loss, grad p1, grad p2): loss = constant + sum_ik weights[k] * terms[i, k] (0-d, compute dtype)
+// with terms as paired_terms_forward_cpu's, and its gradients of p1 and p2 (inputs' dtype; (0, D)
+// where not asked for), in one read of the inputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_forward_cpu(const at::Tensor& p1, const at::Tensor& p2,
+                                                                       const at::Tensor& f1, const at::Tensor& f2,
+                                                                       bool cosine, const std::array<double, 4>& weights,
+                                                                       double constant, bool p1_needs_grad,
+                                                                       bool p2_needs_grad);
+
+// (loss (0-d), stats (5, D) = mean_a, rstd_a, mean_b, rstd_b, diag(C), gram_b): gram_b is G_b (B, B)
+// for B <= D, C = a^T b^ / B (D, D) for B > D.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_gram_forward_cpu(const at::Tensor& a, const at::Tensor& b,
                                                                        double off_diagonal_weight, double scale);
 

@@ -512,16 +512,24 @@ def kernels() -> dict:
     extension's ops ``torch.ops.pnr_kernels.*`` (csrc/infonce_*, csrc/regularizers_*). Builds and
     loads the extension if that has not happened yet."""
     from .ops.infonce import InfoNCEKernels
-    from .ops.regularizers import RegularizerKernels
+    from .ops.regularizers import RegularizerKernels, compose_paired_loss
 
     if load()[0] is None:
         raise RuntimeError(load()[1])
     ops = torch.ops.pnr_kernels
+    composed_paired_loss = compose_paired_loss(ops.paired_terms_forward, ops.paired_terms_backward)
+
+    def paired_loss(p1, *args):  # fused on the CPU; the CUDA part composes its two paired kernels
+        if p1.device.type == "cpu":
+            return ops.paired_loss_forward(p1, *args)
+        return composed_paired_loss(p1, *args)
+
     return {
         "infonce": InfoNCEKernels(ops.infonce_lse_forward, ops.infonce_lse_backward),
         "regularizers": RegularizerKernels(
             ops.paired_terms_forward, ops.paired_terms_backward, ops.barlow_gram_forward,
-            ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward),
+            ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward,
+            paired_loss, barlow_correlation_form=lambda device: device.type == "cpu"),
     }
 
 

@@ -4,7 +4,7 @@ first-order-only rule of the fused backends."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -145,19 +145,22 @@ def _must_trace(flat) -> bool:
 
 
 def define_fused_op(name: str, backend: str, forward: Callable, forward_fake: Callable, backward: Callable,
-                    backward_fake: Callable, setup_context: Callable, formula: Callable) -> Callable:
+                    backward_fake: Callable, setup_context: Callable, formula: Callable,
+                    eager_backward: Optional[Callable] = None) -> Callable:
     """Register ``forward`` (type-annotated) as the custom op ``name`` and ``backward`` as
     ``name + "_backward"``, with their fake kernels, the autograd formula
     ``formula(ctx, backward, *output grads)`` (``backward`` being whichever backward to call) and
     the first-order-only rule. Return the op to call: the custom op under tracing, the eager
-    autograd.Function over the same functions otherwise (results identical, bitwise)."""
+    autograd.Function over the same functions otherwise (results identical, bitwise).
+    ``eager_backward`` (default ``backward``), the eager path's backward, may return one of its
+    input tensors itself, which a custom op may not (it returns a copy)."""
     forward_op = torch.library.custom_op(name, forward, mutates_args=())
     forward_op.register_fake(forward_fake)
     backward_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
     backward_op.register_fake(backward_fake)
     forward_op.register_autograd(lambda ctx, *grads: formula(ctx, backward_op, *grads), setup_context=setup_context)
     first_order_only(backward_op, backend)
-    eager_backward = _first_order(backward, backend)
+    eager_backward = _first_order(eager_backward or backward, backend)
 
     def eager_formula(ctx, *grads):
         return formula(ctx, eager_backward, *grads)

@@ -19,6 +19,14 @@ into the gradients of p1 and p2 in one pass over the rows (f1, f2 are frozen: no
 (``p / |p|`` is taken as 0 for an all-zero row; this is torch.nn.functional.cosine_similarity's
 gradient, including when a norm is clamped at eps.)
 
+``paired_loss(p1, p2, f1, f2, kind, weights, constant, p1_needs_grad, p2_needs_grad)`` is the
+regularisers' fused form of the two: the scalar ``constant + sum_ik weights[k] * terms[i, k]`` and,
+for the inputs asked for, its gradients (the formulas above with ``g[i, k] = weights[k]``),
+computed in the forward while each row is in cache and saved; the backward scales them by the
+incoming gradient (none at all when that is exactly 1, outside tracing). So a forward + backward
+reads each input once and writes each gradient once. A backend without a fused kernel gets
+paired_forward followed by paired_backward (``compose_paired_loss``).
+
 ``barlow_gram_loss(a, b, off_diagonal_weight=l, scale=s)`` is the Barlow loss of section 4 for one
 process, computed without any D x D matrix. With the column-standardised ``a^, b^`` (batch mean,
 biased variance, eps 1e-5; folded into the kernels, never written to memory by Triton),
@@ -35,8 +43,11 @@ forward also returns ``stats`` (5, D) = column mean and 1/std of a, of b, and d;
     g^  = s * ( (2 (d - 1) - 2 l d) / B * b^  +  2 l / B^2 * G_b a^ )       (first factor per column)
     d a = rstd_a * ( g^ - mean_rows(g^) - a^ * mean_rows(g^ * a^) )       (standardisation backward)
 
-Two cases need the D x D cross-correlation itself: torch.distributed, where C is averaged over
-the ranks before the loss, and B > D, where C is the smaller matrix. There C comes from
+For B > D a backend may compute C (D x D, the smaller matrix) instead of the Gram matrices in the
+same op (``barlow_correlation_form(device)``; the native CPU kernels do): it saves C in
+``gram_b``'s place, (D, D), and its backward uses ``G_b a^ = B b^ C^T``. Otherwise two cases need
+the D x D cross-correlation through autograd: torch.distributed, where C is averaged over the ranks
+before the loss, and B > D. There C comes from
 ``reference.barlow_correlation`` (standardise, one matmul, ``distributed.all_reduce_mean``; its
 backward through the standardisation is autograd's) and ``barlow_correlation_loss(c, l, s)``
 reduces it in one read, without the ``C**2`` and diagonal temporaries of the reference:
@@ -47,7 +58,7 @@ reduces it in one read, without the ``C**2`` and diagonal temporaries of the ref
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,8 +75,11 @@ PairedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 # paired_backward(grad_terms, terms, norms, p1, p2, f1, f2, kind, p1_needs_grad, p2_needs_grad)
 #   -> [grad p1 if needed, grad p2 if needed], each in its input's dtype and shape
 PairedBackward = Callable[..., List[torch.Tensor]]
-# barlow_forward(a, b, off_diagonal_weight, scale) -> (loss (0-d), stats (5, D), gram_b (B, B)),
-#   all in the compute dtype
+# paired_loss(p1, p2, f1, f2, kind, weights (4 floats), constant, p1_needs_grad, p2_needs_grad)
+#   -> (loss (0-d, compute dtype), grad p1, grad p2), each gradient (0, D) where not needed
+PairedLoss = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# barlow_forward(a, b, off_diagonal_weight, scale) -> (loss (0-d), stats (5, D), gram_b (B, B); or C
+#   (D, D) for B > D where barlow_correlation_form), all in the compute dtype
 BarlowForward = Callable[[torch.Tensor, torch.Tensor, float, float],
                          Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # barlow_backward(grad_loss (0-d), a, b, stats, gram_b, off_diagonal_weight, scale) -> grad a
@@ -84,14 +98,33 @@ class RegularizerKernels:
     barlow_backward: BarlowBackward
     correlation_loss_forward: CorrelationLossForward
     correlation_loss_backward: CorrelationLossBackward
+    paired_loss: Optional[PairedLoss] = None  # None: compose_paired_loss(paired_forward, paired_backward)
+    # whether barlow_forward/backward take B > D on a device, saving C (D, D) in gram_b's place
+    barlow_correlation_form: Callable[[torch.device], bool] = lambda device: False
+
+
+def compose_paired_loss(paired_forward: PairedForward, paired_backward: PairedBackward) -> PairedLoss:
+    """The ``paired_loss`` kernel of a backend without a fused one: its paired_forward, then its
+    paired_backward with ``grad_terms[i, k] = weights[k]`` (see the module docstring)."""
+    def paired_loss(p1, p2, f1, f2, kind, weights, constant, p1_needs_grad, p2_needs_grad):
+        terms, norms = paired_forward(p1, p2, f1, f2, kind)
+        w = torch.tensor(weights, dtype=terms.dtype, device=terms.device)
+        loss = torch.mv(terms, w).sum().add(constant)
+        grads = iter(paired_backward(w.expand_as(terms).contiguous(), terms, norms, p1, p2, f1, f2, kind,
+                                     p1_needs_grad, p2_needs_grad) if p1_needs_grad or p2_needs_grad else ())
+        return (loss, next(grads) if p1_needs_grad else p1.new_empty((0, p1.shape[1])),
+                next(grads) if p2_needs_grad else p2.new_empty((0, p2.shape[1])))
+    return paired_loss
 
 
 @dataclass(frozen=True)
 class RegularizerOps:
     """The three registered custom ops of one backend (see the module docstring)."""
     paired_terms: Callable
+    paired_loss: Callable
     barlow_gram_loss: Callable
     barlow_correlation_loss: Callable
+    barlow_correlation_form: Callable[[torch.device], bool]
 
 
 def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
@@ -133,6 +166,53 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         return (next(grads) if ctx.needs[0] else None, next(grads) if ctx.needs[1] else None,
                 None, None, None)
 
+    fused_paired_loss = kernels.paired_loss or compose_paired_loss(kernels.paired_forward, kernels.paired_backward)
+
+    def paired_loss(p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor, kind: str,
+                    weights: List[float], constant: float, p1_needs_grad: bool,
+                    p2_needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast_disabled(p1.device.type):
+            return fused_paired_loss(p1, p2, f1, f2, kind, weights, constant, p1_needs_grad, p2_needs_grad)
+
+    def paired_loss_fake(p1, p2, f1, f2, kind, weights, constant, p1_needs_grad, p2_needs_grad):
+        (b, d), dtype = p1.shape, compute_dtype(p1.dtype)
+        return (p1.new_empty((), dtype=dtype), p1.new_empty((b if p1_needs_grad else 0, d)),
+                p2.new_empty((b if p2_needs_grad else 0, d)))
+
+    def scaled_gradients(grad_loss, g1, g2, p1, p2, needs, alias_when_one):
+        """grad_loss * each saved gradient that is needed (p1, p2: only so that differentiating this
+        reaches the first-order-only refusal); the saved tensors themselves where
+        ``alias_when_one`` and grad_loss is exactly 1 on the CPU."""
+        saved = [g for g, need in zip((g1, g2), needs) if need]
+        if alias_when_one and grad_loss.device.type == "cpu" and grad_loss.item() == 1:
+            return saved
+        return [grad_loss.mul(g).to(g.dtype) for g in saved]
+
+    def paired_loss_backward(grad_loss: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, p1: torch.Tensor,
+                             p2: torch.Tensor, p1_needs_grad: bool, p2_needs_grad: bool) -> List[torch.Tensor]:
+        return scaled_gradients(grad_loss, g1, g2, p1, p2, (p1_needs_grad, p2_needs_grad), False)
+
+    def paired_loss_eager_backward(grad_loss, g1, g2, p1, p2, p1_needs_grad, p2_needs_grad):
+        return scaled_gradients(grad_loss, g1, g2, p1, p2, (p1_needs_grad, p2_needs_grad), True)
+
+    def paired_loss_backward_fake(grad_loss, g1, g2, p1, p2, p1_needs_grad, p2_needs_grad):
+        return [torch.empty_like(p) for p, need in ((p1, p1_needs_grad), (p2, p2_needs_grad)) if need]
+
+    def paired_loss_setup(ctx, inputs, output):
+        p1, p2, *_, p1_needs_grad, p2_needs_grad = inputs
+        _, g1, g2 = output
+        ctx.mark_non_differentiable(g1, g2)
+        ctx.set_materialize_grads(False)  # no (B, D) zeros for the gradients of g1, g2
+        ctx.save_for_backward(g1, g2, p1, p2)
+        ctx.needs = (p1_needs_grad, p2_needs_grad)
+
+    def paired_loss_formula(ctx, backward, grad_loss, _grad_g1, _grad_g2):
+        g1, g2, p1, p2 = ctx.saved_tensors
+        needs = ctx.needs
+        grads = iter(backward(grad_loss, g1, g2, p1, p2, *needs) if any(needs) else ())
+        return (next(grads) if needs[0] else None, next(grads) if needs[1] else None,
+                None, None, None, None, None, None, None)
+
     def barlow_gram_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal_weight: float,
                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast_disabled(a.device.type):
@@ -140,7 +220,8 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
 
     def barlow_fake(a, b, off_diagonal_weight, scale):
         (n, d), dtype = a.shape, compute_dtype(a.dtype)
-        return a.new_empty((), dtype=dtype), a.new_empty((5, d), dtype=dtype), a.new_empty((n, n), dtype=dtype)
+        m = d if n > d and kernels.barlow_correlation_form(a.device) else n
+        return a.new_empty((), dtype=dtype), a.new_empty((5, d), dtype=dtype), a.new_empty((m, m), dtype=dtype)
 
     def barlow_backward(grad_loss: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
                         gram_b: torch.Tensor, off_diagonal_weight: float, scale: float) -> torch.Tensor:
@@ -189,10 +270,14 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     return RegularizerOps(
         define_fused_op(f"{prefix}paired_terms_{backend}", backend, paired_terms, paired_fake, paired_backward,
                         paired_backward_fake, paired_setup, paired_formula),
+        define_fused_op(f"{prefix}paired_loss_{backend}", backend, paired_loss, paired_loss_fake,
+                        paired_loss_backward, paired_loss_backward_fake, paired_loss_setup, paired_loss_formula,
+                        eager_backward=paired_loss_eager_backward),
         define_fused_op(f"{prefix}barlow_gram_loss_{backend}", backend, barlow_gram_loss, barlow_fake,
                         barlow_backward, barlow_backward_fake, barlow_setup, barlow_formula),
         define_fused_op(f"{prefix}barlow_correlation_loss_{backend}", backend, correlation_loss, correlation_fake,
                         correlation_backward, correlation_backward_fake, correlation_setup, correlation_formula),
+        kernels.barlow_correlation_form,
     )
 
 
@@ -202,24 +287,30 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
 # with the per-row terms' columns ordered (p1, f1), (p2, f2), (p1, f2), (p2, f1).
 # ---------------------------------------------------------------------------------------------
 
-def _combine(pos, neg, distill_weight, negative_weight):
-    return distill_weight * (pos[0] + pos[1]) / 2 - negative_weight * (neg[0] + neg[1]) / 2
+def _needs_grad(*tensors):
+    return [torch.is_grad_enabled() and t.requires_grad for t in tensors]
 
 
 def byol_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight):
-    cos = ops.paired_terms(p1, p2, f1, f2, "cosine")[0].mean(0)
-    terms = 2 - 2 * cos
-    return _combine(terms[:2], terms[2:], distill_weight, negative_weight).to(p1.dtype)
+    # terms 2 - 2 cos averaged over rows: w_d (2 - c11 - c22) - w_n (2 - c12 - c21), c the mean cosines
+    n = p1.shape[0]
+    weights = [-distill_weight / n, -distill_weight / n, negative_weight / n, negative_weight / n]
+    loss = ops.paired_loss(p1, p2, f1, f2, "cosine", weights, 2.0 * (distill_weight - negative_weight),
+                           *_needs_grad(p1, p2))[0]
+    return loss.to(p1.dtype)
 
 
 def vicreg_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight):
-    mse = ops.paired_terms(p1, p2, f1, f2, "squared_distance")[0].mean(0) / p1.shape[1]
-    return _combine(mse[:2], mse[2:], distill_weight, negative_weight).to(p1.dtype)
+    # MSE = row sums of squared differences / (B D)
+    n = p1.shape[0] * p1.shape[1]
+    weights = [distill_weight / (2 * n), distill_weight / (2 * n), -negative_weight / (2 * n),
+               -negative_weight / (2 * n)]
+    return ops.paired_loss(p1, p2, f1, f2, "squared_distance", weights, 0.0, *_needs_grad(p1, p2))[0].to(p1.dtype)
 
 
 def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight,
                            off_diagonal_weight, scale):
-    if distributed.world_size() > 1 or p1.shape[0] > p1.shape[1]:
+    if distributed.world_size() > 1 or (p1.shape[0] > p1.shape[1] and not ops.barlow_correlation_form(p1.device)):
         # Under DDP, C is averaged over ranks before the loss (docs/losses.md section 4).
         def barlow(p, f):
             up = compute_dtype(p.dtype)
@@ -228,6 +319,8 @@ def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
     else:
         def barlow(p, f):
             return ops.barlow_gram_loss(p, f, off_diagonal_weight, scale)[0]
-    neg = -ops.paired_terms(p1, p2, f1, f2, "cosine")[0][:, 2:].mean(0)
-    pos = (barlow(p1, f1), barlow(p2, f2))
-    return _combine(pos, neg, distill_weight, negative_weight).to(p1.dtype)
+    # negatives: - w_n (neg12 + neg21) / 2 with neg = - mean cos
+    n = p1.shape[0]
+    weights = [0.0, 0.0, negative_weight / (2 * n), negative_weight / (2 * n)]
+    negatives = ops.paired_loss(p1, p2, f1, f2, "cosine", weights, 0.0, *_needs_grad(p1, p2))[0]
+    return (distill_weight * (barlow(p1, f1) + barlow(p2, f2)) / 2 + negatives).to(p1.dtype)
