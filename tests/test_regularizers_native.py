@@ -61,6 +61,29 @@ def test_public_api_dispatches_to_native(loss):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+@pytest.mark.parametrize("batch,dim", [(16, 8), (5, 40)])  # Barlow: B > D saves the (D, D) correlation
+def test_stashed_gradients_survive_retained_graphs_and_in_place_edits(loss, batch, dim):
+    """The forward stashes the gradients and a backward of gradient 1 may hand the stash itself
+    to autograd: repeated backwards over a retained graph, with the accumulated .grad edited in
+    place between them (as clipping does), must still give the reference's sum."""
+    public = getattr(pnr_kernels.losses, loss.replace("_pnr", "_pnr_regularizer"))
+    grads = {}
+    for backend in ("reference", "native"):
+        gen = torch.Generator().manual_seed(0)
+        p1, p2 = (torch.randn(batch, dim, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        f1, f2 = (torch.randn(batch, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+        out = public(p1, p2, f1, f2, backend=backend, **WEIGHTS[loss])
+        for _ in range(3):
+            out.backward(retain_graph=True)
+        p1.grad.mul_(0.5)
+        p2.grad.zero_()
+        out.backward()
+        grads[backend] = (p1.grad, p2.grad)
+    for got, want in zip(grads["native"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_kernel_ops_refuse_bad_arguments():
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="kind must be 'cosine' or 'squared_distance'"):
