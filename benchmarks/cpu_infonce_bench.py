@@ -4,6 +4,8 @@
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py small   # native vs reference, B = 256
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py dtypes  # native fp32 vs bf16 vs fp16, B = 2048
     PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py crossover  # native vs reference, B = 8 .. 256
+    PYTHONPATH=$PWD python benchmarks/cpu_infonce_bench.py compile --losses moco --batches 256 \
+        --queue-sizes 16384 65536    # native vs torch.compile of the reference, any grid
 
 On a loaded machine, run with ``OMP_WAIT_POLICY=passive`` in the environment, or add
 ``--threads 1 --clock cpu`` (the process's CPU time of one thread is far less disturbed by other
@@ -115,6 +117,28 @@ def crossover(repeats):
             print(f"    reference / native = {m['reference'] / m['native']:.2f}")
 
 
+GRID = {"losses": ["nt_xent", "simclr_pnr", "cassle_simclr", "moco", "moco_pnr"], "batches": [256, 512],
+        "queue_sizes": [16384]}
+
+
+def compile(repeats):
+    """native (stash within its budget, and recomputed) vs torch.compile of the reference on the
+    grid of --losses, --batches and (for the queue losses) --queue-sizes."""
+    for loss in GRID["losses"]:
+        compiled = torch.compile(LOSSES[loss].reference)
+        queue_sizes = GRID["queue_sizes"] if loss.startswith("moco") else [None]
+        for batch in GRID["batches"]:
+            for queue_size in queue_sizes:
+                args, kwargs = make_inputs(loss, batch, 128, torch.float32, requires_grad=True,
+                                           queue_size=queue_size or 5)
+                cands = {"native": step_fn(native(loss), args, kwargs),
+                         "native_no_stash": step_fn(native(loss), args, kwargs, NO_STASH),
+                         "torch_compile": step_fn(compiled, args, kwargs)}
+                title = f"{loss} B={batch}" + (f" K={queue_size}" if queue_size else "")
+                m = compare(title, cands, repeats)
+                print(f"    torch_compile / native = {m['torch_compile'] / m['native']:.2f}", flush=True)
+
+
 def dtypes(repeats):
     for loss in ("simclr_pnr", "nt_xent"):
         cands = {}
@@ -130,7 +154,7 @@ def dtypes(repeats):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["large", "small", "dtypes", "crossover"], nargs="+")
+    parser.add_argument("what", choices=["large", "small", "dtypes", "crossover", "compile"], nargs="+")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -138,7 +162,12 @@ if __name__ == "__main__":
                              "the wall time (use with --threads 1, where no thread spins at a barrier)")
     parser.add_argument("--only-native", action="store_true",
                         help="time the native backend alone (to compare builds in separate processes)")
+    parser.add_argument("--losses", nargs="+", default=GRID["losses"], help="compile: the losses")
+    parser.add_argument("--batches", type=int, nargs="+", default=GRID["batches"], help="compile: the B")
+    parser.add_argument("--queue-sizes", type=int, nargs="+", default=GRID["queue_sizes"],
+                        help="compile: the queue sizes K of the MoCo losses")
     opts = parser.parse_args()
+    GRID.update(losses=opts.losses, batches=opts.batches, queue_sizes=opts.queue_sizes)
     ONLY_NATIVE = opts.only_native
     if opts.threads:
         torch.set_num_threads(opts.threads)

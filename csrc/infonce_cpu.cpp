@@ -248,8 +248,8 @@ void column_stats_scalar(const acc_t* x, int64_t rows, int64_t n, int64_t ld, ac
 }
 
 // ---------------------------------------------------------------------------------------------
-// Element-wise row passes: max, sum of exp(x - shift), exp(x - shift) stored in the product type.
-// Generic loops, and AVX-512 and AVX2 versions for float32.
+// Element-wise row passes: max, sum of exp(x - shift), exp(x - shift) stored in the product type
+// (returning their sum before rounding). Generic loops, and AVX-512 and AVX2 versions for float32.
 // ---------------------------------------------------------------------------------------------
 
 #if defined(__x86_64__)
@@ -311,32 +311,50 @@ PNR_AVX512 float sum_exp_avx512(const float* x, int64_t n, float shift) {
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-PNR_AVX512 void exp_shift_avx512(const float* x, int64_t n, float shift, float* y) {
+// exp(x - shift) stored by store(j, mask, e) for each 16-lane chunk, summed in the order of
+// sum_exp_avx512 (so that the forward's LSE does not depend on whether the weights are kept).
+template <typename Store>
+PNR_AVX512 inline float exp_shift_sum_avx512(const float* x, int64_t n, float shift, const Store& store) {
   const __m512 s = _mm512_set1_ps(shift);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    _mm512_mask_storeu_ps(y + j, mask, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), s)));
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), s));
+    const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), s));
+    a0 = _mm512_add_ps(a0, e0);
+    a1 = _mm512_add_ps(a1, e1);
+    store(j, static_cast<__mmask16>(0xFFFF), e0);
+    store(j + 16, static_cast<__mmask16>(0xFFFF), e1);
   }
+  for (; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), s));
+    a0 = _mm512_mask_add_ps(a0, mask, a0, e);
+    store(j, mask, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-PNR_AVX512 void exp_shift_avx512(const float* x, int64_t n, float shift, at::Half* y) {
-  const __m512 s = _mm512_set1_ps(shift);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    const __m256i h = _mm512_cvtps_ph(exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), s)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+PNR_AVX512 float exp_shift_avx512(const float* x, int64_t n, float shift, float* y) {
+  return exp_shift_sum_avx512(x, n, shift, [&](int64_t j, __mmask16 mask, __m512 e) PNR_AVX512 {
+    _mm512_mask_storeu_ps(y + j, mask, e);
+  });
+}
+
+PNR_AVX512 float exp_shift_avx512(const float* x, int64_t n, float shift, at::Half* y) {
+  return exp_shift_sum_avx512(x, n, shift, [&](int64_t j, __mmask16 mask, __m512 e) PNR_AVX512 {
+    const __m256i h = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + j), mask, h);
-  }
+  });
 }
 
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) void exp_shift_avx512(
-    const float* x, int64_t n, float shift, at::BFloat16* y) {
-  const __m512 s = _mm512_set1_ps(shift);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    const __m256bh h = _mm512_cvtneps_pbh(exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), s)));
+#define PNR_AVX512_BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16")))
+
+PNR_AVX512_BF16 float exp_shift_avx512(const float* x, int64_t n, float shift, at::BFloat16* y) {
+  return exp_shift_sum_avx512(x, n, shift, [&](int64_t j, __mmask16 mask, __m512 e) PNR_AVX512_BF16 {
+    const __m256bh h = _mm512_cvtneps_pbh(e);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + j), mask, reinterpret_cast<const __m256i&>(h));
-  }
+  });
 }
 
 PNR_AVX512 void symmetric_weights_avx512(const float* x, int64_t n, float shift, float g, const float* shifts,
@@ -434,24 +452,45 @@ PNR_AVX2 float sum_exp_avx2(const float* x, int64_t n, float shift) {
   return result;
 }
 
+// exp(x - shift) stored as out_t, summed in the order of sum_exp_avx2 (see exp_shift_sum_avx512).
 template <typename out_t>
-PNR_AVX2 void exp_shift_avx2(const float* x, int64_t n, float shift, out_t* y) {
+PNR_AVX2 inline void store_avx2(out_t* y, __m256 e) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    _mm256_storeu_ps(y, e);
+  } else if constexpr (std::is_same_v<out_t, at::Half>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, e);
+    for (int l = 0; l < 8; ++l) y[l] = static_cast<out_t>(tmp[l]);
+  }
+}
+
+template <typename out_t>
+PNR_AVX2 float exp_shift_avx2(const float* x, int64_t n, float shift, out_t* y) {
   const __m256 s = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 e0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    const __m256 e1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), s));
+    a0 = _mm256_add_ps(a0, e0);
+    a1 = _mm256_add_ps(a1, e1);
+    store_avx2(y + j, e0);
+    store_avx2(y + j + 8, e1);
+  }
   for (; j + 8 <= n; j += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
-    if constexpr (std::is_same_v<out_t, float>) {
-      _mm256_storeu_ps(y + j, e);
-    } else if constexpr (std::is_same_v<out_t, at::Half>) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
-                       _mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, e);
-      for (int l = 0; l < 8; ++l) y[j + l] = static_cast<out_t>(tmp[l]);
-    }
+    a0 = _mm256_add_ps(a0, e);
+    store_avx2(y + j, e);
   }
-  for (; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));
+  float sum = reduce_add256(_mm256_add_ps(a0, a1));
+  for (; j < n; ++j) {
+    const float e = std::exp(x[j] - shift);
+    sum += e;
+    y[j] = static_cast<out_t>(e);
+  }
+  return sum;
 }
 
 PNR_AVX2 void symmetric_weights_avx2(const float* x, int64_t n, float shift, float g, const float* shifts,
@@ -512,7 +551,7 @@ acc_t sum_exp(const acc_t* x, int64_t n, acc_t shift) {
 }
 
 template <typename acc_t, typename out_t>
-void exp_shift(const acc_t* x, int64_t n, acc_t shift, out_t* y) {
+acc_t exp_shift(const acc_t* x, int64_t n, acc_t shift, out_t* y) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<acc_t, float>) {
     const bool vector = std::is_same_v<out_t, at::BFloat16> ? cpu_has_avx512_bf16() : cpu_has_avx512();
@@ -520,7 +559,13 @@ void exp_shift(const acc_t* x, int64_t n, acc_t shift, out_t* y) {
     if (cpu_has_avx2()) return exp_shift_avx2<out_t>(x, n, shift, y);
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<out_t>(std::exp(x[j] - shift));
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t e = std::exp(x[j] - shift);
+    sum += e;
+    y[j] = static_cast<out_t>(e);
+  }
+  return sum;
 }
 
 template <typename acc_t>
@@ -611,25 +656,71 @@ std::vector<std::vector<bool>> symmetric_blocks(const std::vector<at::Tensor>& r
   return symmetric;
 }
 
+// A block whose row set needs a gradient and whose keys need none (MoCo's queues, the frozen
+// blocks of SimCLR-PNR and CaSSLe) is "folded" into forward: forward also accumulates, with the
+// online log-sum-exp's rescaling, the row side of its gradient, sum_j exp(logit - lse) key_j
+// (R x M x D, all such blocks of a row set together, kept with the logits stash below), so that
+// backward adds scale * g times it and never visits the block (one product and one exp pass per
+// logit for both directions instead of two products and two exp passes, and no logits kept).
+// PNR_KERNELS_CPU_FOLD=0 turns this off (backward then recomputes those blocks, or reads them
+// from the stash).
+bool fold_enabled() {
+  const char* env = std::getenv("PNR_KERNELS_CPU_FOLD");
+  return env == nullptr || std::string(env) != "0";
+}
+
+std::vector<std::vector<bool>> folded_blocks(const std::vector<std::vector<bool>>& symmetric,
+                                             const std::vector<bool>& rows_need_grad,
+                                             const std::vector<bool>& keys_need_grad) {
+  const bool enabled = fold_enabled();
+  std::vector<std::vector<bool>> folded(symmetric.size(), std::vector<bool>(keys_need_grad.size(), false));
+  for (size_t r = 0; r < symmetric.size() && enabled; ++r) {
+    for (size_t k = 0; k < keys_need_grad.size(); ++k) {
+      folded[r][k] = rows_need_grad[r] && !keys_need_grad[k] && !symmetric[r][k];
+    }
+  }
+  return folded;
+}
+
 // Where each (row set, key block) keeps its logits in the stash: a general block (M x M_k) as
 // (row tile x key tile) blocks, each contiguous (tm x tn), unit after unit; a symmetric block
-// only each unit's square and the keys after it, tm x (M - i0) per unit (about half of M x M).
+// only each unit's square and the keys after it, tm x (M - i0) per unit (about half of M x M); a
+// folded block nothing (backward does not visit it).
 struct StashLayout {
   int64_t tile, num_rows;
-  std::vector<std::vector<bool>> symmetric;
+  std::vector<std::vector<bool>> symmetric, folded;
   std::vector<std::vector<int64_t>> start;  // first element of block (r, k)
   int64_t total = 0;
 
   StashLayout(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
-              std::vector<std::vector<bool>> symmetric_)
-      : tile(row_tile(rows.size(), rows[0].size(0))), num_rows(rows[0].size(0)), symmetric(std::move(symmetric_)) {
+              std::vector<std::vector<bool>> symmetric_, const std::vector<bool>& rows_need_grad,
+              const std::vector<bool>& keys_need_grad)
+      : tile(row_tile(rows.size(), rows[0].size(0))),
+        num_rows(rows[0].size(0)),
+        symmetric(std::move(symmetric_)),
+        folded(folded_blocks(symmetric, rows_need_grad, keys_need_grad)) {
     for (size_t r = 0; r < rows.size(); ++r) {
       start.emplace_back();
       for (size_t k = 0; k < keys.size(); ++k) {
         start[r].push_back(total);
+        if (folded[r][k]) continue;
         total += symmetric[r][k] ? unit_start(ceil_div(num_rows, tile)) : num_rows * keys[k].size(0);
       }
     }
+  }
+  bool any_folded() const {
+    for (const auto& row : folded) {
+      for (bool f : row) {
+        if (f) return true;
+      }
+    }
+    return false;
+  }
+  bool folded_set(size_t r) const {
+    for (bool f : folded[r]) {
+      if (f) return true;
+    }
+    return false;
   }
   // Elements of a symmetric block before unit u: sum over earlier units of tile x (M - i0).
   int64_t unit_start(int64_t u) const { return tile * (u * num_rows - tile * u * (u - 1) / 2); }
@@ -696,8 +787,8 @@ KeyTile<in_t> key_tile(const at::Tensor& keys, int64_t j0) {
 // ---------------------------------------------------------------------------------------------
 
 struct StashKey {
-  int64_t row_tile;  // the layout (StashLayout): the row tile and which blocks are symmetric
-  std::vector<std::vector<bool>> symmetric;
+  int64_t row_tile;  // the layout (StashLayout): the row tile and which blocks are symmetric, folded
+  std::vector<std::vector<bool>> symmetric, folded;
   std::vector<const void*> data;
   std::vector<int64_t> versions;
   std::vector<bool> exclude_diagonal;
@@ -708,7 +799,8 @@ struct StashKey {
 struct Stash {
   c10::weak_intrusive_ptr<c10::StorageImpl> lse;
   StashKey key;
-  at::Tensor logits;
+  at::Tensor logits;  // undefined where they did not fit the budget
+  at::Tensor folded;  // the folded blocks' row gradients (R x M x D) without scale * g, or undefined
 };
 
 std::mutex stash_mutex;
@@ -727,7 +819,7 @@ int64_t stash_budget_bytes() {
 std::optional<StashKey> stash_key(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
                                   const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
                                   const StashLayout& layout) {
-  StashKey key{layout.tile, layout.symmetric, {}, {}, exclude_diagonal, scales};
+  StashKey key{layout.tile, layout.symmetric, layout.folded, {}, {}, exclude_diagonal, scales};
   for (const auto* list : {&rows, &keys}) {
     for (const auto& t : *list) {
       if (t.is_inference()) return std::nullopt;
@@ -743,7 +835,7 @@ int64_t prune_stashes() {
   auto& all = stashes();
   all.erase(std::remove_if(all.begin(), all.end(), [](const Stash& s) { return s.lse.expired(); }), all.end());
   int64_t bytes = 0;
-  for (const auto& s : all) bytes += s.logits.nbytes();
+  for (const auto& s : all) bytes += s.logits.defined() ? s.logits.nbytes() : 0;
   return bytes;
 }
 
@@ -764,13 +856,14 @@ at::Tensor new_stash(const std::vector<at::Tensor>& rows, const std::vector<at::
   return at::empty({numel}, at::TensorOptions().dtype(dtype));
 }
 
-void keep_stash(const at::Tensor& lse, StashKey key, at::Tensor logits) {
+void keep_stash(const at::Tensor& lse, StashKey key, at::Tensor logits, at::Tensor folded) {
   const std::lock_guard<std::mutex> lock(stash_mutex);
-  stashes().push_back(Stash{lse.storage().getWeakStorageImpl(), std::move(key), std::move(logits)});
+  stashes().push_back(Stash{lse.storage().getWeakStorageImpl(), std::move(key), std::move(logits), std::move(folded)});
 }
 
-// Takes the stash of `lse` and these inputs out of the registry, or returns an undefined tensor.
-at::Tensor take_stash(const at::Tensor& lse, const std::optional<StashKey>& key) {
+// Takes the stash of `lse` and these inputs out of the registry: (logits, folded row gradients),
+// each undefined where there is none.
+std::pair<at::Tensor, at::Tensor> take_stash(const at::Tensor& lse, const std::optional<StashKey>& key) {
   const std::lock_guard<std::mutex> lock(stash_mutex);
   prune_stashes();
   if (!key.has_value()) return {};
@@ -778,9 +871,9 @@ at::Tensor take_stash(const at::Tensor& lse, const std::optional<StashKey>& key)
   for (auto it = all.begin(); it != all.end(); ++it) {
     const auto owner = it->lse.lock();
     if (owner.get() == lse.storage().unsafeGetStorageImpl() && it->key == *key) {
-      at::Tensor logits = std::move(it->logits);
+      std::pair<at::Tensor, at::Tensor> taken{std::move(it->logits), std::move(it->folded)};
       all.erase(it);
-      return logits;
+      return taken;
     }
   }
   return {};
@@ -816,7 +909,7 @@ void for_each_key_tile(bool symmetric, int64_t i0, int64_t tm, int64_t num_keys,
 // in_t: the product operand type (acc_t itself, or at::BFloat16 / at::Half with acc_t = float).
 template <typename acc_t, typename in_t>
 void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
-                    const StashLayout& layout, at::Tensor& lse, acc_t* stash) {
+                    const StashLayout& layout, at::Tensor& lse, acc_t* stash, acc_t* folded) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
   const int64_t num_sets = ops.rows.size(), num_threads = at::get_num_threads();
@@ -831,10 +924,12 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
   std::vector<acc_t> column_max(columns, neg_inf), column_sum(columns, acc_t(0));
   struct Scratch {
     std::vector<acc_t> logits, maxima, sums;
+    std::vector<in_t> weights;  // the folded blocks' exp(logit - running max)
   };
   auto make_scratch = [&](int64_t tile) {
-    return Scratch{std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
-                   std::vector<acc_t>(tile)};
+    const bool own_logits = stash == nullptr || folded != nullptr;
+    return Scratch{std::vector<acc_t>(own_logits ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
+                   std::vector<acc_t>(tile), std::vector<in_t>(folded != nullptr ? tile * kKeyTile : 0)};
   };
   for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
     const int64_t thread = at::get_thread_num();
@@ -845,13 +940,18 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
     std::fill(sums, sums + tm, acc_t(0));
     const in_t* a = ptr<in_t>(ops.rows[r]) + i0 * dim;
     const acc_t scale = static_cast<acc_t>(scales[r]);
+    // The folded blocks' row gradient of these rows, relative to the running max until the end.
+    acc_t* fold = folded != nullptr && layout.folded_set(r) ? folded + (r * num_rows + i0) * dim : nullptr;
+    if (fold != nullptr) std::fill(fold, fold + tm * dim, acc_t(0));
     for (size_t k = 0; k < ops.keys.size(); ++k) {
       const int64_t num_keys = ops.keys[k].size(0);
       const bool symmetric = layout.symmetric[r][k];
+      const bool fold_block = fold != nullptr && layout.folded[r][k];
       for_each_key_tile(symmetric, i0, tm, num_keys, [&](int64_t j0, int64_t tn) {
         const KeyTile<in_t> kt = key_tile<in_t>(ops.keys[k], j0);
         // Into the stash (kept for backward) when there is one, else into the thread's buffer.
-        acc_t* logits = stash == nullptr ? s.logits.data() : stash + layout.offset(r, k, i0, j0, tm, num_keys);
+        acc_t* logits = stash == nullptr || fold_block ? s.logits.data()
+                                                       : stash + layout.offset(r, k, i0, j0, tm, num_keys);
         const int64_t ld = tn;
         gemm<acc_t, in_t>(false, !kt.column_major, tm, tn, dim, scale, a, dim, kt.data, kt.ld, acc_t(0), logits, ld);
         if (exclude_diagonal[k]) {
@@ -863,8 +963,19 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
           const acc_t new_max = std::max(maxima[i], row_max(x, tn));
           // Shift by 0 where every logit so far is -inf, so that -inf - -inf never makes a NaN.
           const acc_t shift = new_max == neg_inf ? acc_t(0) : new_max;
-          sums[i] = sums[i] * std::exp(maxima[i] - shift) + sum_exp(x, tn, shift);
+          const acc_t rescale = std::exp(maxima[i] - shift);
+          // A folded block keeps the weights exp(logit - shift) for the row gradient (masked
+          // logits are -inf: their weights are 0).
+          sums[i] = sums[i] * rescale +
+                    (fold_block ? exp_shift(x, tn, shift, s.weights.data() + i * tn) : sum_exp(x, tn, shift));
+          if (fold != nullptr && rescale != acc_t(1)) {  // the earlier tiles' part, moved to the new shift
+            for (int64_t d = 0; d < dim; ++d) fold[i * dim + d] *= rescale;
+          }
           maxima[i] = new_max;
+        }
+        if (fold_block) {
+          gemm<acc_t, in_t>(false, kt.column_major, tm, dim, tn, acc_t(1), s.weights.data(), tn, kt.data, kt.ld,
+                            acc_t(1), fold, dim);
         }
         if (symmetric && j0 > i0) {
           const int64_t at = (thread * num_sets + r) * num_rows + j0;
@@ -883,6 +994,14 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
         merge_stats(m, total, column_max[t * num_sets * num_rows + i], column_sum[t * num_sets * num_rows + i]);
       }
       lse_data[i] = m + std::log(total);
+      // The folded row gradient was accumulated relative to the row's own shift: weights
+      // exp(logit - lse) from here (a row with no key at all, lse = -inf, has none).
+      if (folded != nullptr && layout.folded_set(i / num_rows)) {
+        const acc_t own = own_max[i] == neg_inf ? acc_t(0) : own_max[i];
+        const acc_t factor = lse_data[i] == neg_inf ? acc_t(0) : std::exp(own - lse_data[i]);
+        acc_t* row = folded + i * dim;
+        for (int64_t d = 0; d < dim; ++d) row[d] *= factor;
+      }
     }
   });
 }
@@ -892,7 +1011,8 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
                      const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
                      const std::vector<bool>& rows_need_grad, const std::vector<bool>& keys_need_grad,
                      const StashLayout& layout, std::vector<at::Tensor>& rows_grad,
-                     std::vector<std::vector<at::Tensor>>& keys_grad_per_thread, acc_t grad_scale, acc_t* stash) {
+                     std::vector<std::vector<at::Tensor>>& keys_grad_per_thread, acc_t grad_scale, acc_t* stash,
+                     const acc_t* folded) {
   const auto& symmetric = layout.symmetric;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t dim = ops.rows[0].size(1), num_rows = ops.rows[0].size(0);
@@ -940,10 +1060,17 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
         }
       }
     }
+    // The folded blocks (forward accumulated their row side, see folded_blocks) are skipped.
+    const bool use_folded = folded != nullptr && layout.folded_set(r);
     acc_t* row_grad = nullptr;
     if (rows_need_grad[r]) {
       row_grad = rows_grad[r].data_ptr<acc_t>() + i0 * dim;
-      std::fill(row_grad, row_grad + tm * dim, acc_t(0));
+      if (use_folded) {
+        const acc_t* from = folded + (r * num_rows + i0) * dim;
+        std::copy(from, from + tm * dim, row_grad);
+      } else {
+        std::fill(row_grad, row_grad + tm * dim, acc_t(0));
+      }
     }
     // Key block k's tiles: the ordinary blocks, whose row gradient is scaled by scale * g[i] once
     // they are all in, then the symmetric ones, whose weights carry that factor.
@@ -997,7 +1124,9 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
       });
     };
     for (size_t k = 0; k < ops.keys.size(); ++k) {
-      if ((rows_need_grad[r] || keys_need_grad[k]) && !symmetric[r][k]) block(k);
+      if ((rows_need_grad[r] || keys_need_grad[k]) && !symmetric[r][k] && !(use_folded && layout.folded[r][k])) {
+        block(k);
+      }
     }
     if (row_grad != nullptr) {
       for (int64_t i = 0; i < tm; ++i) {
@@ -1033,15 +1162,25 @@ at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::v
   std::vector<bool> rows_grad(rows.size()), keys_grad(keys.size());
   for (size_t r = 0; r < rows.size(); ++r) rows_grad[r] = rows[r].requires_grad();
   for (size_t k = 0; k < keys.size(); ++k) keys_grad[k] = keys[k].requires_grad();
-  const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_grad, keys_grad, half_products));
+  const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_grad, keys_grad, half_products), rows_grad,
+                           keys_grad);
   const std::optional<StashKey> key = stash_key(rows, keys, exclude_diagonal, scales, layout);
   at::Tensor stash = key.has_value() ? new_stash(rows, keys, layout, lse.scalar_type()) : at::Tensor();
+  // Without a key (inference tensors) backward could not find the folded gradients: none then.
+  // (R x M x D, at least one element so that its pointer is never null: the kernels and the
+  // stash layout must agree on whether it exists.)
+  at::Tensor folded =
+      key.has_value() && layout.any_folded()
+          ? at::empty({std::max<int64_t>(1, static_cast<int64_t>(rows.size()) * rows[0].size(0) * rows[0].size(1))},
+                      lse.options())
+          : at::Tensor();
   dispatch_types(input, half_products, [&](auto acc, auto in) {
     using acc_t = decltype(acc);
     forward_kernel<acc_t, decltype(in)>(ops, exclude_diagonal, scales, layout, lse,
-                                        stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
+                                        stash.defined() ? stash.data_ptr<acc_t>() : nullptr,
+                                        folded.defined() ? folded.data_ptr<acc_t>() : nullptr);
   });
-  if (stash.defined()) keep_stash(lse, *key, std::move(stash));
+  if (stash.defined() || folded.defined()) keep_stash(lse, *key, std::move(stash), std::move(folded));
   return lse;
 }
 
@@ -1056,8 +1195,9 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
   const at::ScalarType input = rows[0].scalar_type();
   const bool half_products = use_half_products(input);
   // Forward chose the same layout from the inputs' requires_grad, which the need flags repeat.
-  const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_need_grad, keys_need_grad, half_products));
-  at::Tensor stash = take_stash(lse, stash_key(rows, keys, exclude_diagonal, scales, layout));
+  const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_need_grad, keys_need_grad, half_products),
+                           rows_need_grad, keys_need_grad);
+  auto [stash, folded] = take_stash(lse, stash_key(rows, keys, exclude_diagonal, scales, layout));
   const Operands ops = operands(rows, keys, half_products);
   const auto options = rows[0].options().dtype(compute_dtype(input));
   const at::Tensor grad_c = grad_lse.to(options.dtype()).contiguous(), lse_c = lse.to(options.dtype()).contiguous();
@@ -1084,7 +1224,8 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
     backward_kernel<acc_t, decltype(in)>(grad_c, lse_c, ops, exclude_diagonal, scales, rows_need_grad,
                                          keys_need_grad, layout, rows_grad, keys_grad_per_thread,
                                          static_cast<acc_t>(grad_scale),
-                                         stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
+                                         stash.defined() ? stash.data_ptr<acc_t>() : nullptr,
+                                         folded.defined() ? folded.const_data_ptr<acc_t>() : nullptr);
   });
   std::vector<at::Tensor> grads;
   for (size_t r = 0; r < rows.size(); ++r) {

@@ -2,7 +2,7 @@
 rows against float64 with the float32 products and with the bf16 / fp16 products (forced with
 PNR_KERNELS_CPU_PRODUCTS=half, so that they run here even where the automatic choice keeps float32
 products), the logits stash that lets backward skip the recomputation (used, exact, bounded by its
-budget, taken once), non-finite propagation through the vectorised element-wise passes, and the
+budget, taken once), the frozen key blocks folded into forward (see folded_blocks), non-finite propagation through the vectorised element-wise passes, and the
 ATen fallback of the BLAS calls."""
 import os
 import subprocess
@@ -87,10 +87,12 @@ def test_half_products_match_float_products_on_the_op(env, dtype):
         assert relative_error(g, w) <= 2e-2
 
 
-def _gradient_after_hidden_change(op, budget, env):
+def _gradient_after_hidden_change(op, budget, env, fold=0):
     """Forward, then rows changed behind the version counter, then backward: the gradient is
-    computed from the forward's logits if they were stashed, from the changed rows otherwise."""
-    env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=budget)
+    computed from the forward's logits if they were stashed, from the changed rows otherwise.
+    With ``fold=0`` (the logits stash alone) the frozen block f is stashed too; with ``fold=1``
+    forward accumulates f's part of the row gradient instead (see folded_blocks)."""
+    env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=budget, PNR_KERNELS_CPU_FOLD=fold)
     torch.manual_seed(2)
     z = torch.nn.functional.normalize(torch.randn(600, 32)).requires_grad_()
     f = torch.randn(600, 32)
@@ -110,13 +112,55 @@ def test_logits_stash_is_used_within_its_budget(env):
     torch.testing.assert_close(too_small, recomputed, rtol=0, atol=0)
 
 
+def test_folded_block_gradient_comes_from_forward(env):
+    """With the frozen block folded, its part of the row gradient is the forward's (rows before
+    the hidden change) even without any logits stash; the z block is recomputed from the changed
+    rows. Stashing z as well then gives the forward's gradient exactly as the plain stash does."""
+    op = _op()
+    recomputed = _gradient_after_hidden_change(op, 0, env)
+    folded = _gradient_after_hidden_change(op, 0, env, fold=1)
+    assert not torch.allclose(folded, recomputed)
+    stashed = _gradient_after_hidden_change(op, 16, env)
+    torch.testing.assert_close(_gradient_after_hidden_change(op, 16, env, fold=1), stashed, rtol=1e-5,
+                               atol=1e-5 * stashed.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_folded_blocks_match_the_reference(env, dtype):
+    """Two row sets against a symmetric block, a key block that needs a gradient and two frozen
+    ones (folded, one strided like a queue, one with its diagonal excluded): every need pattern of
+    the folding, against float64, and a second backward (the folded part taken by the first)
+    recomputes the same."""
+    env(PNR_KERNELS_CPU_FOLD=1, PNR_KERNELS_CPU_LOGITS_BUDGET_MB=0)
+    torch.manual_seed(4)
+    m, d = 300, 20
+    z, p = (torch.randn(m, d, dtype=dtype).requires_grad_() for _ in range(2))
+    trained = torch.randn(m + 30, d, dtype=dtype).requires_grad_()
+    frozen, queue = torch.randn(m, d, dtype=dtype), torch.randn(d, 1100, dtype=dtype).t()
+    rows, keys = [z, p], [z, trained, frozen, queue]
+    exclude, scales = [True, False, True, False], [1.5, 0.8]
+    lse = _op()(rows, keys, exclude, scales)
+    weights = torch.rand(lse.shape, dtype=torch.float64)
+    got = torch.autograd.grad((lse * weights.to(lse.dtype)).sum(), [z, p, trained], retain_graph=True)
+    again = torch.autograd.grad((lse * weights.to(lse.dtype)).sum(), [z, p, trained])
+    exact_rows = [t.detach().double().requires_grad_() for t in rows]
+    exact_keys = [exact_rows[0]] + [t.detach().double().requires_grad_(t.requires_grad) for t in keys[1:]]
+    want_lse = reference.infonce_lse(exact_rows, exact_keys, exclude, scales)
+    want = torch.autograd.grad((want_lse * weights).sum(), exact_rows + exact_keys[1:2])
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert relative_error(lse, want_lse) <= loss_tol
+    for g, h, w in zip(got, again, want):
+        assert relative_error(g, w) <= grad_tol
+        assert relative_error(h, w) <= grad_tol
+
+
 def test_stash_budget_counts_live_stashes_only(env):
     """The budget (3 MiB) holds one stash of 2.7 MiB: while a forward's lse is alive its stash
     keeps the next forward from stashing; once that lse is freed, its stash goes too."""
     op = _op()
     recomputed = _gradient_after_hidden_change(op, 0, env)
     z = torch.randn(600, 32, requires_grad=True)
-    env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=3)
+    env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=3, PNR_KERNELS_CPU_FOLD=0)
     alive = op([z], [z, torch.randn(600, 32)], [True, False], [5.0])
     torch.testing.assert_close(_gradient_after_hidden_change(op, 3, env), recomputed, rtol=0, atol=0)
     del alive
@@ -124,20 +168,21 @@ def test_stash_budget_counts_live_stashes_only(env):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("loss", ["simclr_pnr", "nt_xent", "moco_pnr", "cassle_simclr"])
+@pytest.mark.parametrize("loss", ["simclr_pnr", "nt_xent", "moco_pnr", "moco", "cassle_simclr"])
 def test_stashed_and_recomputed_gradients_agree(env, loss, dtype):
     args, kwargs = make_inputs(loss, 300, 24, dtype, requires_grad=True, queue_size=700)
     trainable = [a for a in args if a.requires_grad]
     results = []
-    for budget in (16, 0):
-        env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=budget)
+    for budget, fold in ((16, 1), (0, 1), (16, 0), (0, 0)):  # stash / recompute, folded or not
+        env(PNR_KERNELS_CPU_LOGITS_BUDGET_MB=budget, PNR_KERNELS_CPU_FOLD=fold)
         value = LOSSES[loss].function(*args, **kwargs, backend="native")
         results.append((value.detach(), torch.autograd.grad(value, trainable)))
-    (v0, g0), (v1, g1) = results
-    torch.testing.assert_close(v0, v1, rtol=0, atol=0)
+    (v0, g0), *others = results
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    for v1, g1 in others:
+        torch.testing.assert_close(v0, v1, rtol=0, atol=0)
+        for a, b in zip(g0, g1):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
 def _aliased_and_copied_keys(dtype, exclude_self):
