@@ -78,6 +78,31 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_lse, const at::Tenso
                               keys_flags);
 }
 
+// The cross pair's inputs: a (M, D) and b (M', D) on one device, of one dtype; grad_lse and lse
+// (M + M') when given.
+void check_cross_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor* grad_lse = nullptr,
+                        const at::Tensor* lse = nullptr) {
+  TORCH_CHECK(a.dim() == 2, "a must be 2-D, got shape ", a.sizes());
+  check_matrices({b}, "b", a.device(), a.scalar_type(), a.size(1));
+  if (grad_lse != nullptr) {
+    const std::vector<int64_t> shape{a.size(0) + b.size(0)};
+    TORCH_CHECK(grad_lse->sizes() == shape && lse->sizes() == shape, "grad_lse and lse must have shape ", shape);
+  }
+}
+
+at::Tensor cross_forward_cpu(const at::Tensor& a, const at::Tensor& b, double scale) {
+  const KernelGuard kernel_guard;
+  check_cross_inputs(a, b);
+  return infonce_cross_forward_cpu(a, b, scale);
+}
+
+std::vector<at::Tensor> cross_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& a,
+                                           const at::Tensor& b, double scale, bool a_needs_grad, bool b_needs_grad) {
+  const KernelGuard kernel_guard;
+  check_cross_inputs(a, b, &grad_lse, &lse);
+  return infonce_cross_backward_cpu(grad_lse, lse, a, b, scale, a_needs_grad, b_needs_grad);
+}
+
 #ifdef PNR_KERNELS_WITH_CUDA
 InfoNCERowSets row_sets(const Arguments& args) {
   TORCH_CHECK(args.rows.size() <= kMaxInfoNCEOperands, "the CUDA kernels take at most ", kMaxInfoNCEOperands,
@@ -175,11 +200,18 @@ TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
   m.def(
       "infonce_lse_backward(Tensor grad_lse, Tensor lse, Tensor[] rows, Tensor[] keys, bool[] exclude_diagonal, "
       "float[] scales, bool[] rows_need_grad, bool[] keys_need_grad) -> Tensor[]");
+  // The cross pair (CPU only): both directions of a against b, see infonce_cpu.h.
+  m.def("infonce_cross_lse_forward(Tensor a, Tensor b, float scale) -> Tensor");
+  m.def(
+      "infonce_cross_lse_backward(Tensor grad_lse, Tensor lse, Tensor a, Tensor b, float scale, bool a_needs_grad, "
+      "bool b_needs_grad) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pnr_kernels, CPU, m) {
   m.impl("infonce_lse_forward", &forward_cpu);
   m.impl("infonce_lse_backward", &backward_cpu);
+  m.impl("infonce_cross_lse_forward", &cross_forward_cpu);
+  m.impl("infonce_cross_lse_backward", &cross_backward_cpu);
 }
 
 }  // namespace pnr_kernels

@@ -839,15 +839,10 @@ int64_t prune_stashes() {
   return bytes;
 }
 
-// A logits buffer for forward, or an undefined tensor where it would not fit the budget.
-at::Tensor new_stash(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys, const StashLayout& layout,
-                     at::ScalarType dtype) {
-  bool any_grad = false;
-  for (const auto* list : {&rows, &keys}) {
-    for (const auto& t : *list) any_grad = any_grad || t.requires_grad();
-  }
+// A logits buffer of numel elements for forward, or an undefined tensor where no input requires a
+// gradient or it would not fit the budget.
+at::Tensor new_stash(bool any_grad, int64_t numel, at::ScalarType dtype) {
   if (!any_grad) return {};
-  const int64_t numel = layout.total;
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t budget = stash_budget_bytes();
   if (numel == 0 || bytes > budget) return {};
@@ -1149,6 +1144,111 @@ void dispatch_types(at::ScalarType input, bool half_products, const F& f) {
   return f(float{}, float{});
 }
 
+// ---------------------------------------------------------------------------------------------
+// The cross pair (CaSSLe's two directions, docs/losses.md section 5). With S = scale a b^T
+// (M x M'), both directions' log-sum-exps come from one pass over S,
+//   lse[i]     = LSE_j S[i, j]    (a's rows against b's keys)
+//   lse[M + j] = LSE_i S[i, j]    (b's rows against a's keys: the same logits, transposed)
+// and, with g the gradient of lse, both directions' softmax weights add up in one matrix,
+//   W[i, j] = g[i] exp(S[i, j] - lse[i]) + g[M + j] exp(S[i, j] - lse[M + j]),
+//   d a = scale W b,   d b = scale W^T a,
+// so a step costs two products of M M' D multiply-adds (the op called once per direction costs
+// four: S twice, and a's gradient in two products). The units are a's row tiles; each unit keeps
+// its rows' statistics (the online log-sum-exp) and merges its tiles' column statistics into its
+// thread's (as a symmetric block's forward does), merged over the threads at the end. Products
+// in float32 (half inputs are converted, O((M + M') D)) or float64. The logits are stashed for
+// backward under the op's budget, in the general layout (each unit's tiles contiguous, tm x tn),
+// keyed with empty block flags (no multi-key call has those).
+// ---------------------------------------------------------------------------------------------
+
+std::optional<StashKey> cross_stash_key(const at::Tensor& a, const at::Tensor& b, double scale, int64_t tile) {
+  if (a.is_inference() || b.is_inference()) return std::nullopt;
+  return StashKey{tile, {}, {}, {a.const_data_ptr(), b.const_data_ptr()}, {a._version(), b._version()}, {}, {scale}};
+}
+
+template <typename acc_t>
+void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale, acc_t* lse, acc_t* stash) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t dim = a.size(1), num_rows = a.size(0), num_keys = b.size(0), num_threads = at::get_num_threads();
+  std::vector<acc_t> column_max(num_threads * num_keys, neg_inf), column_sum(num_threads * num_keys, acc_t(0));
+  struct Scratch {
+    std::vector<acc_t> logits, maxima, sums;
+  };
+  auto make_scratch = [&](int64_t tile) {
+    return Scratch{std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
+                   std::vector<acc_t>(tile)};
+  };
+  for_each_row_tile(1, num_rows, make_scratch, [&](Scratch& s, int64_t, int64_t i0, int64_t tm) {
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+    acc_t* maxima = s.maxima.data();
+    acc_t* sums = s.sums.data();
+    std::fill(maxima, maxima + tm, neg_inf);
+    std::fill(sums, sums + tm, acc_t(0));
+    for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
+      const int64_t tn = std::min(kKeyTile, num_keys - j0);
+      acc_t* logits = stash == nullptr ? s.logits.data() : stash + i0 * num_keys + j0 * tm;
+      gemm<acc_t, acc_t>(false, true, tm, tn, dim, scale, ptr<acc_t>(a) + i0 * dim, dim, ptr<acc_t>(b) + j0 * dim,
+                         dim, acc_t(0), logits, tn);
+      for (int64_t i = 0; i < tm; ++i) {
+        const acc_t* x = logits + i * tn;
+        const acc_t new_max = std::max(maxima[i], row_max(x, tn));
+        const acc_t shift = new_max == neg_inf ? acc_t(0) : new_max;  // -inf - -inf would make a NaN
+        sums[i] = sums[i] * std::exp(maxima[i] - shift) + sum_exp(x, tn, shift);
+        maxima[i] = new_max;
+      }
+      column_stats(logits, tm, tn, column_max.data() + thread * num_keys + j0,
+                   column_sum.data() + thread * num_keys + j0);
+    }
+    for (int64_t i = 0; i < tm; ++i) lse[i0 + i] = maxima[i] + std::log(sums[i]);
+  });
+  at::parallel_for(0, num_keys, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t m = column_max[j], total = column_sum[j];
+      for (int64_t t = 1; t < num_threads; ++t) merge_stats(m, total, column_max[t * num_keys + j], column_sum[t * num_keys + j]);
+      lse[num_rows + j] = m + std::log(total);
+    }
+  });
+}
+
+// d a (M x D) and d b's per-thread parts, without the factor scale; `stash` (the forward's logits
+// or nullptr) is overwritten with the weights.
+template <typename acc_t>
+void cross_backward_kernel(const acc_t* g, const acc_t* lse, const at::Tensor& a, const at::Tensor& b, acc_t scale,
+                           acc_t* stash, acc_t* a_grad, std::vector<at::Tensor>* b_grad_per_thread) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t dim = a.size(1), num_rows = a.size(0), num_keys = b.size(0), num_threads = at::get_num_threads();
+  // The exp shifts: lse, or +inf for a row or key with nothing to sum (lse = -inf: weights 0).
+  std::vector<acc_t> shifts(lse, lse + num_rows + num_keys);
+  for (acc_t& s : shifts) s = s == -inf ? inf : s;
+  const acc_t* key_shift = shifts.data() + num_rows;
+  const acc_t* key_g = g + num_rows;
+  auto make_scratch = [&](int64_t tile) { return std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0); };
+  for_each_row_tile(1, num_rows, make_scratch, [&](std::vector<acc_t>& buffer, int64_t, int64_t i0, int64_t tm) {
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+    const acc_t* rows = ptr<acc_t>(a) + i0 * dim;
+    acc_t* row_grad = a_grad == nullptr ? nullptr : a_grad + i0 * dim;
+    if (row_grad != nullptr) std::fill(row_grad, row_grad + tm * dim, acc_t(0));
+    for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
+      const int64_t tn = std::min(kKeyTile, num_keys - j0);
+      const acc_t* keys = ptr<acc_t>(b) + j0 * dim;
+      acc_t* w = stash == nullptr ? buffer.data() : stash + i0 * num_keys + j0 * tm;
+      if (stash == nullptr) gemm<acc_t, acc_t>(false, true, tm, tn, dim, scale, rows, dim, keys, dim, acc_t(0), w, tn);
+      for (int64_t i = 0; i < tm; ++i) {
+        symmetric_weights(w + i * tn, tn, shifts[i0 + i], g[i0 + i], key_shift + j0, key_g + j0, w + i * tn);
+      }
+      if (row_grad != nullptr) gemm<acc_t, acc_t>(false, false, tm, dim, tn, acc_t(1), w, tn, keys, dim, acc_t(1), row_grad, dim);
+      if (b_grad_per_thread != nullptr) {
+        at::Tensor& accumulator = (*b_grad_per_thread)[thread];
+        if (!accumulator.defined()) accumulator = at::zeros(b.sizes(), b.options());
+        gemm<acc_t, acc_t>(true, false, tn, dim, tm, acc_t(1), w, tn, rows, dim, acc_t(1),
+                           accumulator.data_ptr<acc_t>() + j0 * dim, dim);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
@@ -1165,7 +1265,11 @@ at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::v
   const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_grad, keys_grad, half_products), rows_grad,
                            keys_grad);
   const std::optional<StashKey> key = stash_key(rows, keys, exclude_diagonal, scales, layout);
-  at::Tensor stash = key.has_value() ? new_stash(rows, keys, layout, lse.scalar_type()) : at::Tensor();
+  bool any_grad = false;
+  for (const auto* list : {&rows, &keys}) {
+    for (const auto& t : *list) any_grad = any_grad || t.requires_grad();
+  }
+  at::Tensor stash = key.has_value() ? new_stash(any_grad, layout.total, lse.scalar_type()) : at::Tensor();
   // Without a key (inference tensors) backward could not find the folded gradients: none then.
   // (R x M x D, at least one element so that its pointer is never null: the kernels and the
   // stash layout must agree on whether it exists.)
@@ -1239,6 +1343,54 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
     }
     if (grad_scale != 1) total.mul_(grad_scale);
     grads.push_back(total.to(keys[k].scalar_type()));
+  }
+  return grads;
+}
+
+at::Tensor infonce_cross_forward_cpu(const at::Tensor& a, const at::Tensor& b, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::ScalarType acc = compute_dtype(a.scalar_type());
+  const at::Tensor a_c = a.to(acc).contiguous(), b_c = b.to(acc).contiguous();
+  at::Tensor lse = at::empty({a.size(0) + b.size(0)}, a.options().dtype(acc));
+  const int64_t tile = row_tile(1, a.size(0));
+  const std::optional<StashKey> key = cross_stash_key(a, b, scale, tile);
+  at::Tensor stash = key.has_value() ? new_stash(a.requires_grad() || b.requires_grad(), a.size(0) * b.size(0), acc)
+                                     : at::Tensor();
+  dispatch_types(a.scalar_type(), false, [&](auto acc_value, auto) {
+    using acc_t = decltype(acc_value);
+    cross_forward_kernel<acc_t>(a_c, b_c, static_cast<acc_t>(scale), lse.data_ptr<acc_t>(),
+                                stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
+  });
+  if (stash.defined()) keep_stash(lse, *key, std::move(stash), at::Tensor());
+  return lse;
+}
+
+std::vector<at::Tensor> infonce_cross_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& lse,
+                                                   const at::Tensor& a, const at::Tensor& b, double scale,
+                                                   bool a_needs_grad, bool b_needs_grad) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::ScalarType acc = compute_dtype(a.scalar_type());
+  at::Tensor stash = take_stash(lse, cross_stash_key(a, b, scale, row_tile(1, a.size(0)))).first;
+  const at::Tensor a_c = a.to(acc).contiguous(), b_c = b.to(acc).contiguous();
+  const at::Tensor g = grad_lse.to(acc).contiguous(), lse_c = lse.to(acc).contiguous();
+  at::Tensor a_grad = a_needs_grad ? at::empty(a_c.sizes(), a_c.options()) : at::Tensor();
+  std::vector<at::Tensor> b_grad_per_thread(b_needs_grad ? at::get_num_threads() : 0);
+  if (b_needs_grad) b_grad_per_thread[0] = at::zeros(b_c.sizes(), b_c.options());
+  dispatch_types(a.scalar_type(), false, [&](auto acc_value, auto) {
+    using acc_t = decltype(acc_value);
+    cross_backward_kernel<acc_t>(g.const_data_ptr<acc_t>(), lse_c.const_data_ptr<acc_t>(), a_c, b_c,
+                                 static_cast<acc_t>(scale), stash.defined() ? stash.data_ptr<acc_t>() : nullptr,
+                                 a_needs_grad ? a_grad.data_ptr<acc_t>() : nullptr,
+                                 b_needs_grad ? &b_grad_per_thread : nullptr);
+  });
+  std::vector<at::Tensor> grads;
+  if (a_needs_grad) grads.push_back(a_grad.mul_(scale).to(a.scalar_type()));
+  if (b_needs_grad) {
+    at::Tensor& total = b_grad_per_thread[0];
+    for (size_t t = 1; t < b_grad_per_thread.size(); ++t) {
+      if (b_grad_per_thread[t].defined()) total.add_(b_grad_per_thread[t]);
+    }
+    grads.push_back(total.mul_(scale).to(b.scalar_type()));
   }
   return grads;
 }

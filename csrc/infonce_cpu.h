@@ -25,4 +25,13 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
                                              const std::vector<bool>& rows_need_grad,
                                              const std::vector<bool>& keys_need_grad);
 
+// The cross pair (infonce_cpu.cpp): with S = scale a b^T, lse (M + M') in the compute dtype holds
+// S's row log-sum-exps (M) then its column log-sum-exps (M'), one pass over S.
+at::Tensor infonce_cross_forward_cpu(const at::Tensor& a, const at::Tensor& b, double scale);
+
+// The gradients of a and of b, those that need one, in their input's dtype and shape.
+std::vector<at::Tensor> infonce_cross_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& lse,
+                                                   const at::Tensor& a, const at::Tensor& b, double scale,
+                                                   bool a_needs_grad, bool b_needs_grad);
+
 }  // namespace pnr_kernels

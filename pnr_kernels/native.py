@@ -46,7 +46,8 @@ in one process share one build and one ``torch.ops.load_library``. ``python -m p
 ``pnr-kernels build`` console script) prebuilds and prints what it built and why any part was
 skipped.
 
-Ops: ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward`` (csrc/infonce_*) and the
+Ops: ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward`` and, CPU only, the cross pair
+``infonce_cross_lse_forward`` / ``infonce_cross_lse_backward`` (csrc/infonce_*), and the
 regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
 ``pnr_kernels.ops`` through :func:`kernels`, this backend's one hookup.
 """
@@ -511,7 +512,7 @@ def kernels() -> dict:
     """This backend's one hookup: its kernel set per op family (see ``pnr_kernels.ops``), the
     extension's ops ``torch.ops.pnr_kernels.*`` (csrc/infonce_*, csrc/regularizers_*). Builds and
     loads the extension if that has not happened yet."""
-    from .ops.infonce import InfoNCEKernels
+    from .ops.infonce import CrossKernels, InfoNCEKernels
     from .ops.regularizers import RegularizerKernels, compose_paired_loss
 
     if load()[0] is None:
@@ -525,7 +526,8 @@ def kernels() -> dict:
         return composed_paired_loss(p1, *args)
 
     return {
-        "infonce": InfoNCEKernels(ops.infonce_lse_forward, ops.infonce_lse_backward),
+        "infonce": InfoNCEKernels(ops.infonce_lse_forward, ops.infonce_lse_backward,
+                                  CrossKernels(ops.infonce_cross_lse_forward, ops.infonce_cross_lse_backward, ("cpu",))),
         "regularizers": RegularizerKernels(
             ops.paired_terms_forward, ops.paired_terms_backward, ops.barlow_gram_forward,
             ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward,

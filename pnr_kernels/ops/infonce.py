@@ -23,7 +23,7 @@ previous-model blocks) get no gradient work at all: the backward kernel is told 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,9 +41,21 @@ BackwardKernel = Callable[..., List[torch.Tensor]]
 
 
 @dataclass(frozen=True)
+class CrossKernels:
+    """Both directions of one rows-against-keys pair in one pass (see :func:`cross_lse_function`):
+    ``forward(a, b, scale) -> lse`` (M + M'), ``backward(grad_lse, lse, a, b, scale, a_needs_grad,
+    b_needs_grad)`` -> the gradients of those of a, b that need one, in that order; on tensors of
+    ``device_types`` only."""
+    forward: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    backward: Callable[..., List[torch.Tensor]]
+    device_types: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class InfoNCEKernels:
     forward: ForwardKernel
     backward: BackwardKernel
+    cross: Optional[CrossKernels] = None  # optional: a backend without it runs the op once per direction
 
 
 def infonce_flops(row_sizes: Sequence[int], key_sizes: Sequence[int], dim: int,
@@ -121,8 +133,55 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
         keys_grad = [next(grads) if need else None for need in ctx.keys_need_grad]
         return rows_grad, keys_grad, None, None
 
-    return define_fused_op(f"pnr_kernels::infonce_lse_{backend}", backend, forward, forward_fake, backward,
-                           backward_fake, setup_context, formula)
+    op = define_fused_op(f"pnr_kernels::infonce_lse_{backend}", backend, forward, forward_fake, backward,
+                         backward_fake, setup_context, formula)
+    op.cross = None if kernels.cross is None else _define_cross_op(backend, kernels.cross)
+    return op
+
+
+def _define_cross_op(backend: str, kernels: CrossKernels):
+    """``pnr_kernels::infonce_cross_lse_<backend>``: ``op(a, b, scale)`` -> lse (M + M'), with
+    S = scale a b^T, ``lse[:M]`` = LSE_j S[i, j] and ``lse[M:]`` = LSE_i S[i, j] (the op of a against
+    b and of b against a, from one S). Its gradient, with W[i, j] = g[i] exp(S[i, j] - lse[i]) +
+    g[M + j] exp(S[i, j] - lse[M + j]): d a = scale W b, d b = scale W^T a."""
+
+    def forward(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        with autocast_disabled(a.device.type):
+            return kernels.forward(a, b, scale)
+
+    def forward_fake(a, b, scale):
+        return a.new_empty((a.shape[0] + b.shape[0],), dtype=compute_dtype(a.dtype))
+
+    def backward(grad_lse: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 a_needs_grad: bool, b_needs_grad: bool) -> List[torch.Tensor]:
+        with autocast_disabled(grad_lse.device.type):
+            return kernels.backward(grad_lse.contiguous(), lse, a, b, scale, a_needs_grad, b_needs_grad)
+
+    def backward_fake(grad_lse, lse, a, b, scale, a_needs_grad, b_needs_grad):
+        return [torch.empty_like(t) for t, need in ((a, a_needs_grad), (b, b_needs_grad)) if need]
+
+    def setup_context(ctx, inputs, output):
+        a, b, scale = inputs
+        ctx.save_for_backward(output, a, b)
+        ctx.scale = scale
+        ctx.needs = (a.requires_grad, b.requires_grad)
+
+    def formula(ctx, backward, grad_lse):
+        lse, a, b = ctx.saved_tensors
+        grads = iter(backward(grad_lse, lse, a, b, ctx.scale, *ctx.needs))
+        return tuple(next(grads) if need else None for need in ctx.needs) + (None,)
+
+    op = define_fused_op(f"pnr_kernels::infonce_cross_lse_{backend}", backend, forward, forward_fake, backward,
+                         backward_fake, setup_context, formula)
+    op.device_types = kernels.device_types
+    return op
+
+
+def cross_lse_function(op, device: torch.device):
+    """The cross-pair op of the InfoNCE op ``op`` for tensors on ``device``, or None where its
+    backend has none there (then the op runs once per direction)."""
+    cross = getattr(op, "cross", None)
+    return cross if cross is not None and device.type in cross.device_types else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +298,11 @@ def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature, gather_distrib
     p, f = _unit_rows(p1, p2), _unit_rows(f1, f2)
     keys, _ = distributed.global_keys(gather_distributed, process_group, p.shape[0], p.device)
     pos = _row_dot(p, f) / t
-    d_pf = op([p], [keys(f)], [False], [1.0 / t])[0] - pos
-    d_fp = op([f], [keys(p)], [False], [1.0 / t])[0] - pos
+    global_f, cross = keys(f), cross_lse_function(op, p.device)
+    if global_f is f and cross is not None:  # one rank: F P^T is P F^T transposed, one pass gives both
+        lse = cross(p, f, 1.0 / t)
+        d_pf, d_fp = lse[:p.shape[0]] - pos, lse[p.shape[0]:] - pos
+    else:
+        d_pf = op([p], [global_f], [False], [1.0 / t])[0] - pos
+        d_fp = op([f], [keys(p)], [False], [1.0 / t])[0] - pos
     return ((d_pf.mean() + d_fp.mean()) / 2).to(p1.dtype)
