@@ -179,6 +179,21 @@ def test_sweep_stops_a_backend_projected_past_its_budget():
     assert "per-case time budget" in records[2]["error"]
 
 
+def test_regularizers_project_linearly_in_the_batch():
+    """A regulariser's memory and time grow linearly with B: from one size at B = 256 (4 MB,
+    1 ms) its B = 4096 case is projected at 64 MB and 16 ms, inside these budgets (a cubic
+    projection, the contrastive losses' assumption from one size, would give 16 GB and skip it)."""
+    cases = [bench.Case("vicreg_pnr", "a", "float32", b, 2048) for b in (256, 4096)]
+    table = {("a", 256): (1.0, 4.0), ("a", 4096): (16.0, 64.0)}
+    budget = bench.Budget(memory_mb=100, case_timeout_s=1)
+    records = bench.run_cases(cases, _fake_measure(table), device="cpu", budget=budget, repeats=3, warmup=1)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    cases = [bench.Case("nt_xent", "a", "float32", b, 128) for b in (256, 4096)]
+    table = {("a", 256): (1.0, 4.0)}
+    records = bench.run_cases(cases, _fake_measure(table), device="cpu", budget=budget, repeats=3, warmup=1)
+    assert [r["status"] for r in records] == ["ok", bench.SKIPPED]
+
+
 def test_a_case_past_its_time_is_a_timeout_record():
     case = bench.Case("nt_xent", "reference", "float32", 256, 128)
     record = bench._measure_in_subprocess(case, repeats=1, warmup=1, timeout_s=0.05)

@@ -64,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _cli, backends
-from ..registry import CONTRASTIVE, LOSSES, QUEUE, make_inputs
+from ..registry import CONTRASTIVE, LOSSES, QUEUE, REGULARIZER, make_inputs
 from .dtypes import DTYPES
 from .limits import machine_peak, raise_limit
 from . import peers
@@ -538,13 +538,23 @@ def _project(history: List[Tuple[int, float]], batch: int, floor_exponent: float
     return v1 * (batch / b1) ** exponent
 
 
+def _growth(loss: str) -> Tuple[float, float, float, float]:
+    """How a loss's (memory, time) may grow with the batch, for the projections: (memory's least
+    exponent, memory's exponent from a single size, time's least exponent, time's from one size).
+    The contrastive losses' baselines materialise N x N logits (memory from one size assumed
+    cubic, to be safe); the regularisers' work and memory are linear in B (Barlow's D x D terms
+    do not grow with it)."""
+    if LOSSES[loss].kind == REGULARIZER:
+        return 1, 1, 1, 1
+    return 2, 3, 2, 2
+
+
 def run_cases(cases: Sequence[Case], measure_case: Callable[[Case], dict], *, device: str, budget: Budget,
               repeats: int, warmup: int, on_record: Callable[[dict], None] = lambda r: None) -> List[dict]:
     """Measures ``cases`` in order with ``measure_case``. A series (loss, backend, dtype, D, K)
     that failed (out of memory, timeout, error) is not run at larger batches, nor is one whose
-    projection from its last sizes (time and memory as power laws of the batch, exponent at least
-    2; memory from a single size with exponent 3) exceeds the budget: those cases get a
-    ``skipped`` record saying why."""
+    projection from its last sizes (time and memory as power laws of the batch, see
+    :func:`_growth`) exceeds the budget: those cases get a ``skipped`` record saying why."""
     return run_groups([[case] for case in cases], lambda group: [measure_case(group[0])], device=device,
                       budget=budget, repeats=repeats, warmup=warmup, on_record=on_record)
 
@@ -578,13 +588,14 @@ def run_groups(groups: Sequence[Sequence[Case]], measure_group: Callable[[List[C
         reason = stopped.get(key)
         points = history.get(key)
         if reason is None and points:
+            memory_floor, memory_first, time_floor, time_first = _growth(case.loss)
             if budget.memory_mb:
-                mb = _project([(b, m) for b, _, m in points], case.batch_size, 2, 3)
+                mb = _project([(b, m) for b, _, m in points], case.batch_size, memory_floor, memory_first)
                 if mb > budget.memory_mb:
                     reason = (f"projected peak memory {mb:.0f} MB at batch {case.batch_size} exceeds the "
                               f"budget of {budget.memory_mb:.0f} MB")
             if reason is None and budget.case_timeout_s:
-                ms = _project([(b, t) for b, t, _ in points], case.batch_size, 2, 2)
+                ms = _project([(b, t) for b, t, _ in points], case.batch_size, time_floor, time_first)
                 seconds = ms * (repeats + warmup + 2) / 1e3
                 if seconds > budget.case_timeout_s:
                     reason = (f"projected {seconds:.0f} s for batch {case.batch_size} exceeds the "
