@@ -145,6 +145,14 @@ def _cassle_simclr_work(b, d, k, itemsize):
     return flops([2 * b], [2 * b], d, [True], [False])
 
 
+def _barlow_pnr_work(b, d, k, itemsize):
+    """The two Barlow terms (p1, f1) and (p2, f2), each the cheaper of its two exact forms (2 per
+    multiply-add; f frozen): the correlation C = p^T f^ / B (D x D) and d p^ = f^ d C^T, 4 B D^2; or
+    the Gram form <G_p, G_f> / B^2 = tr(p^T G_f p^) / B^2 with G_f = f^ f^T and d p^ = 2 G_f p^ / B^2
+    (G_f, G_f p^ and the gradient's product), 6 B^2 D. The cosine negatives are O(B D)."""
+    return 2 * min(4 * b * d * d, 6 * b * b * d)
+
+
 def _paired_bytes(b, d, k, itemsize):
     """A fused BYOL/VICReg-PNR reads p1, p2, f1, f2 and writes two gradients once."""
     return 6 * b * d * itemsize
@@ -211,6 +219,7 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
         docs="docs/losses.md section 4",
         options={**_PNR_WEIGHTS, "off_diagonal_weight": check_weight, "scale": check_weight},
         example_options={**_PNR_EXAMPLE, "off_diagonal_weight": 0.05, "scale": 0.2},
+        work=_barlow_pnr_work,
     ),
 )}
 

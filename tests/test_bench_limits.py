@@ -98,11 +98,36 @@ def _cassle_simclr(p1, p2, f1, f2, *, temperature):
     return ((torch.logsumexp(logits, 1) - pos).mean() + (torch.logsumexp(logits.T, 1) - pos).mean()) / 2
 
 
+def _standardised(x):
+    return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+
+
+def _barlow_term(p, f, l, s):
+    """s (sum_i (C_ii - 1)^2 + l sum_{i != j} C_ij^2), C = p^T f^ / B, in the cheaper form: C itself
+    (one product, one for d p^), or sum C_ij^2 = tr(p^T G_f p^) / B^2 with G_f = f^ f^T."""
+    b, d = p.shape
+    ps, fs = _standardised(p), _standardised(f.detach())
+    diagonal = (ps * fs).sum(0) / b  # C_ii, elementwise
+    if 4 * b * d * d <= 6 * b * b * d:
+        squares = ((ps.T @ fs / b) ** 2).sum()
+    else:
+        squares = (ps * ((fs @ fs.T) @ ps)).sum() / b ** 2
+    return s * (((diagonal - 1) ** 2).sum() + l * (squares - (diagonal ** 2).sum()))
+
+
+def _barlow_pnr(p1, p2, f1, f2, *, distill_weight, negative_weight, off_diagonal_weight, scale):
+    def cos(p, f):
+        return (_dot(p, f) / (p.norm(dim=1) * f.norm(dim=1))).mean()
+
+    pos = _barlow_term(p1, f1, off_diagonal_weight, scale) + _barlow_term(p2, f2, off_diagonal_weight, scale)
+    return distill_weight * pos / 2 + negative_weight * (cos(p1, f2) + cos(p2, f1)) / 2
+
+
 MINIMAL = {"simclr_pnr": _simclr_pnr, "nt_xent": _nt_xent, "moco": _moco, "moco_pnr": _moco_pnr,
-           "cassle_simclr": _cassle_simclr}
+           "cassle_simclr": _cassle_simclr, "barlow_pnr": _barlow_pnr}
 
 
-@pytest.mark.parametrize("b, d, k", [(3, 4, 5), (4, 3, 7)])
+@pytest.mark.parametrize("b, d, k", [(3, 4, 5), (4, 3, 7), (2, 9, 3)])
 @pytest.mark.parametrize("loss", FLOP_LOSSES)
 def test_flop_model_is_the_counted_products_of_a_minimal_formulation(loss, b, d, k):
     args, kwargs = make_inputs(loss, b, d, torch.float64, requires_grad=True, queue_size=k)
@@ -262,10 +287,14 @@ def test_pnr_bench_limits_prints_and_caches(monkeypatch, tmp_path, capsys):
     assert path.exists()
 
 
-def test_every_contrastive_loss_has_a_flop_model():
+def test_every_loss_has_a_work_model():
+    """Every loss's bench record has a distance to the machine's limit: the contrastive losses and
+    Barlow-PNR (its D x D or B x B products) in FLOPs, BYOL/VICReg-PNR in bytes."""
     from pnr_kernels.registry import CONTRASTIVE, QUEUE
 
-    assert set(FLOP_LOSSES) == {name for name, spec in LOSSES.items() if spec.kind in (CONTRASTIVE, QUEUE)}
+    contrastive = {name for name, spec in LOSSES.items() if spec.kind in (CONTRASTIVE, QUEUE)}
+    assert set(FLOP_LOSSES) == contrastive | {"barlow_pnr"}
+    assert set(FLOP_LOSSES) | set(BYTE_LOSSES) == set(LOSSES)
 
 
 def test_a_limit_measured_on_a_busier_machine_is_measured_again_and_the_higher_kept(monkeypatch, tmp_path):
