@@ -315,6 +315,27 @@ def _synthetic_rows():
     return bench_report.records_to_rows(records, meta=META)
 
 
+def test_target_verdicts():
+    verdict = bench_report.target_verdict
+    assert verdict(1.4, 1.3, 50.0, 70.0, False) == "met"
+    assert verdict(1.2, 1.3, 50.0, 60.0, False) == "behind: 1.20x < 1.3x"
+    # torch.compile at 90 % of the limit: 1.3x would need 117 %, more than any kernel can do
+    assert verdict(1.05, 1.3, 90.0, 95.0, False) == "out of reach: 1.3x needs 117 % of the limit"
+    assert verdict(2.0, 1.1, 10.0, 50.0, True) == "behind: 50 % < 80 % of the bandwidth"
+    assert verdict(2.0, 1.1, 10.0, 85.0, True) == "met"
+    assert verdict(None, 1.1, None, None, False) == "not measured"
+
+
+def test_targets_table_from_rows():
+    table = bench_report.targets_table(_synthetic_rows())
+    body = [line.split(" | ") for line in table[2:]]
+    # native 4, 12, 40 ms against torch_compile 5, 20, 80 ms: 1.25x (target 1.1x at B = 256), 1.67x, 2x
+    assert [row[4] for row in body] == ["1.25x", "1.67x", "2.00x"]
+    assert [row[5] for row in body] == ["1.1x", "1.3x", "1.3x"]
+    assert all(row[-1] == "met |" for row in body)
+    assert bench_report.targets_table([r for r in _synthetic_rows() if r["backend"] != "torch_compile"]) == []
+
+
 def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
     csv_path = tmp_path / "cpu.csv"
     bench_report.upsert_csv(str(csv_path), _synthetic_rows())

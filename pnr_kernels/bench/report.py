@@ -458,6 +458,60 @@ def group_tables(group, grows) -> List[str]:
     return lines
 
 
+# The CPU targets of the fused native kernels (docs/benchmarks.md, "Targets"): the full step's p50
+# over torch.compile of the reference, at least TARGET_SPEEDUP (TARGET_SPEEDUP_SMALLEST up to
+# SMALLEST_BATCH, the grid's smallest batch), and for a bytes-model loss (BYOL/VICReg-PNR) at least
+# TARGET_PERCENT of the measured bandwidth.
+TARGET_SPEEDUP, TARGET_SPEEDUP_SMALLEST, SMALLEST_BATCH, TARGET_PERCENT = 1.3, 1.1, 256, 80.0
+
+
+def target_verdict(ratio: Optional[float], target: float, peer_percent: Optional[float],
+                   percent: Optional[float], bytes_model: bool) -> str:
+    """"met", "behind" or "out of reach" for one size: out of reach when even a kernel at 100 % of
+    the machine's limit could not be ``target`` times faster than torch.compile at its measured
+    ``peer_percent`` of that limit (it would need target x peer_percent > 100 %)."""
+    if ratio is None:
+        return "not measured"
+    problems = []
+    if ratio < target:
+        if peer_percent is not None and target * peer_percent > 100:
+            problems.append(f"out of reach: {target:g}x needs {target * peer_percent:.0f} % of the limit")
+        else:
+            problems.append(f"behind: {ratio:.2f}x < {target:g}x")
+    if bytes_model and (percent is None or percent < TARGET_PERCENT):
+        problems.append(f"behind: {percent or 0:.0f} % < {TARGET_PERCENT:.0f} % of the bandwidth")
+    return "; ".join(problems) or "met"
+
+
+def targets_table(rows: Sequence[Dict[str, str]], fused: str = "native") -> List[str]:
+    """Every size of every group against the targets: ``fused`` and torch_compile's full-step p50,
+    their ratio and target, both backends' percent of the machine's limit and the best speed-up
+    any kernel could reach there (100 % over torch_compile's percent), and the verdict."""
+    table = []
+    for group, grows in _by_group(rows).items():
+        ours, peer = _series(grows, fused), _series(grows, "torch_compile")
+        if not ours or not peer:
+            continue
+        ours_pct, peer_pct = _series(grows, fused, metric="percent_of_peak"), \
+            _series(grows, "torch_compile", metric="percent_of_peak")
+        unit = {r["unit"] for r in grows if r["metric"] == "throughput"}
+        for x in sorted(ours):
+            a, b = ours[x], peer.get(x)
+            ratio = _value(b) / _value(a) if b is not None and _value(a) and _value(b) is not None else None
+            target = TARGET_SPEEDUP_SMALLEST if x <= SMALLEST_BATCH else TARGET_SPEEDUP
+            pp = _value(peer_pct[x]) if x in peer_pct else None
+            op = _value(ours_pct[x]) if x in ours_pct else None
+            size = f"B {x}, D {group[4]}" + (f", K {group[5]}" if group[5] else "") + f", {group[3]}"
+            table.append([group[2], size, _cell(a, None), _cell(b, None),
+                          _ratio(b, a), f"{target:g}x", _pct(ours_pct.get(x)), _pct(peer_pct.get(x)),
+                          f"{100 / pp:.2f}x" if pp else "-",
+                          target_verdict(ratio, target, pp, op, unit == {"GB/s"})])
+    if not table:
+        return []
+    return _table(["loss", "size", fused, "torch_compile", f"{fused} vs torch_compile", "target",
+                   f"{fused} % of limit", "torch_compile % of limit", "reachable at 100 %", "verdict"], table)
+
+
 def _conditions(rows) -> List[str]:
     loads = [float(r["loadavg_1m"]) for r in rows if r.get("loadavg_1m")]
     stamps = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
@@ -505,6 +559,14 @@ def render_docs(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = Non
         lines += [f"### {device.upper()}: {device_name}", ""]
         lines += _conditions(drows) + [""]
         groups = _by_group(drows)
+        targets = targets_table(drows)
+        if targets:
+            lines += ["#### Targets", "",
+                      f"native over torch.compile of the reference, full step p50: at least {TARGET_SPEEDUP:g}x, "
+                      f"{TARGET_SPEEDUP_SMALLEST:g}x at B = {SMALLEST_BATCH}, and BYOL/VICReg-PNR at "
+                      f"{TARGET_PERCENT:.0f} % of the measured bandwidth. \"reachable at 100 %\" is the "
+                      "speed-up over torch.compile of a kernel doing the work model at the machine's limit: "
+                      "a target above it is out of reach on this machine.", ""] + targets + [""]
         if figures_rel:
             for dtype in sorted({g[3] for g in groups}):
                 lines += [f"![speed-up over the reference, {dtype}]({figures_rel}/{device}_speedup_{dtype}.png)", ""]
