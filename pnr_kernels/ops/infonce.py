@@ -234,22 +234,31 @@ def _excluding(op, rows, keys, scales, offset):
 # materialised log-sum-exp, everything else is O(M x D).
 # ---------------------------------------------------------------------------------------------
 
+def _views(op, z1, z2):
+    """The unit rows of both views, u1 and u2, and z = [u1; u2]. The positive of row i of z is
+    row i + B (mod 2B), and each pair's dot appears twice in a mean over the 2B rows: that mean is
+    ``_row_dot(u1, u2).mean()``, without rolling z (a copy of it, and another in backward)."""
+    u1, u2 = _unit_rows(z1, op=op), _unit_rows(z2, op=op)
+    return u1, u2, torch.cat([u1, u2])
+
+
 def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
-    z, p, f = _unit_rows(z1, z2, op=op), _unit_rows(p1, p2, op=op), _unit_rows(f1, f2, op=op)
+    u1, u2, z = _views(op, z1, z2)
+    p, f = _unit_rows(p1, p2, op=op), _unit_rows(f1, f2, op=op)
     keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     lse = _excluding(op, [z, p], [keys(z), keys(f)], [1.0 / t, 1.0 / t], offset)
-    main = lse[0] - _row_dot(z, z.roll(b, dims=0)) / t
+    main = lse[0].mean() - _row_dot(u1, u2).mean() / t
     reg = lse[1] - _row_dot(p, f) / t
-    return (main.mean() + reg.mean()).to(z1.dtype)
+    return (main + reg.mean()).to(z1.dtype)
 
 
 def nt_xent_loss(op, z1, z2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
-    z = _unit_rows(z1, z2, op=op)
+    u1, u2, z = _views(op, z1, z2)
     keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     lse = _excluding(op, [z], [keys(z)], [1.0 / t], offset)
-    return (lse[0] - _row_dot(z, z.roll(b, dims=0)) / t).mean().to(z1.dtype)
+    return (lse[0].mean() - _row_dot(u1, u2).mean() / t).to(z1.dtype)
 
 
 def _queue_ce(lse_queue, anchor, positive, t):
