@@ -47,8 +47,9 @@ in one process share one build and one ``torch.ops.load_library``. ``python -m p
 skipped.
 
 Ops: ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward`` and, CPU only, the cross pair
-``infonce_cross_lse_forward`` / ``infonce_cross_lse_backward`` (csrc/infonce_*), and the
-regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
+``infonce_cross_lse_forward`` / ``infonce_cross_lse_backward`` (csrc/infonce_*), the contrastive
+losses' row normalisation ``unit_rows_forward`` / ``unit_rows_backward`` (CPU only,
+csrc/unit_rows_cpu.cpp) and the regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
 ``pnr_kernels.ops`` through :func:`kernels`, this backend's one hookup.
 """
 from __future__ import annotations
@@ -526,8 +527,10 @@ def kernels() -> dict:
         return composed_paired_loss(p1, *args)
 
     return {
-        "infonce": InfoNCEKernels(ops.infonce_lse_forward, ops.infonce_lse_backward,
-                                  CrossKernels(ops.infonce_cross_lse_forward, ops.infonce_cross_lse_backward, ("cpu",))),
+        "infonce": InfoNCEKernels(
+            ops.infonce_lse_forward, ops.infonce_lse_backward,
+            cross=CrossKernels(ops.infonce_cross_lse_forward, ops.infonce_cross_lse_backward, ("cpu",)),
+            unit_rows_forward=ops.unit_rows_forward, unit_rows_backward=ops.unit_rows_backward),
         "regularizers": RegularizerKernels(
             ops.paired_terms_forward, ops.paired_terms_backward, ops.barlow_gram_forward,
             ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward,

@@ -131,3 +131,71 @@ def test_kernels_ignore_autocast():
     for g, w in zip(got_grads, want_grads):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+# The losses' fused row normalisation (pnr_kernels/ops/infonce.py, "Unit rows"; csrc/unit_rows_cpu.cpp).
+UNIT_ROWS_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _unit_rows_inputs(rows, dim, dtype):
+    """Random rows with an all-zero row, a row below the norm's eps (clamped: no projection in the
+    gradient) and, where the dtype holds them, rows above reference.HUGE (scaled down first)."""
+    torch.manual_seed(rows * 31 + dim)
+    x = torch.randn(rows, dim, dtype=torch.float64)
+    if rows >= 3 and dtype != torch.float16:  # fp16 can hold neither 1e-14 nor the 1e12 gradients
+        x[1] = 0
+        x[2] *= 1e-14
+    if rows >= 5 and dtype in (torch.float64, torch.float32):
+        x[3] *= 1e20
+        x[4] *= 1e30
+    return x.to(dtype), torch.randn(rows, dim, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("rows,dim", [(0, 4), (1, 1), (7, 3), (37, 19), (1100, 131)])  # 1100 x 131: several tasks
+def test_unit_rows_kernels_match_reference(rows, dim, dtype):
+    """y and dx of the fused normalisation against the fp64 reference (autograd through
+    reference.normalize) of the same input values, relative to the largest reference value."""
+    from pnr_kernels.reference import HUGE, NORMALIZE_EPS, normalize
+    x, grad = _unit_rows_inputs(rows, dim, dtype)
+    y = torch.ops.pnr_kernels.unit_rows_forward(x, HUGE, NORMALIZE_EPS)
+    dx = torch.ops.pnr_kernels.unit_rows_backward(grad, x, HUGE, NORMALIZE_EPS)
+    assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == x.shape
+    exact = x.double().requires_grad_()
+    want = normalize(exact)
+    want.backward(grad.double())
+    for got, ref in ((y, want.detach()), (dx, exact.grad)):
+        scale = ref.abs().max().item() if ref.numel() else 1.0
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=UNIT_ROWS_TOLERANCE[dtype] * scale)
+
+
+def test_unit_rows_kernels_take_strided_inputs_and_propagate_nonfinite():
+    from pnr_kernels.reference import HUGE, NORMALIZE_EPS, normalize
+    x = torch.randn(9, 12, dtype=torch.float64)[:, ::2]  # not contiguous
+    x[2, 3], x[5, 0] = float("nan"), float("inf")
+    grad = torch.randn(12, 9, dtype=torch.float64).T[:, :6]
+    grad[7, 1] = float("nan")
+    y = torch.ops.pnr_kernels.unit_rows_forward(x, HUGE, NORMALIZE_EPS)
+    dx = torch.ops.pnr_kernels.unit_rows_backward(grad, x, HUGE, NORMALIZE_EPS)
+    exact = x.clone().requires_grad_()
+    want = normalize(exact)
+    want.backward(grad)
+    torch.testing.assert_close(y, want.detach(), rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(dx, exact.grad, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert y[2].isnan().all() and y[5].isnan().all() and dx[7].isnan().all()
+
+
+@pytest.mark.parametrize("loss", sorted(PUBLIC))
+def test_losses_normalise_with_the_fused_kernel(loss, monkeypatch):
+    """The native backend's contrastive losses normalise CPU rows with the fused kernels (the
+    PyTorch composition, reference.normalize, is not called), and still match the reference."""
+    from pnr_kernels.ops import infonce
+    if LOSSES[loss].family != "infonce":
+        pytest.skip("not a contrastive loss")
+
+    def refuse(x):
+        raise AssertionError("reference.normalize called")
+    monkeypatch.setattr(infonce, "normalize", refuse)
+    args, kwargs = make_inputs(loss, 21, 9, torch.float32, requires_grad=True, queue_size=40)
+    check_against_reference(loss, "native", args, kwargs)

@@ -19,6 +19,16 @@ with registered autograd (so it works under ``torch.compile``; eager calls take 
 autograd.Function of ``_common.define_fused_op``), and the loss functions below add
 the positives, which are O(M x D), in PyTorch. Inputs that do not require a gradient (the frozen
 previous-model blocks) get no gradient work at all: the backward kernel is told which are needed.
+
+Unit rows: the losses normalise their inputs row-wise (``reference.normalize``, in the compute
+dtype, rounded back to the input dtype). A backend may also supply that as a fused kernel pair for
+CPU tensors (``unit_rows_forward(x, huge, eps) -> y``, ``unit_rows_backward(grad, x, huge, eps) ->
+dx``, with ``reference.HUGE`` and ``reference.NORMALIZE_EPS``: y = x' / max(||x'||, eps) with
+x' = x / g, g = max |x| of the row where it exceeds huge, else 1; dx = (grad - [||x'|| >= eps]
+(grad . y) y) / (max(||x'||, eps) g), y in the compute dtype); :func:`define_infonce_op` then
+attaches it to the op as ``op.unit_rows`` (a custom op with autograd, like the op itself) and the
+losses use it for CPU tensors instead of PyTorch's composition of the same (some twenty ATen calls
+per forward + backward).
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import torch
 
 from .. import distributed
 from .._autocast import autocast_disabled
-from ..reference import compute_dtype, normalize, queue_poison
+from ..reference import HUGE, NORMALIZE_EPS, compute_dtype, normalize, queue_poison
 from ._common import define_fused_op
 
 # forward(rows, keys, exclude_diagonal, scales) -> lse (R, M)
@@ -56,6 +66,9 @@ class InfoNCEKernels:
     forward: ForwardKernel
     backward: BackwardKernel
     cross: Optional[CrossKernels] = None  # optional: a backend without it runs the op once per direction
+    # optional, CPU tensors only: the losses' row normalisation (see "Unit rows" above)
+    unit_rows_forward: Optional[Callable[[torch.Tensor, float, float], torch.Tensor]] = None
+    unit_rows_backward: Optional[Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]] = None
 
 
 def infonce_flops(row_sizes: Sequence[int], key_sizes: Sequence[int], dim: int,
@@ -136,6 +149,8 @@ def define_infonce_op(backend: str, kernels: InfoNCEKernels):
     op = define_fused_op(f"pnr_kernels::infonce_lse_{backend}", backend, forward, forward_fake, backward,
                          backward_fake, setup_context, formula)
     op.cross = None if kernels.cross is None else _define_cross_op(backend, kernels.cross)
+    if kernels.unit_rows_forward is not None:
+        op.unit_rows = _define_unit_rows_op(backend, kernels)
     return op
 
 
@@ -184,15 +199,44 @@ def cross_lse_function(op, device: torch.device):
     return cross if cross is not None and device.type in cross.device_types else None
 
 
+def _define_unit_rows_op(backend: str, kernels: InfoNCEKernels):
+    """``pnr_kernels::unit_rows_<backend>``: the fused row normalisation (see "Unit rows")."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return kernels.unit_rows_forward(x, HUGE, NORMALIZE_EPS)
+
+    def forward_fake(x):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    def backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return kernels.unit_rows_backward(grad, x, HUGE, NORMALIZE_EPS)
+
+    def backward_fake(grad, x):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def formula(ctx, backward, grad):
+        return (backward(grad, ctx.saved_tensors[0]),)
+
+    return define_fused_op(f"pnr_kernels::unit_rows_{backend}", backend, forward, forward_fake, backward,
+                           backward_fake, setup_context, formula)
+
+
 # ---------------------------------------------------------------------------------------------
 # Contrastive losses over the op. They mirror pnr_kernels.reference; the op replaces the
 # materialised log-sum-exp, everything else is O(M x D).
 # ---------------------------------------------------------------------------------------------
 
-def _unit_rows(*xs: torch.Tensor) -> torch.Tensor:
+def _unit_rows(*xs: torch.Tensor, op=None) -> torch.Tensor:
     """Stack, normalise in the compute dtype, and round back to the input dtype, so that the
-    kernels read the same values the positives below are computed from."""
+    kernels read the same values the positives below are computed from; with ``op.unit_rows``
+    (see "Unit rows" in the module docstring) fused for CPU tensors."""
     x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    fused = getattr(op, "unit_rows", None)
+    if fused is not None and x.device.type == "cpu" and x.dim() == 2:
+        return fused(x)
     return normalize(x.to(compute_dtype(x.dtype))).to(x.dtype)
 
 
@@ -248,22 +292,31 @@ def _excluding(op, rows, keys, scales, offset):
 # materialised log-sum-exp, everything else is O(M x D).
 # ---------------------------------------------------------------------------------------------
 
+def _views(op, z1, z2):
+    """The unit rows of both views, u1 and u2, and z = [u1; u2]. The positive of row i of z is
+    row i + B (mod 2B), and each pair's dot appears twice in a mean over the 2B rows: that mean is
+    ``_row_dot(u1, u2).mean()``, without rolling z (a copy of it, and another in backward)."""
+    u1, u2 = _unit_rows(z1, op=op), _unit_rows(z2, op=op)
+    return u1, u2, torch.cat([u1, u2])
+
+
 def simclr_pnr_loss(op, z1, z2, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
-    z, p, f = _unit_rows(z1, z2), _unit_rows(p1, p2), _unit_rows(f1, f2)
+    u1, u2, z = _views(op, z1, z2)
+    p, f = _unit_rows(p1, p2, op=op), _unit_rows(f1, f2, op=op)
     keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     lse = _excluding(op, [z, p], [keys(z), keys(f)], [1.0 / t, 1.0 / t], offset)
-    main = lse[0] - _row_dot(z, z.roll(b, dims=0)) / t
+    main = lse[0].mean() - _row_dot(u1, u2).mean() / t
     reg = lse[1] - _row_dot(p, f) / t
-    return (main.mean() + reg.mean()).to(z1.dtype)
+    return (main + reg.mean()).to(z1.dtype)
 
 
 def nt_xent_loss(op, z1, z2, *, temperature, gather_distributed=False, process_group=None):
     b, t = z1.shape[0], temperature
-    z = _unit_rows(z1, z2)
+    u1, u2, z = _views(op, z1, z2)
     keys, offset = distributed.global_keys(gather_distributed, process_group, 2 * b, z.device)
     lse = _excluding(op, [z], [keys(z)], [1.0 / t], offset)
-    return (lse[0] - _row_dot(z, z.roll(b, dims=0)) / t).mean().to(z1.dtype)
+    return (lse[0].mean() - _row_dot(u1, u2).mean() / t).to(z1.dtype)
 
 
 def _queue_ce(lse_queue, anchor, positive, t):
@@ -275,7 +328,7 @@ def _queue_ce(lse_queue, anchor, positive, t):
 def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
                   temperature, distill_temperature):
     t, td = temperature, distill_temperature
-    q1, q2, k1, k2, p1, p2, f1, f2 = (_unit_rows(x) for x in (q1, q2, k1, k2, p1, p2, f1, f2))
+    q1, q2, k1, k2, p1, p2, f1, f2 = (_unit_rows(x, op=op) for x in (q1, q2, k1, k2, p1, p2, f1, f2))
     total = 0.0
     # view v's queries meet the queues of view v' = 1 - v: (q1, k2, p1, f1, Q1), (q2, k1, p2, f2, Q0)
     for q, k, p, f, v in ((q1, k2, p1, f1, 1), (q2, k1, p2, f2, 0)):
@@ -286,7 +339,7 @@ def moco_pnr_loss(op, q1, q2, k1, k2, p1, p2, f1, f2, key_queue, prev_queue, *,
 
 def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
     t = temperature
-    q1, q2, k1, k2 = (_unit_rows(x) for x in (q1, q2, k1, k2))
+    q1, q2, k1, k2 = (_unit_rows(x, op=op) for x in (q1, q2, k1, k2))
     total = 0.0
     for q, k, v in ((q1, k2, 1), (q2, k1, 0)):
         total = total + _queue_ce(op([q], [key_queue[v]], [False], [1.0 / t])[0], q, k, t)
@@ -295,7 +348,7 @@ def moco_loss(op, q1, q2, k1, k2, key_queue, *, temperature):
 
 def cassle_simclr_regularizer(op, p1, p2, f1, f2, *, temperature, gather_distributed=False, process_group=None):
     t = temperature
-    p, f = _unit_rows(p1, p2), _unit_rows(f1, f2)
+    p, f = _unit_rows(p1, p2, op=op), _unit_rows(f1, f2, op=op)
     keys, _ = distributed.global_keys(gather_distributed, process_group, p.shape[0], p.device)
     pos = _row_dot(p, f) / t
     global_f, cross = keys(f), cross_lse_function(op, p.device)
