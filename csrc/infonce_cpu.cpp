@@ -623,6 +623,13 @@ void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, const MakeScratch
   });
 }
 
+// The calling thread's index into per-thread accumulators made for num_threads threads.
+int64_t accumulator_index(int64_t num_threads) {
+  const int64_t thread = at::get_thread_num();
+  TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+  return thread;
+}
+
 // A key block that is its row set itself (NT-Xent's and SimCLR-PNR's z against z, outside data
 // parallelism) has symmetric logits, S[i, j] = S[j, i]. Forward and backward then visit only the
 // keys from the unit's first row on (the upper triangle, by row tiles): the square of the unit's
@@ -927,8 +934,7 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
                    std::vector<acc_t>(tile), std::vector<in_t>(folded != nullptr ? tile * kKeyTile : 0)};
   };
   for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
-    const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+    const int64_t thread = accumulator_index(num_threads);
     acc_t* maxima = s.maxima.data();
     acc_t* sums = s.sums.data();
     std::fill(maxima, maxima + tm, neg_inf);
@@ -1037,8 +1043,7 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
     return s;
   };
   for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
-    const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+    const int64_t thread = accumulator_index(num_threads);
     const in_t* a = ptr<in_t>(ops.rows[r]) + i0 * dim;
     const acc_t scale = static_cast<acc_t>(scales[r]);
     const acc_t* g = g_data + r * num_rows + i0;
@@ -1179,8 +1184,7 @@ void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale,
                    std::vector<acc_t>(tile)};
   };
   for_each_row_tile(1, num_rows, make_scratch, [&](Scratch& s, int64_t, int64_t i0, int64_t tm) {
-    const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+    const int64_t thread = accumulator_index(num_threads);
     acc_t* maxima = s.maxima.data();
     acc_t* sums = s.sums.data();
     std::fill(maxima, maxima + tm, neg_inf);
@@ -1225,8 +1229,7 @@ void cross_backward_kernel(const acc_t* g, const acc_t* lse, const at::Tensor& a
   const acc_t* key_g = g + num_rows;
   auto make_scratch = [&](int64_t tile) { return std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0); };
   for_each_row_tile(1, num_rows, make_scratch, [&](std::vector<acc_t>& buffer, int64_t, int64_t i0, int64_t tm) {
-    const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < num_threads, "thread ", thread, " outside the ", num_threads, " accumulators");
+    const int64_t thread = accumulator_index(num_threads);
     const acc_t* rows = ptr<acc_t>(a) + i0 * dim;
     acc_t* row_grad = a_grad == nullptr ? nullptr : a_grad + i0 * dim;
     if (row_grad != nullptr) std::fill(row_grad, row_grad + tm * dim, acc_t(0));
