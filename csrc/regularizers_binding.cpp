@@ -99,6 +99,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_cpu(const at::Tensor&
                                  p1_needs_grad, p2_needs_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_pnr_loss_cpu(const at::Tensor& p1, const at::Tensor& p2,
+                                                                   const at::Tensor& f1, const at::Tensor& f2,
+                                                                   double distill_weight, double negative_weight,
+                                                                   double off_diagonal_weight, double scale,
+                                                                   bool p1_needs_grad, bool p2_needs_grad) {
+  const KernelGuard kernel_guard;
+  check_embeddings({p1, p2, f1, f2}, "barlow_pnr inputs");
+  return barlow_pnr_loss_forward_cpu(p1, p2, f1, f2, distill_weight, negative_weight, off_diagonal_weight, scale,
+                                     p1_needs_grad, p2_needs_grad);
+}
+
 std::vector<at::Tensor> paired_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& terms,
                                             const at::Tensor& norms, const at::Tensor& p1, const at::Tensor& p2,
                                             const at::Tensor& f1, const at::Tensor& f2, const std::string& kind,
@@ -253,6 +264,9 @@ TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
         "Tensor f2, str kind, bool p1_needs_grad, bool p2_needs_grad) -> Tensor[]");
   m.def("paired_loss_forward(Tensor p1, Tensor p2, Tensor f1, Tensor f2, str kind, float[] weights, float constant, "
         "bool p1_needs_grad, bool p2_needs_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("barlow_pnr_loss_forward(Tensor p1, Tensor p2, Tensor f1, Tensor f2, float distill_weight, "
+        "float negative_weight, float off_diagonal_weight, float scale, bool p1_needs_grad, bool p2_needs_grad) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("barlow_gram_forward(Tensor a, Tensor b, float off_diagonal_weight, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("barlow_gram_backward(Tensor grad_loss, Tensor a, Tensor b, Tensor stats, Tensor gram_b, "
         "float off_diagonal_weight, float scale) -> Tensor");
@@ -265,6 +279,7 @@ TORCH_LIBRARY_IMPL(pnr_kernels, CPU, m) {
   m.impl("paired_terms_forward", &paired_forward_cpu);
   m.impl("paired_terms_backward", &paired_backward_cpu);
   m.impl("paired_loss_forward", &paired_loss_cpu);
+  m.impl("barlow_pnr_loss_forward", &barlow_pnr_loss_cpu);
   m.impl("barlow_gram_forward", &barlow_forward_cpu);
   m.impl("barlow_gram_backward", &barlow_backward_cpu);
   m.impl("barlow_correlation_loss_forward", &correlation_loss_forward_cpu);

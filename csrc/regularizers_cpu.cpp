@@ -6,6 +6,9 @@
 // Gram matrices and the backward's G_b a^ product through at::mm (the CPU BLAS), everything else
 // (standardisation, diagonal, loss, standardisation backward) in fused loops, O(B D). For B > D the
 // same op computes and saves the D x D C = a^T b^ / B instead (the smaller matrix; G_b a^ = B b^ C^T).
+// Barlow-PNR in one call (one process): both Barlow terms and their gradients (computed in the forward,
+// in place of the product's output: the correlation form folds the diagonal into the product's
+// matrix, one product b^ M^T), the cosine negatives' row gradients added to them.
 // Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
 // Huge magnitudes: where a row's (cosine) or column's (Barlow statistics) sums overflow, that row or
@@ -229,25 +232,32 @@ void paired_forward_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool c
   });
 }
 
-// d p = k * (c_f1 * f1 + c_f2 * f2 + c_p * p) for one row of p1 or p2. For cosines k = 1 / max(|p|,
-// eps) and the c's carry 1 / |f| and 1 / |p|: each product in the parentheses is O(|g|) whatever the
-// rows' scale, so nothing underflows for huge rows (k * c_f1 would: 1e-30 * 1e-30 in float32).
-template <typename scalar_t, typename acc_t>
-PNR_INLINE void write_row_gradient(scalar_t* out, const scalar_t* p, const scalar_t* f1, const scalar_t* f2, int64_t D,
-                        acc_t k, acc_t c_f1, acc_t c_f2, acc_t c_p) {
+// d p = k * (c_f1 * f1 + c_f2 * f2 + c_p * p) for one row of p1 or p2, written to out or, with
+// `accumulate`, added to it. For cosines k = 1 / max(|p|, eps) and the c's carry 1 / |f| and 1 / |p|:
+// each product in the parentheses is O(|g|) whatever the rows' scale, so nothing underflows for huge
+// rows (k * c_f1 would: 1e-30 * 1e-30 in float32).
+template <typename out_t, typename scalar_t, typename acc_t>
+PNR_INLINE void write_row_gradient(out_t* out, const scalar_t* p, const scalar_t* f1, const scalar_t* f2, int64_t D,
+                                   acc_t k, acc_t c_f1, acc_t c_f2, acc_t c_p, bool accumulate) {
+  const auto value = [&](int64_t d) PNR_LAMBDA_INLINE {
+    return k * (c_f1 * static_cast<acc_t>(f1[d]) + c_f2 * static_cast<acc_t>(f2[d]) + c_p * static_cast<acc_t>(p[d]));
+  };
+  if (accumulate) {
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(k * (c_f1 * static_cast<acc_t>(f1[d]) + c_f2 * static_cast<acc_t>(f2[d]) +
-                                        c_p * static_cast<acc_t>(p[d])));
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<out_t>(static_cast<acc_t>(out[d]) + value(d));
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<out_t>(value(d));
   }
 }
 
 // The gradients of row i of p1 and p2 (either output may be null) from the gradients g[4] of its
-// terms t[4] and, for cosines, its norms n[4] (the formulas of paired_terms_backward_cpu).
-template <typename scalar_t>
+// terms t[4] and, for cosines, its norms n[4] (the formulas of paired_terms_backward_cpu), written to
+// g1 and g2 or, with `accumulate`, added to them.
+template <typename scalar_t, typename out_t>
 PNR_INLINE void row_gradients(const Rows<scalar_t>& x, int64_t i, int64_t D, bool cosine, const at::opmath_type<scalar_t>* g,
-                   const at::opmath_type<scalar_t>* t, const at::opmath_type<scalar_t>* n, scalar_t* g1,
-                   scalar_t* g2) {
+                   const at::opmath_type<scalar_t>* t, const at::opmath_type<scalar_t>* n, out_t* g1,
+                   out_t* g2, bool accumulate = false) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t eps = static_cast<acc_t>(kCosineEps);
   const acc_t g11 = g[0], g22 = g[1], g12 = g[2], g21 = g[3];
@@ -266,8 +276,8 @@ PNR_INLINE void row_gradients(const Rows<scalar_t>& x, int64_t i, int64_t D, boo
     a11 = -2 * g11, a12 = -2 * g12, b1 = 2 * (g11 + g12);
     a21 = -2 * g21, a22 = -2 * g22, b2 = 2 * (g22 + g21);
   }
-  if (g1 != nullptr) write_row_gradient(g1, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1);
-  if (g2 != nullptr) write_row_gradient(g2, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2);
+  if (g1 != nullptr) write_row_gradient(g1, x.row(0, i), x.row(2, i), x.row(3, i), D, k1, a11, a12, b1, accumulate);
+  if (g2 != nullptr) write_row_gradient(g2, x.row(1, i), x.row(2, i), x.row(3, i), D, k2, a21, a22, b2, accumulate);
 }
 
 template <typename scalar_t>
@@ -285,11 +295,12 @@ void paired_backward_kernel(const at::Tensor& grad_terms, const at::Tensor& term
 }
 
 // The fused loss constant + sum_ik w_k terms[i, k] (accumulated in float64, in row order, so the
-// result does not depend on the thread count) and, where asked for, its gradients of p1 and p2: each
-// row is read from memory once, its gradients computed while it is in cache.
-template <typename scalar_t>
+// result does not depend on the thread count) and, where asked for, its gradients of p1 and p2
+// (written to g1, g2 or, with `accumulate`, added to them): each row is read from memory once, its
+// gradients computed while it is in cache.
+template <typename scalar_t, typename out_t>
 double paired_loss_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool cosine, const double* w,
-                          scalar_t* g1, scalar_t* g2) {
+                          out_t* g1, out_t* g2, bool accumulate = false) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t g[4] = {static_cast<acc_t>(w[0]), static_cast<acc_t>(w[1]), static_cast<acc_t>(w[2]),
                       static_cast<acc_t>(w[3])};
@@ -304,7 +315,7 @@ double paired_loss_kernel(const Rows<scalar_t>& x, int64_t B, int64_t D, bool co
     row_loss[i] = r;
     if (g1 != nullptr || g2 != nullptr) {
       row_gradients(x, i, D, cosine, g, t, n, g1 != nullptr ? g1 + i * D : nullptr,
-                    g2 != nullptr ? g2 + i * D : nullptr);
+                    g2 != nullptr ? g2 + i * D : nullptr, accumulate);
     }
   });
   double total = 0;
@@ -344,39 +355,48 @@ void scaled_column_stats(const scalar_t* a, int64_t sa, const scalar_t* b, int64
   stats[4 * D] = cross == 0 ? acc_t(0) : cross / B * std::ldexp(rstd_a, ea) * std::ldexp(rstd_b, eb);
 }
 
-// Column mean, 1/std (biased variance + eps) of a and b and diag(C), written to stats (5, D).
+// Column mean, 1/std (biased variance + eps) of a and b and diag(C), written to stats (5, D): two
+// passes (mean, then centred sums) over stripes of kStripe columns, each stripe's sums in local
+// arrays so that the row loops vectorise; stripes in parallel.
+constexpr int64_t kStripe = 64;
+
 template <typename scalar_t>
 void barlow_stats_kernel(const scalar_t* a, int64_t sa, const scalar_t* b, int64_t sb, int64_t B, int64_t D,
                          at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, D, grain(2 * B), [&](int64_t c0, int64_t c1) {
-    const int64_t w = c1 - c0;
-    std::vector<acc_t> mean_a(w, 0), mean_b(w, 0), sq_a(w, 0), sq_b(w, 0), cross(w, 0);
-    for (int64_t r = 0; r < B; ++r) {
-      const scalar_t *ra = a + r * sa + c0, *rb = b + r * sb + c0;
-      for (int64_t c = 0; c < w; ++c) mean_a[c] += static_cast<acc_t>(ra[c]), mean_b[c] += static_cast<acc_t>(rb[c]);
-    }
-    for (int64_t c = 0; c < w; ++c) mean_a[c] /= B, mean_b[c] /= B;
-    for (int64_t r = 0; r < B; ++r) {
-      const scalar_t *ra = a + r * sa + c0, *rb = b + r * sb + c0;
+  const int64_t stripes = (D + kStripe - 1) / kStripe;
+  at::parallel_for(0, stripes, grain(2 * B * kStripe), [&](int64_t s0, int64_t s1) {
+    for (int64_t stripe = s0; stripe < s1; ++stripe) {
+      const int64_t c0 = stripe * kStripe, w = std::min(kStripe, D - c0);
+      acc_t mean_a[kStripe] = {}, mean_b[kStripe] = {}, sq_a[kStripe] = {}, sq_b[kStripe] = {}, cross[kStripe] = {};
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t *ra = a + r * sa + c0, *rb = b + r * sb + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) mean_a[c] += static_cast<acc_t>(ra[c]), mean_b[c] += static_cast<acc_t>(rb[c]);
+      }
+      for (int64_t c = 0; c < w; ++c) mean_a[c] /= B, mean_b[c] /= B;
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t *ra = a + r * sa + c0, *rb = b + r * sb + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) {
+          const acc_t xa = static_cast<acc_t>(ra[c]) - mean_a[c], xb = static_cast<acc_t>(rb[c]) - mean_b[c];
+          sq_a[c] += xa * xa, sq_b[c] += xb * xb, cross[c] += xa * xb;
+        }
+      }
       for (int64_t c = 0; c < w; ++c) {
-        const acc_t xa = static_cast<acc_t>(ra[c]) - mean_a[c], xb = static_cast<acc_t>(rb[c]) - mean_b[c];
-        sq_a[c] += xa * xa, sq_b[c] += xb * xb, cross[c] += xa * xb;
+        if (!is_finite(mean_a[c]) || !is_finite(mean_b[c]) || !is_finite(sq_a[c]) || !is_finite(sq_b[c]) ||
+            !is_finite(cross[c])) {
+          scaled_column_stats(a + c0 + c, sa, b + c0 + c, sb, B, D, stats + c0 + c);
+          continue;
+        }
+        const acc_t rstd_a = 1 / std::sqrt(sq_a[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
+        const acc_t rstd_b = 1 / std::sqrt(sq_b[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
+        stats[c0 + c] = mean_a[c];
+        stats[D + c0 + c] = rstd_a;
+        stats[2 * D + c0 + c] = mean_b[c];
+        stats[3 * D + c0 + c] = rstd_b;
+        stats[4 * D + c0 + c] = cross[c] * rstd_a * rstd_b / B;
       }
-    }
-    for (int64_t c = 0; c < w; ++c) {
-      if (!is_finite(mean_a[c]) || !is_finite(mean_b[c]) || !is_finite(sq_a[c]) || !is_finite(sq_b[c]) ||
-          !is_finite(cross[c])) {
-        scaled_column_stats(a + c0 + c, sa, b + c0 + c, sb, B, D, stats + c0 + c);
-        continue;
-      }
-      const acc_t rstd_a = 1 / std::sqrt(sq_a[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
-      const acc_t rstd_b = 1 / std::sqrt(sq_b[c] / B + static_cast<acc_t>(kBarlowVarianceEps));
-      stats[c0 + c] = mean_a[c];
-      stats[D + c0 + c] = rstd_a;
-      stats[2 * D + c0 + c] = mean_b[c];
-      stats[3 * D + c0 + c] = rstd_b;
-      stats[4 * D + c0 + c] = cross[c] * rstd_a * rstd_b / B;
     }
   });
 }
@@ -393,7 +413,10 @@ at::Tensor standardised(const at::Tensor& x, const at::opmath_type<scalar_t>* me
   acc_t* o = out.data_ptr<acc_t>();
   at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t c = 0; c < D; ++c) o[r * D + c] = standardise(static_cast<acc_t>(in[r * sx + c]), mean[c], rstd[c]);
+      const scalar_t* __restrict row = in + r * sx;
+      acc_t* __restrict dst = o + r * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) dst[c] = standardise(static_cast<acc_t>(row[c]), mean[c], rstd[c]);
     }
   });
   return out;
@@ -411,31 +434,34 @@ double frobenius_inner(const at::Tensor& x, const at::Tensor& y) {
   }, std::plus<double>());
 }
 
+// One Barlow term's forward: the loss s (sum_i (d_i - 1)^2 + l sum_{i != j} C_ij^2) of a against b
+// and what its gradient needs: stats (5, D), the standardised a^ and b^ (compute dtype, contiguous)
+// and the product it was computed from, `saved`: C = a^T b^ / B (D, D) for B > D (the smaller
+// matrix), else G_b = b^ b^T (B, B), with sum_ij C_ij^2 = <G_a, G_b> / B^2.
+struct BarlowTerm {
+  double loss;
+  at::Tensor stats, a_std, b_std, saved;
+};
+
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_kernel(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                                     double l, double s) {
+BarlowTerm barlow_term(const at::Tensor& a_in, const at::Tensor& b_in, double l, double s) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor a = unit_column_stride(a_in), b = unit_column_stride(b_in);
   const int64_t B = a.size(0), D = a.size(1);
-  const auto options = a.options().dtype(compute_scalar_type<scalar_t>());
-  at::Tensor stats = at::empty({5, D}, options);
-  acc_t* st = stats.data_ptr<acc_t>();
+  BarlowTerm term;
+  term.stats = at::empty({5, D}, a.options().dtype(compute_scalar_type<scalar_t>()));
+  acc_t* st = term.stats.data_ptr<acc_t>();
   barlow_stats_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), b.const_data_ptr<scalar_t>(),
                                 b.stride(0), B, D, st);
-  const at::Tensor a_std = standardised<scalar_t>(a, st, st + D);
-  const at::Tensor b_std = standardised<scalar_t>(b, st + 2 * D, st + 3 * D);
-  // B <= D: the B x B Gram matrices, sum_ij C_ij^2 = <G_a, G_b> / B^2, G_b saved; B > D: C itself
-  // (D x D, the smaller), saved in G_b's place.
-  const bool correlation_form = B > D;
-  at::Tensor gram_b;
+  term.a_std = standardised<scalar_t>(a, st, st + D);
+  term.b_std = standardised<scalar_t>(b, st + 2 * D, st + 3 * D);
   double all_squares;
-  if (correlation_form) {
-    gram_b = at::mm(a_std.t(), b_std).div_(static_cast<double>(B));
-    all_squares = frobenius_inner<acc_t>(gram_b, gram_b);
+  if (B > D) {
+    term.saved = at::mm(term.a_std.t(), term.b_std).div_(static_cast<double>(B));
+    all_squares = frobenius_inner<acc_t>(term.saved, term.saved);
   } else {
-    const at::Tensor gram_a = at::mm(a_std, a_std.t());
-    gram_b = at::mm(b_std, b_std.t());
-    all_squares = frobenius_inner<acc_t>(gram_a, gram_b) / (static_cast<double>(B) * B);
+    term.saved = at::mm(term.b_std, term.b_std.t());
+    all_squares = frobenius_inner<acc_t>(at::mm(term.a_std, term.a_std.t()), term.saved) / (static_cast<double>(B) * B);
   }
   double on_diagonal = 0, diagonal_squares = 0;
   for (int64_t c = 0; c < D; ++c) {
@@ -443,59 +469,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_forward_kernel(const at::T
     on_diagonal += (d - 1) * (d - 1);
     diagonal_squares += d * d;
   }
-  at::Tensor loss = at::empty({}, options);
-  loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(s * (on_diagonal + l * (all_squares - diagonal_squares)));
-  return {loss, stats, gram_b};
+  term.loss = s * (on_diagonal + l * (all_squares - diagonal_squares));
+  return term;
 }
 
-template <typename scalar_t>
-at::Tensor barlow_backward_kernel(double grad_loss, const at::Tensor& a_in, const at::Tensor& b_in,
-                                  const at::Tensor& stats, const at::Tensor& gram_b, double l, double s) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor a = unit_column_stride(a_in), b = unit_column_stride(b_in);
-  const int64_t B = a.size(0), D = a.size(1), sb = b.stride(0);
+// weight * d loss / d a of one Barlow term (docs: pnr_kernels/ops/regularizers.py) into `out` (B, D),
+// compute dtype, contiguous:
+//   g^  = alpha * b^ + b^ (beta C)^T       alpha = weight s (2 (d - 1) - 2 l d) / B,  beta = weight s 2 l / B
+//       = alpha * b^ + beta' G_b a^        (Gram form: beta' = weight s 2 l / B^2)
+//   d a = rstd_a (g^ - mean_rows(g^) - a^ mean_rows(g^ a^))
+// The correlation form folds alpha into the product's matrix (M = beta C + diag(alpha), one
+// product b^ M^T). The row means are summed in chunks of rows fixed by the sizes (not the thread
+// count) and merged in order, so the result does not depend on the number of threads.
+template <typename acc_t>
+void barlow_gradient(const at::Tensor& a_std, const at::Tensor& b_std, const at::Tensor& stats,
+                     const at::Tensor& saved, double weight, double l, double s, at::Tensor& out) {
+  const int64_t B = a_std.size(0), D = a_std.size(1);
   const acc_t* st = stats.const_data_ptr<acc_t>();
-  const acc_t *rstd_a = st + D, *mean_b = st + 2 * D, *rstd_b = st + 3 * D, *diag = st + 4 * D;
-  const at::Tensor a_std = standardised<scalar_t>(a, st, rstd_a);
-  // G_b a^ (B <= D), or b^ C^T = G_b a^ / B (B > D, gram_b holds C); overwritten with d loss / d a^
+  const acc_t *rstd_a = st + D, *diag = st + 4 * D;
+  std::vector<acc_t> alpha(D);
+  for (int64_t c = 0; c < D; ++c) {
+    alpha[c] = static_cast<acc_t>(weight * s * (2 * (diag[c] - 1.0) - 2 * l * diag[c]) / B);
+  }
   const bool correlation_form = B > D;
-  at::Tensor grad_std = correlation_form ? at::mm(standardised<scalar_t>(b, mean_b, rstd_b), gram_b.t())
-                                         : at::mm(gram_b, a_std);
-  at::Tensor out = at::empty({B, D}, a.options());
-  const acc_t* as = a_std.const_data_ptr<acc_t>();
-  acc_t* gs = grad_std.data_ptr<acc_t>();
-  const scalar_t* pb = b.const_data_ptr<scalar_t>();
-  scalar_t* po = out.data_ptr<scalar_t>();
-  const acc_t beta =
-      static_cast<acc_t>(grad_loss * s * 2 * l / (correlation_form ? static_cast<double>(B) : static_cast<double>(B) * B));
-  at::parallel_for(0, D, grain(3 * B), [&](int64_t c0, int64_t c1) {
-    const int64_t w = c1 - c0;
-    std::vector<acc_t> alpha(w), sum_g(w, 0), sum_ga(w, 0);
-    for (int64_t c = 0; c < w; ++c) {
-      const double d = diag[c0 + c];
-      alpha[c] = static_cast<acc_t>(grad_loss * s * (2 * (d - 1) - 2 * l * d) / B);
-    }
-    for (int64_t r = 0; r < B; ++r) {
-      acc_t* g = gs + r * D + c0;
-      const acc_t* x = as + r * D + c0;
-      const scalar_t* y = pb + r * sb + c0;
-      for (int64_t c = 0; c < w; ++c) {
-        const acc_t y_std = standardise(static_cast<acc_t>(y[c]), mean_b[c0 + c], rstd_b[c0 + c]);
-        g[c] = alpha[c] * y_std + beta * g[c];
-        sum_g[c] += g[c];
-        sum_ga[c] += g[c] * x[c];
-      }
-    }
-    for (int64_t c = 0; c < w; ++c) sum_g[c] /= B, sum_ga[c] /= B;
-    for (int64_t r = 0; r < B; ++r) {
-      const acc_t *g = gs + r * D + c0, *x = as + r * D + c0;
-      scalar_t* o = po + r * D + c0;
-      for (int64_t c = 0; c < w; ++c) {
-        o[c] = static_cast<scalar_t>(rstd_a[c0 + c] * (g[c] - sum_g[c] - x[c] * sum_ga[c]));
+  acc_t beta = 0;
+  if (correlation_form) {
+    at::Tensor m = saved.mul(weight * s * 2 * l / B);
+    acc_t* pm = m.data_ptr<acc_t>();
+    for (int64_t c = 0; c < D; ++c) pm[c * D + c] += alpha[c];
+    at::mm_out(out, b_std, m.t());
+  } else {
+    beta = static_cast<acc_t>(weight * s * 2 * l / (static_cast<double>(B) * B));
+    at::mm_out(out, saved, a_std);
+  }
+  acc_t* g = out.data_ptr<acc_t>();
+  const acc_t *as = a_std.const_data_ptr<acc_t>(), *bs = b_std.const_data_ptr<acc_t>();
+  const acc_t* pa = alpha.data();
+  const int64_t chunk_rows = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, 2 * D));
+  const int64_t chunks = (B + chunk_rows - 1) / chunk_rows;
+  std::vector<acc_t> partial(chunks * 2 * D, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      acc_t* __restrict sum_g = partial.data() + k * 2 * D;
+      acc_t* __restrict sum_ga = sum_g + D;
+      for (int64_t r = k * chunk_rows; r < std::min(B, (k + 1) * chunk_rows); ++r) {
+        acc_t* __restrict gr = g + r * D;
+        const acc_t* __restrict ar = as + r * D;
+        if (!correlation_form) {
+          const acc_t* __restrict br = bs + r * D;
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) gr[c] = pa[c] * br[c] + beta * gr[c];
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) sum_g[c] += gr[c], sum_ga[c] += gr[c] * ar[c];
       }
     }
   });
-  return out;
+  std::vector<acc_t> mean_g(D, 0), mean_ga(D, 0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < D; ++c) mean_g[c] += partial[k * 2 * D + c], mean_ga[c] += partial[k * 2 * D + D + c];
+  }
+  for (int64_t c = 0; c < D; ++c) mean_g[c] /= B, mean_ga[c] /= B;
+  const acc_t *m1 = mean_g.data(), *m2 = mean_ga.data();
+  at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* __restrict gr = g + r * D;
+      const acc_t* __restrict ar = as + r * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) gr[c] = rstd_a[c] * (gr[c] - m1[c] - ar[c] * m2[c]);
+    }
+  });
 }
 
 template <typename acc_t>
@@ -596,7 +639,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_gram_forward_cpu(const at:
                                                                        double off_diagonal_weight, double scale) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "barlow_gram_forward_cpu", [&] {
-    out = barlow_forward_kernel<scalar_t>(a, b, off_diagonal_weight, scale);
+    using acc_t = at::opmath_type<scalar_t>;
+    const BarlowTerm term = barlow_term<scalar_t>(a, b, off_diagonal_weight, scale);
+    at::Tensor loss = at::empty({}, term.stats.options());
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(term.loss);
+    out = {loss, term.stats, term.saved};
   });
   return out;
 }
@@ -607,8 +654,49 @@ at::Tensor barlow_gram_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
   at::Tensor out;
   const double g = grad_loss.item().toDouble();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "barlow_gram_backward_cpu", [&] {
-    out = barlow_backward_kernel<scalar_t>(g, a, b, stats.contiguous(), gram_b.contiguous(), off_diagonal_weight,
-                                           scale);
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor st = stats.contiguous();
+    const acc_t* pst = st.const_data_ptr<acc_t>();
+    const int64_t D = a.size(1);
+    at::Tensor grad = at::empty(a.sizes(), st.options());
+    barlow_gradient<acc_t>(standardised<scalar_t>(unit_column_stride(a), pst, pst + D),
+                           standardised<scalar_t>(unit_column_stride(b), pst + 2 * D, pst + 3 * D), st,
+                           gram_b.contiguous(), g, off_diagonal_weight, scale, grad);
+    out = grad.to(a.scalar_type());  // a copy for half types only
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_pnr_loss_forward_cpu(
+    const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& f1, const at::Tensor& f2, double distill_weight,
+    double negative_weight, double off_diagonal_weight, double scale, bool p1_needs_grad, bool p2_needs_grad) {
+  const int64_t B = p1.size(0), D = p1.size(1);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "barlow_pnr_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto options = p1.options().dtype(compute_scalar_type<scalar_t>());
+    at::Tensor grads[2] = {at::empty({p1_needs_grad ? B : 0, D}, options),
+                           at::empty({p2_needs_grad ? B : 0, D}, options)};
+    const at::Tensor* views[2][2] = {{&p1, &f1}, {&p2, &f2}};
+    const bool needs[2] = {p1_needs_grad, p2_needs_grad};
+    double total = 0;
+    for (int k = 0; k < 2; ++k) {  // w_d (barlow(p1, f1) + barlow(p2, f2)) / 2
+      const BarlowTerm term = barlow_term<scalar_t>(*views[k][0], *views[k][1], off_diagonal_weight, scale);
+      total += distill_weight / 2 * term.loss;
+      if (needs[k]) {
+        barlow_gradient<acc_t>(term.a_std, term.b_std, term.stats, term.saved, distill_weight / 2,
+                               off_diagonal_weight, scale, grads[k]);
+      }
+    }
+    // - w_n (neg(p1, f2) + neg(p2, f1)) / 2 with neg = - mean cos: the cross pairs' cosines, weight
+    // w_n / (2 B) each, their gradients added to the Barlow terms'
+    const double weights[4] = {0, 0, negative_weight / (2.0 * B), negative_weight / (2.0 * B)};
+    total += paired_loss_kernel<scalar_t, acc_t>(Rows<scalar_t>(p1, p2, f1, f2), B, D, true, weights,
+                                                 p1_needs_grad ? grads[0].data_ptr<acc_t>() : nullptr,
+                                                 p2_needs_grad ? grads[1].data_ptr<acc_t>() : nullptr, true);
+    at::Tensor loss = at::empty({}, options);
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(total);
+    out = {loss, grads[0].to(p1.scalar_type()), grads[1].to(p2.scalar_type())};  // copies for half types only
   });
   return out;
 }

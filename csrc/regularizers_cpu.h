@@ -44,6 +44,14 @@ at::Tensor barlow_gram_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& stats, const at::Tensor& gram_b,
                                     double off_diagonal_weight, double scale);
 
+// (loss, grad p1, grad p2) of the whole Barlow-PNR regulariser on one process (docs/losses.md,
+// section 4): w_d (barlow(p1, f1) + barlow(p2, f2)) / 2 + w_n (mean cos(p1, f2) + mean cos(p2, f1)) / 2,
+// loss 0-d in the compute dtype, gradients in the inputs' dtype ((0, D) where not asked for), all
+// computed in this one call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_pnr_loss_forward_cpu(
+    const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& f1, const at::Tensor& f2, double distill_weight,
+    double negative_weight, double off_diagonal_weight, double scale, bool p1_needs_grad, bool p2_needs_grad);
+
 // s * (sum_i (C_ii - 1)^2 + l * sum_{i != j} C_ij^2) of a square float32/float64 C, 0-d, C's dtype.
 at::Tensor barlow_correlation_loss_forward_cpu(const at::Tensor& c, double off_diagonal_weight, double scale);
 

@@ -84,6 +84,67 @@ def test_stashed_gradients_survive_retained_graphs_and_in_place_edits(loss, batc
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+# --- Barlow-PNR in one call on the CPU (csrc/regularizers_cpu.cpp, barlow_pnr_loss_forward_cpu) -----
+
+def _op_calls(fn):
+    """{pnr_kernels op name: calls} while ``fn`` runs (forward and backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    calls = {}
+    for event in prof.events():
+        if event.name.startswith("pnr_kernels::"):
+            calls[event.name] = calls.get(event.name, 0) + 1
+    return calls
+
+
+@pytest.mark.parametrize("batch,dim", [(6, 20), (20, 6)])  # Gram and correlation forms
+def test_barlow_pnr_is_one_fused_call_on_the_cpu(batch, dim):
+    """The public Barlow-PNR regulariser on the CPU makes exactly one kernel call, forward and
+    backward together: its two Barlow terms, their gradients and the cosine negatives' are all
+    computed in it (no barlow_gram / paired_loss / correlation-loss calls)."""
+    p1, p2 = (torch.randn(batch, dim, requires_grad=True) for _ in range(2))
+    f1, f2 = torch.randn(batch, dim), torch.randn(batch, dim)
+
+    def step():
+        pnr_kernels.barlow_pnr_regularizer(p1, p2, f1, f2, backend="native").backward()
+    assert _op_calls(step) == {"pnr_kernels::barlow_pnr_loss_forward": 1}
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,dim", [(9, 31), (45, 13)])  # Gram and correlation forms
+def test_barlow_pnr_gradient_of_either_view(needs, dtype, batch, dim):
+    """Only the gradients asked for are computed (the other view's terms still count in the loss),
+    and they are the reference's."""
+    args, kwargs = make_inputs("barlow_pnr", batch, dim, dtype, options=WEIGHTS["barlow_pnr"])
+    args = [a.requires_grad_(i < 2 and needs[i]) for i, a in enumerate(args)]
+    if any(needs):
+        check_against_reference("barlow_pnr", "native", args, kwargs)
+    else:
+        got = pnr_kernels.barlow_pnr_regularizer(*args, **kwargs, backend="native")
+        want = REGISTRY["barlow_pnr"].reference(*[a.double() for a in args], **kwargs)
+        assert relative_error(got, want) <= TOLERANCES[dtype][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,dim", [(2100, 128), (160, 200)])
+def test_barlow_pnr_over_several_row_chunks_and_column_stripes(dtype, batch, dim):
+    """Sizes whose gradient row sums are taken in several chunks (merged in order) and whose column
+    statistics take several stripes (of 64 columns), against the float64 reference."""
+    args, kwargs = make_inputs("barlow_pnr", batch, dim, dtype, requires_grad=True, options=WEIGHTS["barlow_pnr"])
+    check_against_reference("barlow_pnr", "native", args, kwargs)
+
+
+def test_barlow_pnr_backward_scales_by_the_incoming_gradient():
+    p1, p2 = (torch.randn(30, 10, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    f1, f2 = torch.randn(30, 10, dtype=torch.float64), torch.randn(30, 10, dtype=torch.float64)
+    got = torch.autograd.grad(-2.5 * pnr_kernels.barlow_pnr_regularizer(p1, p2, f1, f2, backend="native"), [p1, p2])
+    want = torch.autograd.grad(-2.5 * pnr_kernels.barlow_pnr_regularizer(p1, p2, f1, f2, backend="reference"),
+                               [p1, p2])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_kernel_ops_refuse_bad_arguments():
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="kind must be 'cosine' or 'squared_distance'"):

@@ -54,6 +54,15 @@ reduces it in one read, without the ``C**2`` and diagonal temporaries of the ref
 
     loss = s * ( sum_i (C_ii - 1)^2 + l * sum_{i != j} C_ij^2 ),
     d C  = grad * s * ( 2 (C_ii - 1) on the diagonal,  2 l C_ij off it )     (one write)
+
+``barlow_pnr_loss(p1, p2, f1, f2, distill_weight, negative_weight, off_diagonal_weight, scale,
+p1_needs_grad, p2_needs_grad)`` (optional: a backend's ``barlow_pnr_loss`` kernel on the device
+types it names; the native CPU kernels have it) is the whole Barlow-PNR regulariser of one process
+in one call, in ``paired_loss``'s form: the scalar ``w_d (barlow(p1, f1) + barlow(p2, f2)) / 2 +
+w_n (mean cos(p1, f2) + mean cos(p2, f1)) / 2`` and the gradients asked for, computed in the
+forward (the Barlow gradients above with the weight ``w_d / 2`` folded in, the cosine negatives'
+added to them) and scaled by the incoming gradient in the backward. Under torch.distributed the
+composition above runs instead (C is averaged over the ranks).
 """
 from __future__ import annotations
 
@@ -78,6 +87,9 @@ PairedBackward = Callable[..., List[torch.Tensor]]
 # paired_loss(p1, p2, f1, f2, kind, weights (4 floats), constant, p1_needs_grad, p2_needs_grad)
 #   -> (loss (0-d, compute dtype), grad p1, grad p2), each gradient (0, D) where not needed
 PairedLoss = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# barlow_pnr_loss(p1, p2, f1, f2, distill_weight, negative_weight, off_diagonal_weight, scale,
+#   p1_needs_grad, p2_needs_grad) -> (loss (0-d, compute dtype), grad p1, grad p2), as PairedLoss
+BarlowPNRLoss = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # barlow_forward(a, b, off_diagonal_weight, scale) -> (loss (0-d), stats (5, D), gram_b (B, B); or C
 #   (D, D) for B > D where barlow_correlation_form), all in the compute dtype
 BarlowForward = Callable[[torch.Tensor, torch.Tensor, float, float],
@@ -101,6 +113,9 @@ class RegularizerKernels:
     paired_loss: Optional[PairedLoss] = None  # None: compose_paired_loss(paired_forward, paired_backward)
     # whether barlow_forward/backward take B > D on a device, saving C (D, D) in gram_b's place
     barlow_correlation_form: Callable[[torch.device], bool] = lambda device: False
+    # the whole Barlow-PNR regulariser of one process in one call, on these device types (else composed)
+    barlow_pnr_loss: Optional[BarlowPNRLoss] = None
+    barlow_pnr_device_types: Tuple[str, ...] = ()
 
 
 def compose_paired_loss(paired_forward: PairedForward, paired_backward: PairedBackward) -> PairedLoss:
@@ -125,6 +140,8 @@ class RegularizerOps:
     barlow_gram_loss: Callable
     barlow_correlation_loss: Callable
     barlow_correlation_form: Callable[[torch.device], bool]
+    barlow_pnr_loss: Optional[Callable]  # None where the backend has no such kernel
+    fused_barlow_pnr: Callable[[torch.device], bool]  # whether barlow_pnr_loss runs on a device
 
 
 def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
@@ -174,8 +191,18 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         with autocast_disabled(p1.device.type):
             return fused_paired_loss(p1, p2, f1, f2, kind, weights, constant, p1_needs_grad, p2_needs_grad)
 
-    def paired_loss_fake(p1, p2, f1, f2, kind, weights, constant, p1_needs_grad, p2_needs_grad):
-        (b, d), dtype = p1.shape, compute_dtype(p1.dtype)
+    def barlow_pnr_loss(p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
+                        distill_weight: float, negative_weight: float, off_diagonal_weight: float, scale: float,
+                        p1_needs_grad: bool, p2_needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast_disabled(p1.device.type):
+            return kernels.barlow_pnr_loss(p1, p2, f1, f2, distill_weight, negative_weight, off_diagonal_weight,
+                                           scale, p1_needs_grad, p2_needs_grad)
+
+    # paired_loss and barlow_pnr_loss: a scalar loss whose gradients of p1, p2 (the first two
+    # inputs; the last two say which are needed) the forward computes and saves; the backward scales
+    # them by the incoming gradient.
+    def loss_fake(p1, p2, *args):
+        (b, d), dtype, (p1_needs_grad, p2_needs_grad) = p1.shape, compute_dtype(p1.dtype), args[-2:]
         return (p1.new_empty((), dtype=dtype), p1.new_empty((b if p1_needs_grad else 0, d)),
                 p2.new_empty((b if p2_needs_grad else 0, d)))
 
@@ -188,30 +215,34 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
             return saved
         return [grad_loss.mul(g).to(g.dtype) for g in saved]
 
-    def paired_loss_backward(grad_loss: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, p1: torch.Tensor,
-                             p2: torch.Tensor, p1_needs_grad: bool, p2_needs_grad: bool) -> List[torch.Tensor]:
+    def loss_backward(grad_loss: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, p1: torch.Tensor,
+                      p2: torch.Tensor, p1_needs_grad: bool, p2_needs_grad: bool) -> List[torch.Tensor]:
         return scaled_gradients(grad_loss, g1, g2, p1, p2, (p1_needs_grad, p2_needs_grad), False)
 
-    def paired_loss_eager_backward(grad_loss, g1, g2, p1, p2, p1_needs_grad, p2_needs_grad):
+    def loss_eager_backward(grad_loss, g1, g2, p1, p2, p1_needs_grad, p2_needs_grad):
         return scaled_gradients(grad_loss, g1, g2, p1, p2, (p1_needs_grad, p2_needs_grad), True)
 
-    def paired_loss_backward_fake(grad_loss, g1, g2, p1, p2, p1_needs_grad, p2_needs_grad):
+    def loss_backward_fake(grad_loss, g1, g2, p1, p2, p1_needs_grad, p2_needs_grad):
         return [torch.empty_like(p) for p, need in ((p1, p1_needs_grad), (p2, p2_needs_grad)) if need]
 
-    def paired_loss_setup(ctx, inputs, output):
+    def loss_setup(ctx, inputs, output):
         p1, p2, *_, p1_needs_grad, p2_needs_grad = inputs
         _, g1, g2 = output
         ctx.mark_non_differentiable(g1, g2)
         ctx.set_materialize_grads(False)  # no (B, D) zeros for the gradients of g1, g2
         ctx.save_for_backward(g1, g2, p1, p2)
         ctx.needs = (p1_needs_grad, p2_needs_grad)
+        ctx.constants = len(inputs) - 2
 
-    def paired_loss_formula(ctx, backward, grad_loss, _grad_g1, _grad_g2):
+    def loss_formula(ctx, backward, grad_loss, _grad_g1, _grad_g2):
         g1, g2, p1, p2 = ctx.saved_tensors
         needs = ctx.needs
         grads = iter(backward(grad_loss, g1, g2, p1, p2, *needs) if any(needs) else ())
-        return (next(grads) if needs[0] else None, next(grads) if needs[1] else None,
-                None, None, None, None, None, None, None)
+        return (next(grads) if needs[0] else None, next(grads) if needs[1] else None, *(None,) * ctx.constants)
+
+    def define_loss_op(name, forward):
+        return define_fused_op(f"{prefix}{name}_{backend}", backend, forward, loss_fake, loss_backward,
+                               loss_backward_fake, loss_setup, loss_formula, eager_backward=loss_eager_backward)
 
     def barlow_gram_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal_weight: float,
                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,14 +301,14 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     return RegularizerOps(
         define_fused_op(f"{prefix}paired_terms_{backend}", backend, paired_terms, paired_fake, paired_backward,
                         paired_backward_fake, paired_setup, paired_formula),
-        define_fused_op(f"{prefix}paired_loss_{backend}", backend, paired_loss, paired_loss_fake,
-                        paired_loss_backward, paired_loss_backward_fake, paired_loss_setup, paired_loss_formula,
-                        eager_backward=paired_loss_eager_backward),
+        define_loss_op("paired_loss", paired_loss),
         define_fused_op(f"{prefix}barlow_gram_loss_{backend}", backend, barlow_gram_loss, barlow_fake,
                         barlow_backward, barlow_backward_fake, barlow_setup, barlow_formula),
         define_fused_op(f"{prefix}barlow_correlation_loss_{backend}", backend, correlation_loss, correlation_fake,
                         correlation_backward, correlation_backward_fake, correlation_setup, correlation_formula),
         kernels.barlow_correlation_form,
+        define_loss_op("barlow_pnr_loss", barlow_pnr_loss) if kernels.barlow_pnr_loss else None,
+        lambda device: kernels.barlow_pnr_loss is not None and device.type in kernels.barlow_pnr_device_types,
     )
 
 
@@ -310,6 +341,9 @@ def vicreg_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weig
 
 def barlow_pnr_regularizer(ops, p1, p2, f1, f2, *, distill_weight, negative_weight,
                            off_diagonal_weight, scale):
+    if distributed.world_size() == 1 and ops.fused_barlow_pnr(p1.device):
+        return ops.barlow_pnr_loss(p1, p2, f1, f2, distill_weight, negative_weight, off_diagonal_weight, scale,
+                                   *_needs_grad(p1, p2))[0].to(p1.dtype)
     if distributed.world_size() > 1 or (p1.shape[0] > p1.shape[1] and not ops.barlow_correlation_form(p1.device)):
         # Under DDP, C is averaged over ranks before the loss (docs/losses.md section 4).
         def barlow(p, f):
