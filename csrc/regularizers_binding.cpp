@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common.h"
+#include "output_pool_cpu.h"
 #include "regularizers_cpu.h"
 #ifdef PNR_KERNELS_WITH_CUDA
 #include <ATen/ops/dot.h>
@@ -267,6 +268,7 @@ TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
   m.def("barlow_pnr_loss_forward(Tensor p1, Tensor p2, Tensor f1, Tensor f2, float distill_weight, "
         "float negative_weight, float off_diagonal_weight, float scale, bool p1_needs_grad, bool p2_needs_grad) -> "
         "(Tensor, Tensor, Tensor)");
+  m.def("release_cpu_output_pool() -> int", &release_output_pool);  // no tensors: one kernel for all
   m.def("barlow_gram_forward(Tensor a, Tensor b, float off_diagonal_weight, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("barlow_gram_backward(Tensor grad_loss, Tensor a, Tensor b, Tensor stats, Tensor gram_b, "
         "float off_diagonal_weight, float scale) -> Tensor");

@@ -10,6 +10,7 @@
 // in place of the product's output: the correlation form folds the diagonal into the product's
 // matrix, one product b^ M^T), the cosine negatives' row gradients added to them.
 // Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
+// Gradients of 32 MiB or more come from output_pool_cpu.cpp's pool (no page faults at every step).
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
 // Huge magnitudes: where a row's (cosine) or column's (Barlow statistics) sums overflow, that row or
 // column is summed again divided by a power of two near its largest magnitude (safe_math.h), so
@@ -28,6 +29,7 @@
 #include <array>
 #include <cmath>
 
+#include "output_pool_cpu.h"
 #include "safe_math.h"
 
 namespace pnr_kernels {
@@ -602,8 +604,8 @@ std::vector<at::Tensor> paired_terms_backward_cpu(const at::Tensor& grad_terms, 
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "paired_terms_backward_cpu", [&] {
     at::Tensor g1, g2;
-    if (p1_needs_grad) g1 = at::empty({B, D}, p1.options());
-    if (p2_needs_grad) g2 = at::empty({B, D}, p2.options());
+    if (p1_needs_grad) g1 = pooled_empty({B, D}, p1.scalar_type());
+    if (p2_needs_grad) g2 = pooled_empty({B, D}, p2.scalar_type());
     paired_backward_kernel<scalar_t>(grad_terms.contiguous(), terms.contiguous(), norms.contiguous(),
                                      Rows<scalar_t>(p1, p2, f1, f2), B, D, cosine,
                                      p1_needs_grad ? g1.data_ptr<scalar_t>() : nullptr,
@@ -623,8 +625,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_loss_forward_cpu(const at:
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "paired_loss_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor g1 = at::empty({p1_needs_grad ? B : 0, D}, p1.options());
-    at::Tensor g2 = at::empty({p2_needs_grad ? B : 0, D}, p2.options());
+    at::Tensor g1 = pooled_empty({p1_needs_grad ? B : 0, D}, p1.scalar_type());
+    at::Tensor g2 = pooled_empty({p2_needs_grad ? B : 0, D}, p2.scalar_type());
     const double total = paired_loss_kernel<scalar_t>(Rows<scalar_t>(p1, p2, f1, f2), B, D, cosine, weights.data(),
                                                       p1_needs_grad ? g1.data_ptr<scalar_t>() : nullptr,
                                                       p2_needs_grad ? g2.data_ptr<scalar_t>() : nullptr);
@@ -658,7 +660,7 @@ at::Tensor barlow_gram_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
     const at::Tensor st = stats.contiguous();
     const acc_t* pst = st.const_data_ptr<acc_t>();
     const int64_t D = a.size(1);
-    at::Tensor grad = at::empty(a.sizes(), st.options());
+    at::Tensor grad = pooled_empty(a.sizes(), st.scalar_type());
     barlow_gradient<acc_t>(standardised<scalar_t>(unit_column_stride(a), pst, pst + D),
                            standardised<scalar_t>(unit_column_stride(b), pst + 2 * D, pst + 3 * D), st,
                            gram_b.contiguous(), g, off_diagonal_weight, scale, grad);
@@ -675,8 +677,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> barlow_pnr_loss_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "barlow_pnr_loss_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto options = p1.options().dtype(compute_scalar_type<scalar_t>());
-    at::Tensor grads[2] = {at::empty({p1_needs_grad ? B : 0, D}, options),
-                           at::empty({p2_needs_grad ? B : 0, D}, options)};
+    at::Tensor grads[2] = {pooled_empty({p1_needs_grad ? B : 0, D}, compute_scalar_type<scalar_t>()),
+                           pooled_empty({p2_needs_grad ? B : 0, D}, compute_scalar_type<scalar_t>())};
     const at::Tensor* views[2][2] = {{&p1, &f1}, {&p2, &f2}};
     const bool needs[2] = {p1_needs_grad, p2_needs_grad};
     double total = 0;

@@ -51,6 +51,11 @@ Ops: ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward`` and, CPU on
 losses' row normalisation ``unit_rows_forward`` / ``unit_rows_backward`` (CPU only,
 csrc/unit_rows_cpu.cpp) and the regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
 ``pnr_kernels.ops`` through :func:`kernels`, this backend's one hookup.
+
+Memory: CPU gradients of 32 MiB or more (the regularisers' ``(B, D)`` gradients at large sizes) come
+from a small pool of blocks kept after their tensors are freed (csrc/output_pool_cpu.cpp: at most
+4 blocks, 1 GiB), so that a training step does not fault them in page by page again;
+``PNR_KERNELS_CPU_POOL=0`` turns it off and :func:`release_cpu_output_pool` empties it.
 """
 from __future__ import annotations
 
@@ -537,6 +542,14 @@ def kernels() -> dict:
             paired_loss, barlow_correlation_form=lambda device: device.type == "cpu",
             barlow_pnr_loss=ops.barlow_pnr_loss_forward, barlow_pnr_device_types=("cpu",)),
     }
+
+
+def release_cpu_output_pool() -> int:
+    """Give the blocks kept by the native CPU kernels' output pool back to the system (see the
+    module's docstring, "Memory"); returns their bytes (0 when the extension is not loaded)."""
+    if _LOADED is None or _LOADED[0] is None:
+        return 0
+    return torch.ops.pnr_kernels.release_cpu_output_pool()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -283,3 +283,69 @@ def test_runs_on_a_device_other_than_the_current_one(loss):
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g.cpu(), w.cpu(), rtol=0, atol=0)
+
+
+# --- Large gradients from the output pool (csrc/output_pool_cpu.cpp) --------------------------------
+
+POOLED = (4096, 2048)  # a float32 gradient of exactly 32 MiB, the pool's smallest block
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTS))
+def test_large_gradients_reuse_the_blocks_of_freed_ones(loss):
+    """A step after the previous step's gradients were freed gets their memory again (no fresh
+    mapping to fault in); a gradient still held is never handed out, and keeps its values."""
+    native.release_cpu_output_pool()
+    gen = torch.Generator().manual_seed(0)
+    p1, p2 = (torch.randn(*POOLED, generator=gen, requires_grad=True) for _ in range(2))
+    f1, f2 = (torch.randn(*POOLED, generator=gen) for _ in range(2))
+    public = getattr(pnr_kernels.losses, loss.replace("_pnr", "_pnr_regularizer"))
+
+    def step():
+        p1.grad = p2.grad = None
+        public(p1, p2, f1, f2, backend="native", **WEIGHTS[loss]).backward()
+        return p1.grad, p2.grad
+
+    first = step()
+    kept = [g.clone() for g in first]
+    first_pointers = {g.data_ptr() for g in first}
+    second = step()  # the first gradients are still held by `first`: fresh blocks
+    assert first_pointers.isdisjoint(g.data_ptr() for g in second)
+    assert all(torch.equal(g, k) for g, k in zip(first, kept))  # untouched by the second step
+    assert all(torch.equal(g, k) for g, k in zip(second, kept))  # same inputs, same values
+    del first, second
+    third = step()  # the freed blocks come back
+    assert {g.data_ptr() for g in third} == first_pointers
+    assert native.release_cpu_output_pool() == 2 * 32 * 2 ** 20  # the second step's blocks
+
+
+def test_pooled_gradients_match_the_reference():
+    args, kwargs = make_inputs("vicreg_pnr", *POOLED, torch.float32, requires_grad=True, options=WEIGHTS["vicreg_pnr"])
+    for _ in range(2):  # the second step's gradients come from the first's blocks
+        for a in args:
+            a.grad = None
+        check_against_reference("vicreg_pnr", "native", args, kwargs)
+
+
+def test_the_pool_can_be_turned_off_and_emptied():
+    """PNR_KERNELS_CPU_POOL=0: plain allocations (a freed block is not reused by address, nor kept);
+    release_cpu_output_pool() gives back what the pool holds and reports its bytes."""
+    code = """
+import torch, pnr_kernels
+from pnr_kernels import native
+x = [torch.randn(4096, 2048, requires_grad=i < 2) for i in range(4)]
+for _ in range(2):
+    for t in x[:2]:
+        t.grad = None
+    pnr_kernels.byol_pnr_regularizer(*x, backend="native").backward()
+for t in x[:2]:
+    t.grad = None
+print(native.release_cpu_output_pool())
+"""
+    import os
+    import subprocess
+    import sys
+    for setting, held in (("1", 2 * 32 * 2 ** 20), ("0", 0)):
+        env = {**os.environ, "PNR_KERNELS_CPU_POOL": setting}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        # the second step reuses the first step's blocks; freeing its gradients leaves two blocks
+        assert int(out.stdout.split()[-1]) == held, (setting, out.stdout, out.stderr)
