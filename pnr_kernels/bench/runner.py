@@ -58,7 +58,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -66,7 +65,7 @@ import torch
 from .. import _cli, backends
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, REGULARIZER, make_inputs
 from .dtypes import DTYPES
-from .limits import machine_peak, raise_limit
+from .limits import machine_peak, raise_limit, timed_step
 from . import peers
 from .peers import PEER_MAX_BATCH, PEERS
 
@@ -249,27 +248,6 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _timed_step(forward: Callable, inputs, device: str):
-    """(forward ms, full step ms) of one forward + backward from no gradients."""
-    for a in inputs:
-        a.grad = None
-    if device == "cuda":
-        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        loss = forward()
-        middle.record()
-        loss.backward()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(middle), start.elapsed_time(end)
-    start = time.perf_counter()
-    loss = forward()
-    middle = time.perf_counter()
-    loss.backward()
-    end = time.perf_counter()
-    return (middle - start) * 1e3, (end - start) * 1e3
-
-
 def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
                      warmup: int) -> List[object]:
     """Milliseconds of the forward, the backward and the full step of each timed repeat, per
@@ -283,7 +261,7 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
             if isinstance(results[i], BaseException):
                 continue
             try:
-                fwd, full = _timed_step(forward, inputs, device)
+                fwd, full = timed_step(forward, inputs, device)
             except Exception as error:  # noqa: BLE001  (one candidate failing is its record)
                 results[i] = error
                 continue
