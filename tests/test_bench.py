@@ -238,15 +238,21 @@ def test_percent_of_peak_divides_by_the_measured_peak():
         asked.append((device, dtype, unit, dim))
         return {"value": 2.0 * 42, "unit": unit, "how": "stub"}
 
+    def floor(device):
+        return {"value": 0.07, "unit": "ms", "how": "stub floor"} if device == "cpu" else None
+
     record = _record()
     record["throughput"] = 42.0
-    bench.add_percent_of_peak(record, peak=peak)
+    bench.add_percent_of_peak(record, peak=peak, floor=floor)
     assert record["percent_of_peak"] == pytest.approx(50.0)
     assert record["peak_throughput"] == 84.0 and record["peak_how"] == "stub"
+    assert record["step_floor_ms"] == 0.07 and record["step_floor_how"] == "stub floor"
     assert asked == [("cpu", "float32", "GFLOP/s", 0)]
     failed = bench.failed_record(bench.Case("nt_xent", "native", "float32", 256, 128), "cpu", bench.OOM,
                                  "out of memory")
-    assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak)
+    assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak, floor=floor)
+    on_cuda = bench.add_percent_of_peak({**_record(), "device": "cuda"}, peak=peak, floor=floor)
+    assert "percent_of_peak" in on_cuda and "step_floor_ms" not in on_cuda
 
 
 def test_machine_peak_is_measured_once_per_key(monkeypatch, tmp_path):
@@ -334,6 +340,31 @@ def test_targets_table_from_rows():
     assert [row[5] for row in body] == ["1.1x", "1.3x", "1.3x"]
     assert all(row[-1] == "met |" for row in body)
     assert bench_report.targets_table([r for r in _synthetic_rows() if r["backend"] != "torch_compile"]) == []
+
+
+def _byol_rows(floor_ms=0.07):
+    """BYOL-PNR at B = 256, D = 128 (786,432 bytes, 5.24 us at 150 GB/s): native 0.213 ms,
+    torch_compile 0.316 ms, with the step floor in the records (None: as before it was measured)."""
+    records = []
+    for name, ms in (("torch_compile", 0.316), ("native", 0.213)):
+        record = _record(name, 256, ms, 1.0, loss="byol_pnr", peak_throughput=150.0, peak_how="stub bandwidth")
+        record["percent_of_peak"] = 100 * record["throughput"] / 150.0
+        if floor_ms is not None:
+            record.update(step_floor_ms=floor_ms, step_floor_how="stub floor")
+        records.append(record)
+    return bench_report.records_to_rows(records, meta=META)
+
+
+def test_the_step_floor_is_a_csv_row_and_in_the_conditions(tmp_path):
+    rows = _byol_rows()
+    floors = [r for r in rows if r["metric"] == "step_floor"]
+    assert [(r["backend"], r["mode"], r["unit"], r["p50"], r["note"]) for r in floors] == \
+        [("torch_compile", "full", "ms", "0.07", "stub floor"), ("native", "full", "ms", "0.07", "stub floor")]
+    path = str(tmp_path / "cpu.csv")
+    bench_report.upsert_csv(path, rows)
+    assert bench_report.read_csv(path) == sorted(rows, key=bench_report._sort_key)
+    assert "- machine step floor: 70 us (stub floor)" in bench_report._conditions(rows)
+    assert not any("step floor" in line for line in bench_report._conditions(_byol_rows(None)))
 
 
 def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
@@ -448,6 +479,12 @@ def test_help_documents_the_limits_and_interleave():
     text = bench.build_parser().format_help()
     assert "--interleave" in text and "A, B, C, A, B, C" in text
     assert "multiply-add" in text and "STREAM" in text and "pnr-bench limits" in text
+    assert "step floor: the median full step of a loss doing no work" in " ".join(text.split())
+    from pnr_kernels.bench import limits
+
+    text = " ".join(limits.build_parser().format_help().split())
+    assert "CPU, the step floor (ms): the least time a loss's full step takes" in text
+    assert "the step floor: the lower" in text
 
 
 def test_the_docs_say_when_the_table_was_timed_interleaved():

@@ -410,3 +410,18 @@ def test_a_cache_file_without_the_step_floor_keeps_its_limits_and_gets_the_floor
     assert stored["floor"]["step"]["ms"] == 0.05 and stored["mm"] == old["mm"]
     assert "warning" not in capsys.readouterr().err
 
+
+def test_the_step_floor_is_below_a_real_step_and_on_every_cpu_record(monkeypatch, tmp_path):
+    """A record carries the floor, which a real loss's step (BYOL-PNR's reference, 8 x 8) takes more than."""
+    monkeypatch.setattr(limits, "_cpu_limits", lambda: limits.CpuLimits(tmp_path / "limits.json"))
+    monkeypatch.setattr(limits, "measure_stream", lambda total: {"copy": 8.0})
+    limits.step_floor.cache_clear()
+    try:
+        record = bench.measure(bench.Case("byol_pnr", "reference", "float32", 8, 8), "cpu", repeats=20, warmup=5)
+        bench.add_percent_of_peak(record, raise_peak=None)
+        assert 0 < record["step_floor_ms"] < record["full_ms"]["p20"], record
+        assert "loss doing no work" in record["step_floor_how"]
+        assert limits.step_floor("cuda") is None  # not measured on CUDA
+    finally:
+        limits.step_floor.cache_clear()
+        limits.machine_peak.cache_clear()

@@ -5,13 +5,15 @@
 
 One row per (device, loss, backend, dtype, D, K, x, mode, metric), the way Liger-Kernel keeps its
 benchmark data: ``mode`` is forward, backward or full (the step); ``metric`` is time (ms),
-memory (MB, peak extra), throughput (GFLOP/s or GB/s), percent_of_peak (%) or machine_peak (the
-measured peak it divides by, with how it was measured in ``note``; the full step's time row of a
-case timed with ``--interleave`` notes the candidates it took turns with); p20/p50/p80 are the
-percentiles over the timed repeats (throughput's are derived from the time's, memory is one
-measurement). A case that failed or was skipped keeps its rows with empty values and the reason in
-``status``. :func:`upsert_csv` replaces rows with the same key and keeps the others, so the CSV
-accumulates runs; the plots and the tables between the markers of docs/benchmarks.md and of the
+memory (MB, peak extra), throughput (GFLOP/s or GB/s), percent_of_peak (%), machine_peak (the
+measured peak it divides by, with how it was measured in ``note``) or step_floor (ms, CPU: the
+machine's least full-step time of any loss, with how in ``note``; a CSV written before it has
+none, and its Targets are computed without it); the full step's time row of a case timed with
+``--interleave`` notes the candidates it took turns with. p20/p50/p80 are the percentiles over
+the timed repeats (throughput's are derived from the time's, memory is one measurement). A case
+that failed or was skipped keeps its rows with empty values and the reason in ``status``.
+:func:`upsert_csv` replaces rows with the same key and keeps the others, so the CSV accumulates
+runs; the plots and the tables between the markers of docs/benchmarks.md and of the
 README are generated from it (:func:`main`).
 """
 from __future__ import annotations
@@ -120,6 +122,9 @@ def records_to_rows(records: Iterable[dict], *, repeats: Optional[int] = None,
                 rows.append(row("full", "percent_of_peak", "%", {q: 100 * tp[q] / peak for q in QS}))
                 rows.append(row("full", "machine_peak", r["throughput_unit"], {q: peak for q in QS},
                                 note=r.get("peak_how", "")))
+            if r.get("step_floor_ms") is not None:
+                rows.append(row("full", "step_floor", "ms", {q: r["step_floor_ms"] for q in QS},
+                                note=r.get("step_floor_how", "")))
     return rows
 
 
@@ -545,6 +550,11 @@ def _conditions(rows) -> List[str]:
         value = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f} to {high:.0f}"
         what = "FLOP limit" if unit == "GFLOP/s" else "bandwidth limit"
         lines.append(f"- machine {what} for {dtype}: {value} {unit} ({measured[high]})")
+    floors = {_value(r): r["note"] for r in rows if r["metric"] == "step_floor" and _value(r) is not None}
+    if floors:
+        low, high = min(floors) * 1e3, max(floors) * 1e3
+        value = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f} to {high:.0f}"
+        lines.append(f"- machine step floor: {value} us ({floors[min(floors)]})")
     return [line for line in lines if line]
 
 
