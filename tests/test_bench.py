@@ -332,6 +332,26 @@ def test_target_verdicts():
     assert verdict(None, 1.1, None, None, False) == "not measured"
 
 
+def test_target_verdicts_with_the_step_floor():
+    """The best step is the floor + the work at the limit (torch.compile's time x its percent)."""
+    verdict = bench_report.target_verdict
+    # a bytes row of 6 us of traffic (torch.compile 0.3 ms at 2 %) under a 70 us floor: at most 7.89 %
+    assert verdict(1.5, 1.1, 2.0, 3.0, True, peer_ms=0.3, floor_ms=0.07) == \
+        "out of reach: at most 7.89 % of the bandwidth (step floor 70 us, 6.00 us of traffic)"
+    # 4 ms of traffic (40 ms at 10 %): 98 % is reachable, so 50 % is behind and 85 % met
+    assert verdict(2.0, 1.1, 10.0, 50.0, True, peer_ms=40.0, floor_ms=0.07) == \
+        "behind: 50 % < 80 % of the bandwidth"
+    assert verdict(2.0, 1.1, 10.0, 85.0, True, peer_ms=40.0, floor_ms=0.07) == "met"
+    assert verdict(2.0, 1.1, 10.0, 80.0, True, peer_ms=40.0, floor_ms=0.07) == "met"
+    # a FLOP row: torch.compile 0.2 ms at 50 % (0.1 ms of work) + 70 us: at most 1.18x, below 1.3x (the
+    # limit alone would allow 2x)
+    assert verdict(1.05, 1.3, 50.0, 52.0, False, peer_ms=0.2, floor_ms=0.07) == \
+        "out of reach: at most 1.18x with a step floor of 70 us"
+    assert verdict(1.05, 1.3, 50.0, 52.0, False) == "behind: 1.05x < 1.3x"
+    assert verdict(1.2, 1.3, 50.0, 60.0, False, peer_ms=20.0, floor_ms=0.07) == "behind: 1.20x < 1.3x"
+    assert verdict(1.4, 1.3, 50.0, 70.0, False, peer_ms=20.0, floor_ms=0.07) == "met"
+
+
 def test_targets_table_from_rows():
     table = bench_report.targets_table(_synthetic_rows())
     body = [line.split(" | ") for line in table[2:]]
@@ -339,6 +359,10 @@ def test_targets_table_from_rows():
     assert [row[4] for row in body] == ["1.25x", "1.67x", "2.00x"]
     assert [row[5] for row in body] == ["1.1x", "1.3x", "1.3x"]
     assert all(row[-1] == "met |" for row in body)
+    assert [row[8] for row in body] == ["-"] * 3  # no step floor in these rows
+    assert [row[9] for row in body] == [f"{100 / (100 * tc / 200):.2f}x" for tc in (
+        bench.work_model(bench.Case("nt_xent", "torch_compile", "float32", b, 128))[1] / (ms * 1e-3) / 1e9
+        for b, ms in ((256, 5), (512, 20), (1024, 80)))]
     assert bench_report.targets_table([r for r in _synthetic_rows() if r["backend"] != "torch_compile"]) == []
 
 
@@ -367,6 +391,18 @@ def test_the_step_floor_is_a_csv_row_and_in_the_conditions(tmp_path):
     assert not any("step floor" in line for line in bench_report._conditions(_byol_rows(None)))
 
 
+def test_targets_table_holds_a_bytes_row_to_the_step_floor():
+    table = bench_report.targets_table(_byol_rows())
+    assert table[0].split(" | ")[8:10] == ["step floor + work at limit", "reachable at 100 %"]
+    row = table[2].split(" | ")
+    # best step 70 + 5.24 us: torch_compile's 0.316 ms over it is 4.20x; 5.24 of 75.2 us is 6.97 %
+    assert row[8:] == ["0.0700 + 0.00524 ms", "4.20x",
+                       "out of reach: at most 6.97 % of the bandwidth (step floor 70 us, 5.24 us of traffic) |"]
+    # a CSV written before the floor was measured: as before, 100 % over torch_compile's 1.66 %
+    row = bench_report.targets_table(_byol_rows(None))[2].split(" | ")
+    assert row[8:] == ["-", "60.27x", "behind: 2 % < 80 % of the bandwidth |"]
+
+
 def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
     csv_path = tmp_path / "cpu.csv"
     bench_report.upsert_csv(str(csv_path), _synthetic_rows())
@@ -386,6 +422,7 @@ def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
     assert "native vs torch_compile" in text and "](figures/cpu_nt_xent_float32_d128.png)" in text
     assert "| 1024 | 160 ms, 20.5 MB | 80.0 ms, 10.2 MB | - | 40.0 ms, 1.02 MB | 2.00x | 4.00x | 20 % |" in text
     assert "over memory budget" in text and "machine FLOP limit for float32: 200 GFLOP/s (stub peak)" in text
+    assert "best full step any kernel could have here is the machine's step floor" in text
     again = docs.read_text()
     bench.main(["report", "--csv", str(csv_path), "--docs", str(docs)])  # idempotent markers
     assert docs.read_text().count(bench_report.DOCS_BEGIN) == 1 and again.count(bench_report.DOCS_END) == 1
