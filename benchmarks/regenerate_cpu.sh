@@ -3,7 +3,7 @@
 #
 #     benchmarks/regenerate_cpu.sh [--sweep-only] [--full-sweep] [--replace]
 #
-# 0. pnr-bench limits: the machine's FLOP and bandwidth limits, measured now (the cache replaced:
+# 0. pnr-bench limits: the machine's FLOP and bandwidth limits and step floor, measured now (the cache replaced:
 #    --remeasure) so that percent_of_peak divides by what this machine does on this quiet run;
 # 1. pnr-bench --interleave --sweep --quick for SimCLR-PNR and NT-Xent (reference, native, torch_compile, pml
 #    where its memory allows; batches 256, 512, 1024), upserted into benchmarks/data/cpu.csv;

@@ -238,15 +238,21 @@ def test_percent_of_peak_divides_by_the_measured_peak():
         asked.append((device, dtype, unit, dim))
         return {"value": 2.0 * 42, "unit": unit, "how": "stub"}
 
+    def floor(device):
+        return {"value": 0.07, "unit": "ms", "how": "stub floor"} if device == "cpu" else None
+
     record = _record()
     record["throughput"] = 42.0
-    bench.add_percent_of_peak(record, peak=peak)
+    bench.add_percent_of_peak(record, peak=peak, floor=floor)
     assert record["percent_of_peak"] == pytest.approx(50.0)
     assert record["peak_throughput"] == 84.0 and record["peak_how"] == "stub"
+    assert record["step_floor_ms"] == 0.07 and record["step_floor_how"] == "stub floor"
     assert asked == [("cpu", "float32", "GFLOP/s", 0)]
     failed = bench.failed_record(bench.Case("nt_xent", "native", "float32", 256, 128), "cpu", bench.OOM,
                                  "out of memory")
-    assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak)
+    assert "percent_of_peak" not in bench.add_percent_of_peak(failed, peak=peak, floor=floor)
+    on_cuda = bench.add_percent_of_peak({**_record(), "device": "cuda"}, peak=peak, floor=floor)
+    assert "percent_of_peak" in on_cuda and "step_floor_ms" not in on_cuda
 
 
 def test_machine_peak_is_measured_once_per_key(monkeypatch, tmp_path):
@@ -326,6 +332,26 @@ def test_target_verdicts():
     assert verdict(None, 1.1, None, None, False) == "not measured"
 
 
+def test_target_verdicts_with_the_step_floor():
+    """The best step is the floor + the work at the limit (torch.compile's time x its percent)."""
+    verdict = bench_report.target_verdict
+    # a bytes row of 6 us of traffic (torch.compile 0.3 ms at 2 %) under a 70 us floor: at most 7.89 %
+    assert verdict(1.5, 1.1, 2.0, 3.0, True, peer_ms=0.3, floor_ms=0.07) == \
+        "out of reach: at most 7.89 % of the bandwidth (step floor 70 us, 6.00 us of traffic)"
+    # 4 ms of traffic (40 ms at 10 %): 98 % is reachable, so 50 % is behind and 85 % met
+    assert verdict(2.0, 1.1, 10.0, 50.0, True, peer_ms=40.0, floor_ms=0.07) == \
+        "behind: 50 % < 80 % of the bandwidth"
+    assert verdict(2.0, 1.1, 10.0, 85.0, True, peer_ms=40.0, floor_ms=0.07) == "met"
+    assert verdict(2.0, 1.1, 10.0, 80.0, True, peer_ms=40.0, floor_ms=0.07) == "met"
+    # a FLOP row: torch.compile 0.2 ms at 50 % (0.1 ms of work) + 70 us: at most 1.18x, below 1.3x (the
+    # limit alone would allow 2x)
+    assert verdict(1.05, 1.3, 50.0, 52.0, False, peer_ms=0.2, floor_ms=0.07) == \
+        "out of reach: at most 1.18x with a step floor of 70 us"
+    assert verdict(1.05, 1.3, 50.0, 52.0, False) == "behind: 1.05x < 1.3x"
+    assert verdict(1.2, 1.3, 50.0, 60.0, False, peer_ms=20.0, floor_ms=0.07) == "behind: 1.20x < 1.3x"
+    assert verdict(1.4, 1.3, 50.0, 70.0, False, peer_ms=20.0, floor_ms=0.07) == "met"
+
+
 def test_targets_table_from_rows():
     table = bench_report.targets_table(_synthetic_rows())
     body = [line.split(" | ") for line in table[2:]]
@@ -333,7 +359,48 @@ def test_targets_table_from_rows():
     assert [row[4] for row in body] == ["1.25x", "1.67x", "2.00x"]
     assert [row[5] for row in body] == ["1.1x", "1.3x", "1.3x"]
     assert all(row[-1] == "met |" for row in body)
+    assert [row[8] for row in body] == ["-"] * 3  # no step floor in these rows
+    assert [row[9] for row in body] == [f"{100 / (100 * tc / 200):.2f}x" for tc in (
+        bench.work_model(bench.Case("nt_xent", "torch_compile", "float32", b, 128))[1] / (ms * 1e-3) / 1e9
+        for b, ms in ((256, 5), (512, 20), (1024, 80)))]
     assert bench_report.targets_table([r for r in _synthetic_rows() if r["backend"] != "torch_compile"]) == []
+
+
+def _byol_rows(floor_ms=0.07):
+    """BYOL-PNR at B = 256, D = 128 (786,432 bytes, 5.24 us at 150 GB/s): native 0.213 ms,
+    torch_compile 0.316 ms, with the step floor in the records (None: as before it was measured)."""
+    records = []
+    for name, ms in (("torch_compile", 0.316), ("native", 0.213)):
+        record = _record(name, 256, ms, 1.0, loss="byol_pnr", peak_throughput=150.0, peak_how="stub bandwidth")
+        record["percent_of_peak"] = 100 * record["throughput"] / 150.0
+        if floor_ms is not None:
+            record.update(step_floor_ms=floor_ms, step_floor_how="stub floor")
+        records.append(record)
+    return bench_report.records_to_rows(records, meta=META)
+
+
+def test_the_step_floor_is_a_csv_row_and_in_the_conditions(tmp_path):
+    rows = _byol_rows()
+    floors = [r for r in rows if r["metric"] == "step_floor"]
+    assert [(r["backend"], r["mode"], r["unit"], r["p50"], r["note"]) for r in floors] == \
+        [("torch_compile", "full", "ms", "0.07", "stub floor"), ("native", "full", "ms", "0.07", "stub floor")]
+    path = str(tmp_path / "cpu.csv")
+    bench_report.upsert_csv(path, rows)
+    assert bench_report.read_csv(path) == sorted(rows, key=bench_report._sort_key)
+    assert "- machine step floor: 70 us (stub floor)" in bench_report._conditions(rows)
+    assert not any("step floor" in line for line in bench_report._conditions(_byol_rows(None)))
+
+
+def test_targets_table_holds_a_bytes_row_to_the_step_floor():
+    table = bench_report.targets_table(_byol_rows())
+    assert table[0].split(" | ")[8:10] == ["step floor + work at limit", "reachable at 100 %"]
+    row = table[2].split(" | ")
+    # best step 70 + 5.24 us: torch_compile's 0.316 ms over it is 4.20x; 5.24 of 75.2 us is 6.97 %
+    assert row[8:] == ["0.0700 + 0.00524 ms", "4.20x",
+                       "out of reach: at most 6.97 % of the bandwidth (step floor 70 us, 5.24 us of traffic) |"]
+    # a CSV written before the floor was measured: as before, 100 % over torch_compile's 1.66 %
+    row = bench_report.targets_table(_byol_rows(None))[2].split(" | ")
+    assert row[8:] == ["-", "60.27x", "behind: 2 % < 80 % of the bandwidth |"]
 
 
 def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
@@ -355,6 +422,7 @@ def test_report_writes_plots_and_docs_tables_from_a_csv(tmp_path):
     assert "native vs torch_compile" in text and "](figures/cpu_nt_xent_float32_d128.png)" in text
     assert "| 1024 | 160 ms, 20.5 MB | 80.0 ms, 10.2 MB | - | 40.0 ms, 1.02 MB | 2.00x | 4.00x | 20 % |" in text
     assert "over memory budget" in text and "machine FLOP limit for float32: 200 GFLOP/s (stub peak)" in text
+    assert "best full step any kernel could have here is the machine's step floor" in text
     again = docs.read_text()
     bench.main(["report", "--csv", str(csv_path), "--docs", str(docs)])  # idempotent markers
     assert docs.read_text().count(bench_report.DOCS_BEGIN) == 1 and again.count(bench_report.DOCS_END) == 1
@@ -448,6 +516,12 @@ def test_help_documents_the_limits_and_interleave():
     text = bench.build_parser().format_help()
     assert "--interleave" in text and "A, B, C, A, B, C" in text
     assert "multiply-add" in text and "STREAM" in text and "pnr-bench limits" in text
+    assert "step floor: the median full step of a loss doing no work" in " ".join(text.split())
+    from pnr_kernels.bench import limits
+
+    text = " ".join(limits.build_parser().format_help().split())
+    assert "CPU, the step floor (ms): the least time a loss's full step takes" in text
+    assert "the step floor: the lower" in text
 
 
 def test_the_docs_say_when_the_table_was_timed_interleaved():

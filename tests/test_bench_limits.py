@@ -1,5 +1,6 @@
 """The bench's work model against counted operations, and its measured machine limits
 (pnr_kernels/bench/limits.py): built, cached per machine, and above what a kernel reaches."""
+import json
 import shutil
 
 import pytest
@@ -199,6 +200,7 @@ def _stub_measurements(monkeypatch, calls):
     monkeypatch.setattr(limits, "measure_mm", lambda dtype: calls.append(("mm", dtype)) or 150.0)
     monkeypatch.setattr(limits, "measure_stream", lambda total: calls.append(("stream", total)) or
                         {"copy": 8.0, "triad": 9.0})
+    monkeypatch.setattr(limits, "measure_step_floor", lambda: calls.append(("floor",)) or 0.05)
 
 
 def test_limits_are_measured_once_and_cached_per_machine(monkeypatch, tmp_path):
@@ -284,7 +286,8 @@ def test_pnr_bench_limits_prints_and_caches(monkeypatch, tmp_path, capsys):
     assert bench.main(["limits", "--cache", str(path)]) == 0
     out = capsys.readouterr().out
     assert "FLOP limit float32:" in out and "byte limit at 256 MiB: STREAM triad" in out and str(path) in out
-    assert path.exists()
+    assert "step floor: 50.0 us, the median of 200 full steps of a loss doing no work" in out
+    assert path.exists() and json.loads(path.read_text())["floor"]["step"]["ms"] == 0.05
 
 
 def test_every_loss_has_a_work_model():
@@ -334,4 +337,91 @@ def test_a_record_past_the_limit_has_the_limit_measured_again_and_the_higher_kep
         low = {**record, "throughput": 30.0}
         assert bench.add_percent_of_peak(low, raise_peak=None)["percent_of_peak"] == pytest.approx(10.0)
     finally:
+        limits.machine_peak.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The step floor: the full step of a loss doing no work
+
+
+def test_the_step_floor_is_a_measured_no_work_step():
+    ms = limits.measure_step_floor(repeats=50, warmup=5)
+    assert 0 < ms < 10
+    # the no-work loss: a 0-d loss, the preallocated gradients accumulated, the data not read
+    p1, p2 = (torch.ones(3, 2, requires_grad=True) for _ in range(2))
+    grads = (torch.full((3, 2), 2.0), torch.full((3, 2), 3.0))
+    loss = limits._NoWork.apply(p1, p2, torch.ones(3, 2), torch.ones(3, 2), grads)
+    assert loss.dim() == 0
+    loss.backward()
+    assert torch.equal(p1.grad, grads[0]) and torch.equal(p2.grad, grads[1])
+
+
+def test_the_step_floor_is_timed_as_the_records_are(monkeypatch):
+    timed = []
+    real = limits.timed_step
+    monkeypatch.setattr(limits, "timed_step", lambda *args: timed.append(args) or real(*args))
+    limits.measure_step_floor(repeats=7, warmup=2)
+    assert len(timed) == 9 and all(device == "cpu" for _, _, device in timed)
+    forward, inputs, _ = timed[0]
+    assert [tuple(a.shape) for a in inputs] == [(limits.FLOOR_B, limits.FLOOR_D)] * 2
+    assert all(a.requires_grad for a in inputs)
+    assert bench.timed_step is real  # the runner times every record with it
+
+
+def test_the_step_floor_is_measured_once_and_cached(monkeypatch, tmp_path):
+    calls = []
+    _stub_measurements(monkeypatch, calls)
+    path = tmp_path / "limits.json"
+    floor = limits.CpuLimits(path).step_floor()
+    assert floor["value"] == 0.05 and floor["unit"] == "ms" and "loss doing no work" in floor["how"]
+    assert limits.CpuLimits(path).step_floor() == floor and calls == [("floor",)]  # read back
+    limits.CpuLimits(path, remeasure=True).step_floor()
+    assert calls == [("floor",)] * 2
+
+
+def test_a_step_floor_measured_on_a_busier_machine_is_measured_again_and_the_lower_kept(monkeypatch, tmp_path):
+    floors = iter([0.09, 0.05, 0.07])
+    monkeypatch.setattr(limits, "measure_step_floor", lambda: next(floors))
+    load = [3.0]
+    monkeypatch.setattr(limits.os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    path = tmp_path / "limits.json"
+    assert limits.CpuLimits(path).step_floor()["value"] == 0.09  # measured at load 3
+    assert limits.CpuLimits(path).step_floor()["value"] == 0.09  # same load: cached
+    load[0] = 1.0
+    assert limits.CpuLimits(path).step_floor()["value"] == 0.05  # quieter: measured again, lower
+    load[0] = 0.0
+    floor = limits.CpuLimits(path).step_floor()  # quieter still, measured higher: the lower stays
+    assert floor["value"] == 0.05 and "load 0.00" in floor["how"]
+    assert limits.CpuLimits(path).step_floor()["value"] == 0.05  # and is not measured a fourth time
+
+
+def test_a_cache_file_without_the_step_floor_keeps_its_limits_and_gets_the_floor(monkeypatch, tmp_path, capsys):
+    calls = []
+    _stub_measurements(monkeypatch, calls)
+    path = tmp_path / "limits.json"
+    limits.CpuLimits(path).mm("float32")
+    old = json.loads(path.read_text())
+    del old["floor"]  # a file written before the step floor was measured
+    path.write_text(json.dumps(old))
+    cpu = limits.CpuLimits(path)
+    assert cpu.mm("float32")["gflops"] == 150.0 and calls == [("mm", "float32")]  # not measured again
+    assert cpu.step_floor()["value"] == 0.05 and calls[-1] == ("floor",)
+    stored = json.loads(path.read_text())
+    assert stored["floor"]["step"]["ms"] == 0.05 and stored["mm"] == old["mm"]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_step_floor_is_below_a_real_step_and_on_every_cpu_record(monkeypatch, tmp_path):
+    """A record carries the floor, which a real loss's step (BYOL-PNR's reference, 8 x 8) takes more than."""
+    monkeypatch.setattr(limits, "_cpu_limits", lambda: limits.CpuLimits(tmp_path / "limits.json"))
+    monkeypatch.setattr(limits, "measure_stream", lambda total: {"copy": 8.0})
+    limits.step_floor.cache_clear()
+    try:
+        record = bench.measure(bench.Case("byol_pnr", "reference", "float32", 8, 8), "cpu", repeats=20, warmup=5)
+        bench.add_percent_of_peak(record, raise_peak=None)
+        assert 0 < record["step_floor_ms"] < record["full_ms"]["p20"], record
+        assert "loss doing no work" in record["step_floor_how"]
+        assert limits.step_floor("cuda") is None  # not measured on CUDA
+    finally:
+        limits.step_floor.cache_clear()
         limits.machine_peak.cache_clear()

@@ -17,16 +17,28 @@ least 1 MiB, so that a case whose data stay in cache is held to the cache's band
 read plus written, the best of 5 (20 below 64 MiB); the limit is the highest of the three (a
 kernel that reads more than it writes can pass a copy's rate, not the read's).
 
+CPU, the step floor (ms): the least time a loss's full step takes in PyTorch whatever its
+kernels, measured as the median of 200 steps (after 20 warm-up steps) of a loss that does no
+work, each timed as the bench times every record (:func:`timed_step`: ``time.perf_counter``
+around the forward and ``.backward()``, the gradients set to None before): a
+``torch.autograd.Function`` over the regularisers' inputs, four 8 x 8 float32 tensors of which
+two require a gradient, whose forward returns a new 0-d tensor without reading them and whose
+backward returns two preallocated gradients. It is the framework's cost of a step (the Python
+call, the autograd graph, the backward engine, the gradients' accumulation), the same at every
+size; the Targets of ``pnr-bench report`` add it to the time of the work at the limit.
+
 The CPU measurements are cached in ``<cache>/bench/limits-<machine>.json`` (``<cache>`` is the
 native extension's cache, ``$PNR_KERNELS_CACHE`` or ``~/.cache/pnr_kernels``; ``<machine>`` a hash
 of the host name, CPU model, core count, instruction sets, torch's threads and torch's version),
 each entry with the load average when it was measured: a measurement taken on a busy machine is
-too low, so an entry measured at a 1-minute load more than 0.5 above the current one is measured
-again (the higher of the two kept), and so is the limit a record went past (:func:`raise_limit`);
-``--remeasure`` replaces them all. A cache file that
-cannot be read is measured again and replaced (with a warning); a loop that could not be built
-is not cached. CUDA (not cached): ``torch.mm`` at N = 16384 and a copy of 256 MiB, as
-``triton.testing.do_bench``'s minimum (the GPU's FMA rate is not measured separately).
+too low (the step floor: too high), so an entry measured at a 1-minute load more than 0.5 above
+the current one is measured again (the higher of the two kept; the step floor: the lower), and so
+is the limit a record went past (:func:`raise_limit`); ``--remeasure`` replaces them all. A cache
+file that cannot be read is measured again and replaced (with a warning), one without a step
+floor (written before it was measured) gets it added; a loop that could not be built is not
+cached. CUDA (not cached): ``torch.mm`` at N = 16384 and a copy of 256 MiB, as
+``triton.testing.do_bench``'s minimum (the GPU's FMA rate is not measured separately); no step
+floor.
 """
 from __future__ import annotations
 
@@ -38,12 +50,13 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,6 +68,10 @@ SOURCE = Path(__file__).with_name("fma_peak.c")
 FMA_STEPS = 10_000_000  # iterations of the multiply-add loop per thread and round (about 40 ms of a core)
 MM_N, MM_D = 4096, 512
 MIN_STREAM_BYTES = 2 ** 20
+FLOOR_B, FLOOR_D = 8, 8  # the step floor's inputs (its cost does not depend on their size)
+FLOOR_WARMUP, FLOOR_REPEATS = 20, 200
+SECTIONS = ("fma", "mm", "stream")  # in every cache file
+ADDED_SECTIONS = ("floor",)  # missing from a cache file written before they were measured
 BUSIER = 0.5  # a cached limit measured at a load average this much above the current one is remeasured
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
 
@@ -140,6 +157,55 @@ def measure_mm(dtype: str, runs: int = 5) -> float:
     return 2 * MM_N * MM_N * MM_D / _best_s(lambda: torch.mm(a, b), runs) / 1e9
 
 
+def timed_step(forward: Callable, inputs: Sequence[torch.Tensor], device: str) -> Tuple[float, float]:
+    """(forward ms, full step ms) of one forward + backward from no gradients (the ``inputs``'
+    gradients set to None first): CPU, ``time.perf_counter`` around the forward and the
+    ``.backward()``; CUDA, CUDA events, synchronised after the step. How the bench times every
+    record, and the step floor."""
+    for a in inputs:
+        a.grad = None
+    if device == "cuda":
+        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        loss = forward()
+        middle.record()
+        loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(middle), start.elapsed_time(end)
+    start = time.perf_counter()
+    loss = forward()
+    middle = time.perf_counter()
+    loss.backward()
+    end = time.perf_counter()
+    return (middle - start) * 1e3, (end - start) * 1e3
+
+
+class _NoWork(torch.autograd.Function):
+    """The cheapest loss of the regularisers' inputs (p1, p2, f1, f2): its forward returns a new
+    0-d tensor without reading them, its backward the preallocated gradients ``grads`` of p1, p2."""
+
+    @staticmethod
+    def forward(ctx, p1, p2, f1, f2, grads):
+        ctx.grads = grads
+        return p1.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*ctx.grads, None, None, None)
+
+
+def measure_step_floor(repeats: int = FLOOR_REPEATS, warmup: int = FLOOR_WARMUP) -> float:
+    """The step floor in ms: the median over ``repeats`` steps (after ``warmup``) of the full step
+    (:func:`timed_step`) of :class:`_NoWork` over four FLOOR_B x FLOOR_D float32 tensors, the
+    first two requiring a gradient."""
+    p1, p2 = (torch.zeros(FLOOR_B, FLOOR_D, requires_grad=True) for _ in range(2))
+    f1, f2, g1, g2 = (torch.zeros(FLOOR_B, FLOOR_D) for _ in range(4))
+    steps = [timed_step(lambda: _NoWork.apply(p1, p2, f1, f2, (g1, g2)), (p1, p2), "cpu")[1]
+             for _ in range(warmup + repeats)]
+    return statistics.median(steps[warmup:])
+
+
 def stream_bytes(nbytes: float) -> int:
     """The STREAM footprint for a record moving ``nbytes``: rounded down to a power of two, at
     least MIN_STREAM_BYTES."""
@@ -179,7 +245,7 @@ class CpuLimits:
         self.path = Path(path) if path else default_cache_path()
         self.fma_steps = fma_steps
         self.failed: Dict[str, dict] = {}  # multiply-add loops that could not run, kept out of the file
-        self.data = {"machine": _cpu_info(), "fma": {}, "mm": {}, "stream": {}}
+        self.data = {"machine": _cpu_info(), **{section: {} for section in SECTIONS + ADDED_SECTIONS}}
         if not remeasure and self.path.exists():
             stored = self._load()
             if stored is not None and stored.get("machine") == self.data["machine"]:
@@ -193,7 +259,10 @@ class CpuLimits:
         except (OSError, UnicodeDecodeError, ValueError) as error:
             problem = f"cannot be read ({type(error).__name__}: {error})"
         else:
-            if isinstance(stored, dict) and all(isinstance(stored.get(k), dict) for k in self.data):
+            if isinstance(stored, dict) and all(isinstance(stored.get(k), dict) for k in ("machine", *SECTIONS)):
+                for section in ADDED_SECTIONS:
+                    if not isinstance(stored.get(section), dict):
+                        stored[section] = {}
                 return stored
             problem = "is not a cache of limits (a JSON object with machine, fma, mm and stream)"
         print(f"pnr-bench: warning: the limits cache {self.path} {problem}; measuring the limits again",
@@ -213,11 +282,11 @@ class CpuLimits:
                   f"they will be measured again next run", file=sys.stderr)
 
     def _cached(self, section: str, key: str, field: str, measure: Callable[[], object],
-                again: bool = False) -> Dict[str, object]:
+                again: bool = False, lowest: bool = False) -> Dict[str, object]:
         """The cached entry, measured when missing, when it was measured on a busier machine
         than now (a 1-minute load average more than BUSIER above the current one) or when
-        ``again``; a measurement on a busy machine can only be too low, so of two the higher is
-        kept."""
+        ``again``; a rate measured on a busy machine can only be too low, so of two the higher is
+        kept, and a time (``lowest``) only too high, so of two the lower."""
         entry = self.data[section].get(key)
         try:
             if not again and entry["loadavg"][0] <= os.getloadavg()[0] + BUSIER and _best(entry[field]) >= 0:
@@ -225,9 +294,10 @@ class CpuLimits:
         except (TypeError, KeyError, IndexError, ValueError):  # missing, or not an entry of this file
             entry = None
         fresh = {field: measure(), **_stamp()}
-        if entry is None or _best(fresh[field]) >= _best(entry[field]):
+        sign = -1 if lowest else 1
+        if entry is None or sign * _best(fresh[field]) >= sign * _best(entry[field]):
             entry = fresh
-        else:  # keep the higher value, stamped now so that it is not measured again at this load
+        else:  # keep the better value, stamped now so that it is not measured again at this load
             entry = {**entry, "loadavg": fresh["loadavg"]}
         self.data[section][key] = entry
         self._save()
@@ -250,6 +320,14 @@ class CpuLimits:
 
     def stream(self, total_bytes: int, again: bool = False) -> Dict[str, object]:
         return self._cached("stream", str(total_bytes), "gbs", lambda: measure_stream(total_bytes), again)
+
+    def step_floor(self) -> Dict[str, object]:
+        """{"value", "unit", "how"}: the step floor in ms (see :func:`measure_step_floor`)."""
+        entry = self._cached("floor", "step", "ms", measure_step_floor, lowest=True)
+        how = (f"median of {FLOOR_REPEATS} full steps of a loss doing no work (an autograd.Function over four "
+               f"{FLOOR_B}x{FLOOR_D} float32 inputs, two with gradients; measured {entry['measured_at']}, "
+               f"load {entry['loadavg'][0]:.2f})")
+        return {"value": entry["ms"], "unit": "ms", "how": how}
 
     def measure_again(self, unit: str, dtype: str = "float32", nbytes: float = 0) -> None:
         """Measures the entries of one limit again (the higher of old and new kept): the FLOP
@@ -312,6 +390,13 @@ def raise_limit(device: str, dtype: str, unit: str, nbytes: float = 0) -> Dict[s
 
 
 @functools.lru_cache(maxsize=None)
+def step_floor(device: str) -> Optional[Dict[str, object]]:
+    """The least full-step time of any loss on ``device``, ``{"value" (ms), "unit", "how"}``: CPU,
+    :meth:`CpuLimits.step_floor` (cached per machine); None on CUDA (not measured)."""
+    return _cpu_limits().step_floor() if device == "cpu" else None
+
+
+@functools.lru_cache(maxsize=None)
 def machine_peak(device: str, dtype: str, unit: str, nbytes: float = 0) -> Dict[str, object]:
     """The limit a record's throughput is divided by: ``{"value", "unit", "how"}``, per (device,
     dtype, unit, and for GB/s the record's bytes). CPU: :class:`CpuLimits` (cached per machine);
@@ -362,6 +447,8 @@ def main(argv=None) -> int:
         print(f"FLOP limit {dtype}: {limits.flop_limit(dtype)['how']}")
     for nbytes in (2 ** 24, 2 ** 28):
         print(f"byte limit at {nbytes / 2 ** 20:g} MiB: {limits.byte_limit(nbytes)['how']}")
+    floor = limits.step_floor()
+    print(f"step floor: {floor['value'] * 1e3:.1f} us, the {floor['how']}")
     print(f"cached in {limits.path}")
     return 0
 

@@ -5,13 +5,15 @@
 
 One row per (device, loss, backend, dtype, D, K, x, mode, metric), the way Liger-Kernel keeps its
 benchmark data: ``mode`` is forward, backward or full (the step); ``metric`` is time (ms),
-memory (MB, peak extra), throughput (GFLOP/s or GB/s), percent_of_peak (%) or machine_peak (the
-measured peak it divides by, with how it was measured in ``note``; the full step's time row of a
-case timed with ``--interleave`` notes the candidates it took turns with); p20/p50/p80 are the
-percentiles over the timed repeats (throughput's are derived from the time's, memory is one
-measurement). A case that failed or was skipped keeps its rows with empty values and the reason in
-``status``. :func:`upsert_csv` replaces rows with the same key and keeps the others, so the CSV
-accumulates runs; the plots and the tables between the markers of docs/benchmarks.md and of the
+memory (MB, peak extra), throughput (GFLOP/s or GB/s), percent_of_peak (%), machine_peak (the
+measured peak it divides by, with how it was measured in ``note``) or step_floor (ms, CPU: the
+machine's least full-step time of any loss, with how in ``note``; a CSV written before it has
+none, and its Targets are computed without it); the full step's time row of a case timed with
+``--interleave`` notes the candidates it took turns with. p20/p50/p80 are the percentiles over
+the timed repeats (throughput's are derived from the time's, memory is one measurement). A case
+that failed or was skipped keeps its rows with empty values and the reason in ``status``.
+:func:`upsert_csv` replaces rows with the same key and keeps the others, so the CSV accumulates
+runs; the plots and the tables between the markers of docs/benchmarks.md and of the
 README are generated from it (:func:`main`).
 """
 from __future__ import annotations
@@ -120,6 +122,9 @@ def records_to_rows(records: Iterable[dict], *, repeats: Optional[int] = None,
                 rows.append(row("full", "percent_of_peak", "%", {q: 100 * tp[q] / peak for q in QS}))
                 rows.append(row("full", "machine_peak", r["throughput_unit"], {q: peak for q in QS},
                                 note=r.get("peak_how", "")))
+            if r.get("step_floor_ms") is not None:
+                rows.append(row("full", "step_floor", "ms", {q: r["step_floor_ms"] for q in QS},
+                                note=r.get("step_floor_how", "")))
     return rows
 
 
@@ -465,28 +470,55 @@ def group_tables(group, grows) -> List[str]:
 TARGET_SPEEDUP, TARGET_SPEEDUP_SMALLEST, SMALLEST_BATCH, TARGET_PERCENT = 1.3, 1.1, 256, 80.0
 
 
+def _best_step(peer_ms: Optional[float], peer_percent: Optional[float],
+              floor_ms: Optional[float]) -> Optional[Tuple[float, float]]:
+    """(step floor, work at the limit) in ms, whose sum is the best full step any kernel could
+    have on the machine: the measured step floor (the full step of a loss doing no work) plus the
+    time of the work model at 100 % of the limit, which is torch.compile's time ``peer_ms`` x its
+    ``peer_percent`` / 100. None when one is missing (a CSV written before the floor was
+    measured)."""
+    if floor_ms is None or peer_ms is None or peer_percent is None:
+        return None
+    return floor_ms, peer_ms * peer_percent / 100
+
+
 def target_verdict(ratio: Optional[float], target: float, peer_percent: Optional[float],
-                   percent: Optional[float], bytes_model: bool) -> str:
-    """"met", "behind" or "out of reach" for one size: out of reach when even a kernel at 100 % of
-    the machine's limit could not be ``target`` times faster than torch.compile at its measured
-    ``peer_percent`` of that limit (it would need target x peer_percent > 100 %)."""
+                   percent: Optional[float], bytes_model: bool, *, peer_ms: Optional[float] = None,
+                   floor_ms: Optional[float] = None) -> str:
+    """"met", "behind" or "out of reach" for one size. With the step floor (``floor_ms``) and
+    torch.compile's full step (``peer_ms``), the best step any kernel could have is
+    :func:`_best_step`'s floor + work at the limit: the ratio target is out of reach when
+    ``peer_ms`` over it is below ``target``, and for a bytes model ``TARGET_PERCENT`` of the
+    bandwidth is out of reach when the work's share of it is below that. Without the floor, only
+    the limit: out of reach when even a kernel at 100 % of it could not be ``target`` times faster
+    than torch.compile at its ``peer_percent`` (target x peer_percent > 100 %)."""
     if ratio is None:
         return "not measured"
+    best = _best_step(peer_ms, peer_percent, floor_ms)
     problems = []
     if ratio < target:
-        if peer_percent is not None and target * peer_percent > 100:
+        if best is not None and peer_ms / sum(best) < target:
+            problems.append(f"out of reach: at most {peer_ms / sum(best):.2f}x with a step floor of "
+                            f"{best[0] * 1e3:.0f} us")
+        elif best is None and peer_percent is not None and target * peer_percent > 100:
             problems.append(f"out of reach: {target:g}x needs {target * peer_percent:.0f} % of the limit")
         else:
             problems.append(f"behind: {ratio:.2f}x < {target:g}x")
     if bytes_model and (percent is None or percent < TARGET_PERCENT):
-        problems.append(f"behind: {percent or 0:.0f} % < {TARGET_PERCENT:.0f} % of the bandwidth")
+        if best is not None and 100 * best[1] / sum(best) < TARGET_PERCENT:
+            problems.append(f"out of reach: at most {_fmt(100 * best[1] / sum(best))} % of the bandwidth (step "
+                            f"floor {best[0] * 1e3:.0f} us, {_fmt(best[1] * 1e3)} us of traffic)")
+        else:
+            problems.append(f"behind: {percent or 0:.0f} % < {TARGET_PERCENT:.0f} % of the bandwidth")
     return "; ".join(problems) or "met"
 
 
 def targets_table(rows: Sequence[Dict[str, str]], fused: str = "native") -> List[str]:
     """Every size of every group against the targets: ``fused`` and torch_compile's full-step p50,
-    their ratio and target, both backends' percent of the machine's limit and the best speed-up
-    any kernel could reach there (100 % over torch_compile's percent), and the verdict."""
+    their ratio and target, both backends' percent of the machine's limit, the best full step any
+    kernel could have (:func:`_best_step`: step floor + work at the limit; "-" without a floor in
+    the rows), the speed-up over torch_compile it would reach (without a floor: 100 % over
+    torch_compile's percent), and the verdict."""
     table = []
     for group, grows in _by_group(rows).items():
         ours, peer = _series(grows, fused), _series(grows, "torch_compile")
@@ -494,6 +526,7 @@ def targets_table(rows: Sequence[Dict[str, str]], fused: str = "native") -> List
             continue
         ours_pct, peer_pct = _series(grows, fused, metric="percent_of_peak"), \
             _series(grows, "torch_compile", metric="percent_of_peak")
+        floors = {**_series(grows, fused, metric="step_floor"), **_series(grows, "torch_compile", metric="step_floor")}
         unit = {r["unit"] for r in grows if r["metric"] == "throughput"}
         for x in sorted(ours):
             a, b = ours[x], peer.get(x)
@@ -501,15 +534,22 @@ def targets_table(rows: Sequence[Dict[str, str]], fused: str = "native") -> List
             target = TARGET_SPEEDUP_SMALLEST if x <= SMALLEST_BATCH else TARGET_SPEEDUP
             pp = _value(peer_pct[x]) if x in peer_pct else None
             op = _value(ours_pct[x]) if x in ours_pct else None
+            peer_ms = _value(b) if b is not None else None
+            floor_ms = _value(floors[x]) if x in floors else None
+            best = _best_step(peer_ms, pp, floor_ms)
+            reachable = peer_ms / sum(best) if best is not None else (100 / pp if pp else None)
             size = f"B {x}, D {group[4]}" + (f", K {group[5]}" if group[5] else "") + f", {group[3]}"
             table.append([group[2], size, _cell(a, None), _cell(b, None),
                           _ratio(b, a), f"{target:g}x", _pct(ours_pct.get(x)), _pct(peer_pct.get(x)),
-                          f"{100 / pp:.2f}x" if pp else "-",
-                          target_verdict(ratio, target, pp, op, unit == {"GB/s"})])
+                          f"{_fmt(best[0])} + {_fmt(best[1])} ms" if best is not None else "-",
+                          f"{reachable:.2f}x" if reachable else "-",
+                          target_verdict(ratio, target, pp, op, unit == {"GB/s"}, peer_ms=peer_ms,
+                                         floor_ms=floor_ms)])
     if not table:
         return []
     return _table(["loss", "size", fused, "torch_compile", f"{fused} vs torch_compile", "target",
-                   f"{fused} % of limit", "torch_compile % of limit", "reachable at 100 %", "verdict"], table)
+                   f"{fused} % of limit", "torch_compile % of limit", "step floor + work at limit",
+                   "reachable at 100 %", "verdict"], table)
 
 
 def _conditions(rows) -> List[str]:
@@ -545,6 +585,11 @@ def _conditions(rows) -> List[str]:
         value = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f} to {high:.0f}"
         what = "FLOP limit" if unit == "GFLOP/s" else "bandwidth limit"
         lines.append(f"- machine {what} for {dtype}: {value} {unit} ({measured[high]})")
+    floors = {_value(r): r["note"] for r in rows if r["metric"] == "step_floor" and _value(r) is not None}
+    if floors:
+        low, high = min(floors) * 1e3, max(floors) * 1e3
+        value = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f} to {high:.0f}"
+        lines.append(f"- machine step floor: {value} us ({floors[min(floors)]})")
     return [line for line in lines if line]
 
 
@@ -564,9 +609,13 @@ def render_docs(rows: Sequence[Dict[str, str]], figures_rel: Optional[str] = Non
             lines += ["#### Targets", "",
                       f"native over torch.compile of the reference, full step p50: at least {TARGET_SPEEDUP:g}x, "
                       f"{TARGET_SPEEDUP_SMALLEST:g}x at B = {SMALLEST_BATCH}, and BYOL/VICReg-PNR at "
-                      f"{TARGET_PERCENT:.0f} % of the measured bandwidth. \"reachable at 100 %\" is the "
-                      "speed-up over torch.compile of a kernel doing the work model at the machine's limit: "
-                      "a target above it is out of reach on this machine.", ""] + targets + [""]
+                      f"{TARGET_PERCENT:.0f} % of the measured bandwidth. The best full step any kernel could "
+                      "have here is the machine's step floor (the full step of a loss doing no work: Python, "
+                      "autograd and the backward engine, measured by `pnr-bench limits`) plus the time of the "
+                      "work model at the machine's limit; \"reachable at 100 %\" is torch.compile's time over "
+                      "that best step (without a measured floor: over the work at the limit alone). A speed-up "
+                      "target above it, or a share of the bandwidth above the work's share of the best step, is "
+                      "out of reach on this machine.", ""] + targets + [""]
         if figures_rel:
             for dtype in sorted({g[3] for g in groups}):
                 lines += [f"![speed-up over the reference, {dtype}]({figures_rel}/{device}_speedup_{dtype}.png)", ""]

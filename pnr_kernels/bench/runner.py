@@ -37,7 +37,10 @@ limit (:mod:`pnr_kernels.bench.limits`, ``pnr-bench limits``): on CPU the highes
 multiply-add loop's rate on all threads and torch.mm for a FLOP model, the highest of a STREAM
 copy, triad and read at the record's footprint for a bytes model, measured once per machine and cached. Peers
 are credited with the same work model (the work the loss needs, not what they happen to do), so
-no record exceeds 100 % unless the limit was measured on a busier machine than the record.
+no record exceeds 100 % unless the limit was measured on a busier machine than the record. A CPU
+record also carries the machine's step floor (``step_floor_ms``, measured and cached with the
+limits): the full step of a loss that does no work, the framework's cost that no loss avoids,
+which the report's Targets add to the time of the work at the limit.
 
 ``--sweep`` doubles the batch from 256 (quick: 256, 512, 1024; full: up to 16384 on CPU, 65536
 on CUDA). A backend that runs out of memory or time at one size is stopped for the larger ones,
@@ -58,7 +61,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -66,7 +68,7 @@ import torch
 from .. import _cli, backends
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, REGULARIZER, make_inputs
 from .dtypes import DTYPES
-from .limits import machine_peak, raise_limit
+from .limits import machine_peak, raise_limit, step_floor, timed_step
 from . import peers
 from .peers import PEER_MAX_BATCH, PEERS
 
@@ -249,27 +251,6 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _timed_step(forward: Callable, inputs, device: str):
-    """(forward ms, full step ms) of one forward + backward from no gradients."""
-    for a in inputs:
-        a.grad = None
-    if device == "cuda":
-        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        loss = forward()
-        middle.record()
-        loss.backward()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(middle), start.elapsed_time(end)
-    start = time.perf_counter()
-    loss = forward()
-    middle = time.perf_counter()
-    loss.backward()
-    end = time.perf_counter()
-    return (middle - start) * 1e3, (end - start) * 1e3
-
-
 def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
                      warmup: int) -> List[object]:
     """Milliseconds of the forward, the backward and the full step of each timed repeat, per
@@ -283,7 +264,7 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
             if isinstance(results[i], BaseException):
                 continue
             try:
-                fwd, full = _timed_step(forward, inputs, device)
+                fwd, full = timed_step(forward, inputs, device)
             except Exception as error:  # noqa: BLE001  (one candidate failing is its record)
                 results[i] = error
                 continue
@@ -490,14 +471,21 @@ def _measure_group_in_subprocess(cases: Sequence[Case], repeats: int, warmup: in
 
 
 def add_percent_of_peak(record: dict, peak: Callable[..., Dict[str, object]] = machine_peak,
-                        raise_peak: Optional[Callable[..., Dict[str, object]]] = raise_limit) -> dict:
+                        raise_peak: Optional[Callable[..., Dict[str, object]]] = raise_limit,
+                        floor: Callable[[str], Optional[Dict[str, object]]] = step_floor) -> dict:
     """Adds ``peak_throughput``, ``peak_how`` and ``percent_of_peak`` to a record that has a
     throughput: its throughput over the machine's limit (``limits.machine_peak``; for a bytes
     model, at the record's footprint). A record above 100 % has the limit measured again
     (``raise_peak``, ``limits.raise_limit``: it was measured at a busier moment) before it is
-    divided by; one still above says the work model counts more than the kernel must do."""
+    divided by; one still above says the work model counts more than the kernel must do. On CPU
+    also ``step_floor_ms`` and ``step_floor_how``: the machine's least full-step time of any loss
+    (``floor``, ``limits.step_floor``), which the report's Targets add to the work at the limit."""
     if record.get("throughput") is None:
         return record
+    measured_floor = floor(record["device"])
+    if measured_floor is not None:
+        record["step_floor_ms"] = measured_floor["value"]
+        record["step_floor_how"] = measured_floor["how"]
     key = (record["device"], record["dtype"], record["throughput_unit"],
            record.get("work", 0) if record["throughput_unit"] == "GB/s" else 0)
     ref = peak(*key)
@@ -664,7 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                "the vector multiply-add rate on all the bench's threads (fma_peak.c, built with $CC or cc; "
                "without one, torch.mm alone, saying why) or torch.mm, whichever is higher, for FLOP models; "
                "STREAM-style copy/triad/read bandwidth at the record's footprint for byte models; a limit "
-               "that a record goes past is measured again, the higher kept. "
+               "that a record goes past is measured again, the higher kept. CPU records also carry the step "
+               "floor: the median full step of a loss doing no work (Python, autograd, the backward engine), "
+               "which no loss beats and the report's Targets add to the work at the limit. "
                "pnr-bench limits --help: measure or remeasure them; "
                "pnr-bench report --help: regenerate the docs tables and figures from a CSV")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -801,6 +791,8 @@ def main(argv=None) -> int:
     print(f"budget per case: {budget.case_timeout_s:g} s, {budget.memory_mb:.0f} MB")
     for how in sorted({r["peak_how"] for r in records if "peak_how" in r}):
         print(f"percent_of_peak against: {how}")
+    for ms, how in sorted({(r["step_floor_ms"], r["step_floor_how"]) for r in records if "step_floor_ms" in r}):
+        print(f"step floor: {ms * 1e3:.1f} us, the {how}")
     for text in notes:
         print(f"note: {text}")
     print(format_table(records))
