@@ -221,9 +221,32 @@ def test_a_torch_compile_failure_is_a_record(monkeypatch):
     assert record["fwd_bwd_ms"] is None and "| nt_xent" in bench.format_table([record])
 
 
+def test_fast_steps_get_more_rounds_and_slow_ones_the_repeats_asked_for():
+    """time_interleaved runs at least ``repeats`` timed rounds, more while they last less than
+    ``min_timed_s`` (at most ``max_repeats``), and warm-up rounds for at least ``min_warmup_s``."""
+    calls = []
+    x = torch.zeros(2, requires_grad=True)
+
+    def forward():
+        calls.append(1)
+        return x.sum()
+
+    def timed_rounds(**limits):
+        calls.clear()
+        result = bench.time_interleaved([(forward, [x])], "cpu", 3, 1, **limits)[0]
+        return len(result["full"]), len(calls)
+
+    assert timed_rounds(min_warmup_s=0, min_timed_s=0) == (3, 4)
+    timed, total = timed_rounds(min_warmup_s=0, min_timed_s=0.05, max_repeats=40)
+    assert timed == 40 and total == 41
+    timed, total = timed_rounds(min_warmup_s=0.05, min_timed_s=0, max_repeats=40)
+    assert timed == 3 and total > 4
+
+
 def test_a_measured_record_has_phase_percentiles():
     record = bench.measure(bench.Case("nt_xent", "reference", "float32", 8, 4), "cpu", repeats=3, warmup=1)
-    assert record["status"] == "ok" and record["repeats"] == 3
+    # a step of well under a millisecond: more than the 3 repeats asked for, to fill MIN_TIMED_S
+    assert record["status"] == "ok" and 3 < record["repeats"] <= bench.MAX_REPEATS
     for phase in ("forward", "backward", "full"):
         assert set(record[f"{phase}_ms"]) == {"p20", "p50", "p80"}
         assert 0 < record[f"{phase}_ms"]["p20"] <= record[f"{phase}_ms"]["p80"]
@@ -463,7 +486,7 @@ def test_interleaved_timing_takes_turns_after_the_warm_up_and_drops_a_failing_ca
         return forward, [x]
 
     results = bench.time_interleaved([candidate("A"), candidate("B", fail_at=3), candidate("C")], "cpu",
-                                     repeats=3, warmup=1)
+                                     repeats=3, warmup=1, min_warmup_s=0, min_timed_s=0)
     # warm-up round, then A, B, C in turns; B fails in its third step and leaves the later rounds
     assert order == ["A", "B", "C", "A", "B", "C", "A", "B", "C", "A", "C"]
     assert [len(r["full"]) for r in (results[0], results[2])] == [3, 3]

@@ -557,7 +557,8 @@ def _conditions(rows) -> List[str]:
     stamps = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
     commits = sorted({r["commit"] for r in rows if r.get("commit")})
     torch_versions = sorted({r["torch"] for r in rows if r.get("torch")})
-    repeats = sorted({r["repeats"] for r in rows if r.get("repeats")}, key=lambda s: int(s))
+    repeats = sorted({int(r["repeats"]) for r in rows if r.get("repeats")})
+    repeats = [str(n) for n in repeats] if len(repeats) <= 2 else [f"{repeats[0]} to {repeats[-1]}"]
     text = (f"Measured {', '.join(stamps) or '?'} with torch {', '.join(torch_versions) or '?'} at commit "
             f"{', '.join(commits) or '?'}; p50 (p20-p80) over {'/'.join(repeats) or '?'} timed repeats; "
             f"1-minute load average during the cases {min(loads):.1f} to {max(loads):.1f}" if loads else "")

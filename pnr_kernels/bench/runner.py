@@ -61,6 +61,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -251,15 +252,24 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+# Fast steps get more rounds: the warm-up lasts at least MIN_WARMUP_S and the timed rounds at
+# least MIN_TIMED_S (at most MAX_REPEATS of them), so that a 0.2 ms step's median is taken over
+# hundreds of repeats, not ten that a single hiccup of the machine can move.
+MIN_WARMUP_S, MIN_TIMED_S, MAX_REPEATS = 0.2, 1.0, 500
+
+
 def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
-                     warmup: int) -> List[object]:
+                     warmup: int, min_warmup_s: float = MIN_WARMUP_S, min_timed_s: float = MIN_TIMED_S,
+                     max_repeats: int = MAX_REPEATS) -> List[object]:
     """Milliseconds of the forward, the backward and the full step of each timed repeat, per
     candidate ``(forward, inputs)``, the candidates taking turns: ``warmup`` rounds of one step
-    each, then ``repeats`` rounds A, B, C, A, B, C, ... so that what the machine does meanwhile
-    falls on all of them alike. Per candidate: its ``{phase: [ms, ...]}``, or the exception that
-    stopped it (it leaves the later rounds; the others go on)."""
+    each (more until ``min_warmup_s`` has passed), then ``repeats`` rounds A, B, C, A, B, C, ...
+    (more until ``min_timed_s`` has passed, ``max(repeats, max_repeats)`` at most) so that what the
+    machine does meanwhile falls on all of them alike. Per candidate: its ``{phase: [ms, ...]}``,
+    or the exception that stopped it (it leaves the later rounds; the others go on)."""
     results: List[object] = [{phase: [] for phase in PHASES} for _ in candidates]
-    for round_ in range(warmup + repeats):
+
+    def one_round(timed: bool) -> None:
         for i, (forward, inputs) in enumerate(candidates):
             if isinstance(results[i], BaseException):
                 continue
@@ -268,10 +278,23 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
             except Exception as error:  # noqa: BLE001  (one candidate failing is its record)
                 results[i] = error
                 continue
-            if round_ >= warmup:
+            if timed:
                 results[i]["forward"].append(fwd)
                 results[i]["backward"].append(full - fwd)
                 results[i]["full"].append(full)
+
+    def running() -> bool:
+        return any(not isinstance(r, BaseException) for r in results)
+
+    start, rounds = time.perf_counter(), 0
+    while running() and (rounds < warmup or time.perf_counter() - start < min_warmup_s):
+        one_round(False)
+        rounds += 1
+    start, rounds = time.perf_counter(), 0
+    while running() and (rounds < repeats or (time.perf_counter() - start < min_timed_s
+                                              and rounds < max(repeats, max_repeats))):
+        one_round(True)
+        rounds += 1
     return results
 
 
@@ -401,7 +424,7 @@ def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup
             _record_failure(record, case, device, times)
             continue
         record["status"] = OK
-        record["repeats"] = repeats
+        record["repeats"] = len(times["full"])
         for phase in PHASES:
             record[f"{phase}_ms"] = percentiles(times[phase])
         record["fwd_bwd_ms"] = record["full_ms"]["p50"]
@@ -669,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                         help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
     parser.add_argument("--repeats", type=_cli.positive_int, default=None,
-                        help="timed repeats per case (default 5 quick, 10 full)")
+                        help="timed repeats per case, at least (default 5 quick, 10 full; a fast step gets more, "
+                             "until its timed rounds last 1 s, at most 500)")
     parser.add_argument("--case-timeout", type=_cli.positive_float, default=600.0, metavar="S",
                         help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
                              "the projected time past which a sweep stops a backend (default 600)")
@@ -785,7 +809,7 @@ def main(argv=None) -> int:
             json.dump(records, f, indent=1)
     load = os.getloadavg()
     how = "each size's candidates interleaved in one process" if args.interleave else "one process per case"
-    print(f"device: {records[0]['device_name']}; torch {torch.__version__}; p50 of {repeats} repeats "
+    print(f"device: {records[0]['device_name']}; torch {torch.__version__}; p50 of at least {repeats} repeats "
           f"(p20-p80 shown) after {warmup} warm-up steps, {how}; load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}")
     print(f"budget per case: {budget.case_timeout_s:g} s, {budget.memory_mb:.0f} MB")
