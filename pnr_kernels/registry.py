@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,20 +84,24 @@ class LossSpec:
     def _signature(self) -> Dict[str, inspect.Parameter]:
         """The public function's parameters, read once (a plain memo in the instance dict:
         functools.cached_property takes a lock that torch.compile cannot trace on Python 3.11)."""
-        parameters = self.__dict__.get("_parameters")
-        if parameters is None:
-            parameters = self.__dict__["_parameters"] = dict(inspect.signature(self.function).parameters)
-        return parameters
+        return self._memo("_parameters", lambda: dict(inspect.signature(self.function).parameters))
+
+    def _memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per instance (the public path reads these at every call)."""
+        value = self.__dict__.get(key)
+        if value is None:
+            value = self.__dict__[key] = compute()
+        return value
 
     @property
     def inputs(self) -> Tuple[str, ...]:
         """Positional input names, in order: the (B, D) embeddings, then the queues."""
-        return tuple(name for name, p in self._signature().items()
-                     if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return self._memo("_inputs", lambda: tuple(name for name, p in self._signature().items()
+                                                   if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
     @property
     def embeddings(self) -> Tuple[str, ...]:
-        return tuple(name for name in self.inputs if name not in self.queues)
+        return self._memo("_embeddings", lambda: tuple(name for name in self.inputs if name not in self.queues))
 
     @property
     def defaults(self) -> Dict[str, float]:
@@ -114,7 +118,7 @@ class LossSpec:
     @property
     def trainable_mask(self) -> Tuple[bool, ...]:
         """Per positional input, whether it receives a gradient."""
-        return tuple(name in self.trainable for name in self.inputs)
+        return self._memo("_trainable_mask", lambda: tuple(name in self.trainable for name in self.inputs))
 
 
 flops = infonce.infonce_flops
