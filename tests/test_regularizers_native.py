@@ -318,12 +318,15 @@ def test_large_gradients_reuse_the_blocks_of_freed_ones(loss):
     assert native.release_cpu_output_pool() == 2 * 32 * 2 ** 20  # the second step's blocks
 
 
-def test_pooled_gradients_match_the_reference():
-    args, kwargs = make_inputs("vicreg_pnr", *POOLED, torch.float32, requires_grad=True, options=WEIGHTS["vicreg_pnr"])
+@pytest.mark.parametrize("loss", ["byol_pnr", "vicreg_pnr"])
+def test_pooled_and_streamed_gradients_match_the_reference(loss):
+    """Gradients of 32 MiB: written with non-temporal stores, into pooled blocks from the second
+    step on."""
+    args, kwargs = make_inputs(loss, *POOLED, torch.float32, requires_grad=True, options=WEIGHTS[loss])
     for _ in range(2):  # the second step's gradients come from the first's blocks
         for a in args:
             a.grad = None
-        check_against_reference("vicreg_pnr", "native", args, kwargs)
+        check_against_reference(loss, "native", args, kwargs)
 
 
 def test_the_pool_can_be_turned_off_and_emptied():
