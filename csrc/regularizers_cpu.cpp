@@ -10,8 +10,9 @@
 // in place of the product's output: the correlation form folds the diagonal into the product's
 // matrix, one product b^ M^T), the cosine negatives' row gradients added to them.
 // Barlow over a given C (DDP, B > D): one read of C for the loss, one read and write for d C.
-// Gradients of 32 MiB or more come from output_pool_cpu.cpp's pool (no page faults at every step),
-// and the paired kernels write float32 ones with non-temporal stores (no read of the lines first).
+// Gradients and standardised copies of 32 MiB or more come from output_pool_cpu.cpp's pool (no page
+// faults at every step), and the paired kernels write float32 gradients with non-temporal stores (no
+// read of the lines first).
 // Half-precision inputs accumulate in float32, float64 inputs in float64.
 // Huge magnitudes: where a row's (cosine) or column's (Barlow statistics) sums overflow, that row or
 // column is summed again divided by a power of two near its largest magnitude (safe_math.h), so
@@ -458,7 +459,7 @@ at::Tensor standardised(const at::Tensor& x, const at::opmath_type<scalar_t>* me
                         const at::opmath_type<scalar_t>* rstd) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), D = x.size(1), sx = x.stride(0);
-  at::Tensor out = at::empty({B, D}, x.options().dtype(compute_scalar_type<scalar_t>()));
+  at::Tensor out = pooled_empty({B, D}, compute_scalar_type<scalar_t>());
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   acc_t* o = out.data_ptr<acc_t>();
   at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {

@@ -66,7 +66,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _cli, backends
+from .. import _cli, backends, native
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, REGULARIZER, make_inputs
 from .dtypes import DTYPES
 from .limits import machine_peak, raise_limit, step_floor, timed_step
@@ -252,21 +252,26 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-# Fast steps get more rounds: the warm-up lasts at least MIN_WARMUP_S and the timed rounds at
-# least MIN_TIMED_S (at most MAX_REPEATS of them), so that a 0.2 ms step's median is taken over
-# hundreds of repeats, not ten that a single hiccup of the machine can move.
+# On the CPU fast steps get more rounds: the warm-up lasts at least MIN_WARMUP_S and the timed
+# rounds at least MIN_TIMED_S (at most MAX_REPEATS of them), so that a 0.2 ms step's median is
+# taken over hundreds of repeats, not ten that a single hiccup of a shared machine can move.
+# (CUDA: the repeats asked for, so that a GPU check's time budget stays what it planned.)
 MIN_WARMUP_S, MIN_TIMED_S, MAX_REPEATS = 0.2, 1.0, 500
 
 
 def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
-                     warmup: int, min_warmup_s: float = MIN_WARMUP_S, min_timed_s: float = MIN_TIMED_S,
+                     warmup: int, min_warmup_s: Optional[float] = None, min_timed_s: Optional[float] = None,
                      max_repeats: int = MAX_REPEATS) -> List[object]:
     """Milliseconds of the forward, the backward and the full step of each timed repeat, per
     candidate ``(forward, inputs)``, the candidates taking turns: ``warmup`` rounds of one step
     each (more until ``min_warmup_s`` has passed), then ``repeats`` rounds A, B, C, A, B, C, ...
     (more until ``min_timed_s`` has passed, ``max(repeats, max_repeats)`` at most) so that what the
-    machine does meanwhile falls on all of them alike. Per candidate: its ``{phase: [ms, ...]}``,
-    or the exception that stopped it (it leaves the later rounds; the others go on)."""
+    machine does meanwhile falls on all of them alike; the minimum times default to MIN_WARMUP_S and
+    MIN_TIMED_S on the CPU, 0 elsewhere. Per candidate: its ``{phase: [ms, ...]}``, or the
+    exception that stopped it (it leaves the later rounds; the others go on)."""
+    cpu = device == "cpu"
+    min_warmup_s = (MIN_WARMUP_S if cpu else 0.0) if min_warmup_s is None else min_warmup_s
+    min_timed_s = (MIN_TIMED_S if cpu else 0.0) if min_timed_s is None else min_timed_s
     results: List[object] = [{phase: [] for phase in PHASES} for _ in candidates]
 
     def one_round(timed: bool) -> None:
@@ -307,7 +312,10 @@ def _status_kb(field: str) -> int:
 
 
 def _cpu_peak_extra_mb(step) -> float:
-    """Rise of the peak resident set during one step over the resident set before it."""
+    """Rise of the peak resident set during one step over the resident set before it. The native
+    kernels' output pool is emptied first: blocks it kept from the previous step are resident
+    already, and the step's gradients taken from them would not count."""
+    native.release_cpu_output_pool()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _status_kb("VmRSS")
@@ -372,12 +380,13 @@ def _record_failure(record: dict, case: Case, device: str, error: BaseException)
     return record
 
 
-def measure(case: Case, device: str, repeats: int, warmup: int) -> dict:
-    """One record for one case, measured in this process."""
-    return measure_interleaved([case], device, repeats, warmup)[0]
+def measure(case: Case, device: str, repeats: int, warmup: int, **timing) -> dict:
+    """One record for one case, measured in this process (``timing``: time_interleaved's minimum
+    times)."""
+    return measure_interleaved([case], device, repeats, warmup, **timing)[0]
 
 
-def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup: int) -> List[dict]:
+def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup: int, **timing) -> List[dict]:
     """One record per case, measured together in this process (``--interleave``: the candidates
     of one size). Each case is set up, run once (one-time work: compilation, autotuning, thread
     pools) and its peak extra memory measured, one after the other; then all are timed taking
@@ -414,7 +423,7 @@ def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup
             _record_failure(record, case, device, error)
     if device == "cpu":
         _keep_freed_memory()
-    results = time_interleaved([(f, i) for _, _, f, i in prepared], device, repeats, max(0, warmup - 1))
+    results = time_interleaved([(f, i) for _, _, f, i in prepared], device, repeats, max(0, warmup - 1), **timing)
     load = list(os.getloadavg())
     for (record, case, _, _), times in zip(prepared, results):
         if len(cases) > 1:
@@ -692,8 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                         help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
     parser.add_argument("--repeats", type=_cli.positive_int, default=None,
-                        help="timed repeats per case, at least (default 5 quick, 10 full; a fast step gets more, "
-                             "until its timed rounds last 1 s, at most 500)")
+                        help="timed repeats per case, at least (default 5 quick, 10 full; on the CPU a fast step "
+                             "gets more, until its timed rounds last 1 s, at most 500)")
     parser.add_argument("--case-timeout", type=_cli.positive_float, default=600.0, metavar="S",
                         help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
                              "the projected time past which a sweep stops a backend (default 600)")
