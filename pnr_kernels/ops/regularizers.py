@@ -145,9 +145,10 @@ class RegularizerOps:
 
 
 def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> RegularizerOps:
-    """Register ``pnr_kernels::paired_terms_<backend>``, ``pnr_kernels::barlow_gram_loss_<backend>``
-    and ``pnr_kernels::barlow_correlation_loss_<backend>`` (each with its backward op, autograd and
-    fake kernels) over ``kernels``, and return the ops (see ``_common.define_fused_op``)."""
+    """Register ``pnr_kernels::paired_terms_<backend>``, ``paired_loss_<backend>``,
+    ``barlow_gram_loss_<backend>``, ``barlow_correlation_loss_<backend>`` and, where the backend has
+    the kernel, ``barlow_pnr_loss_<backend>`` (each with its backward op, autograd and fake kernels)
+    over ``kernels``, and return the ops (see ``_common.define_fused_op``)."""
     prefix = "pnr_kernels::"
 
     def paired_terms(p1: torch.Tensor, p2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor,
