@@ -2,6 +2,7 @@
 (pnr_kernels/bench/limits.py): built, cached per machine, and above what a kernel reaches."""
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -425,3 +426,28 @@ def test_the_step_floor_is_below_a_real_step_and_on_every_cpu_record(monkeypatch
     finally:
         limits.step_floor.cache_clear()
         limits.machine_peak.cache_clear()
+
+
+def test_torch_mm_limit_stops_growing_at_a_slow_product(monkeypatch):
+    """A dtype whose product is slow (bfloat16 without hardware support: 30 s at 4096 x 512 x 4096
+    on the AMD VM) is measured at the first size that takes MM_ENOUGH_S, not at MM_N."""
+    sizes = []
+
+    def slow_mm(a, b):
+        sizes.append(a.shape[0])
+        time.sleep(limits.MM_ENOUGH_S)
+        return a
+
+    monkeypatch.setattr(limits.torch, "mm", slow_mm)
+    rate = limits.measure_mm("float32", runs=2)
+    assert set(sizes) == {limits.MM_SMALLEST_N} and len(sizes) == 4  # the probe, the warm-up, 2 runs
+    assert rate <= 2 * limits.MM_SMALLEST_N ** 2 * limits.MM_D / limits.MM_ENOUGH_S / 1e9
+
+
+def test_torch_mm_limit_of_a_fast_product_is_taken_at_full_size(monkeypatch):
+    sizes = []
+    real = torch.mm
+    monkeypatch.setattr(limits.torch, "mm", lambda a, b: sizes.append(a.shape[0]) or real(a, b))
+    monkeypatch.setattr(limits, "MM_ENOUGH_S", 60.0)  # every product here is "fast"
+    limits.measure_mm("float32", runs=1)
+    assert sizes[:4] == [512, 1024, 2048, 4096] and sizes[-1] == limits.MM_N

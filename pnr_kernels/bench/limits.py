@@ -6,7 +6,8 @@ CPU, FLOP/s: the vector multiply-add throughput of the cores (``fma_peak.c`` bes
 compiled with the system C compiler, ``$CC`` or ``cc``, on first use): float32 and float64
 ``vfmadd231ps/pd`` and, with AVX512-BF16, ``vdpbf16ps``, on 1 thread (per core) and on
 ``torch.get_num_threads()`` threads (all cores the bench uses), each the best of 3 rounds; and
-``torch.mm`` of (4096 x 512)·(512 x 4096) in the dtype, the best of 5 (the BLAS may use units the
+``torch.mm`` of (4096 x 512)·(512 x 4096) in the dtype (smaller where one product takes 50 ms or more:
+a dtype the CPU has no units for), the best of 5 (the BLAS may use units the
 loop does not, such as AMX tiles). The FLOP limit of a dtype is the highest of: the all-threads
 rate of its instruction (bfloat16 and float16 also float32's, since their products may be
 computed in float32) and its torch.mm rate; without a C compiler (or on a CPU with neither
@@ -149,12 +150,24 @@ def _best_s(fn: Callable[[], object], runs: int) -> float:
     return best
 
 
+MM_SMALLEST_N, MM_ENOUGH_S = 512, 0.05
+
+
 def measure_mm(dtype: str, runs: int = 5) -> float:
-    """GFLOP/s of torch.mm (MM_N x MM_D)·(MM_D x MM_N) in ``dtype`` on the CPU."""
+    """GFLOP/s of torch.mm (n x MM_D)·(MM_D x n) in ``dtype`` on the CPU: n = MM_N, or the first of
+    512, 1024, ... whose product takes MM_ENOUGH_S or more (a dtype without hardware support, such
+    as bfloat16 on a CPU without AVX512-BF16, runs at well under 1 GFLOP/s: 30 s a product at
+    MM_N on the 2-core AMD VM)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(MM_N, MM_D, generator=g).to(DTYPES[dtype])
-    b = torch.randn(MM_D, MM_N, generator=g).to(DTYPES[dtype])
-    return 2 * MM_N * MM_N * MM_D / _best_s(lambda: torch.mm(a, b), runs) / 1e9
+    n = MM_SMALLEST_N
+    while True:
+        a = torch.randn(n, MM_D, generator=g).to(DTYPES[dtype])
+        b = torch.randn(MM_D, n, generator=g).to(DTYPES[dtype])
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if n >= MM_N or time.perf_counter() - start >= MM_ENOUGH_S:
+            return 2 * n * n * MM_D / _best_s(lambda: torch.mm(a, b), runs) / 1e9
+        n *= 2
 
 
 def timed_step(forward: Callable, inputs: Sequence[torch.Tensor], device: str) -> Tuple[float, float]:
@@ -347,7 +360,7 @@ class CpuLimits:
         own = {"float32": ("float32",), "float64": ("float64",), "bfloat16": ("bfloat16", "float32"),
                "float16": ("float32",)}[dtype]
         candidates = {f"multiply-add loop {d}, {threads} threads": fma["gflops"][d] for d in own if d in fma["gflops"]}
-        candidates[f"torch.mm {dtype} ({MM_N}x{MM_D})·({MM_D}x{MM_N})"] = mm["gflops"]
+        candidates[f"torch.mm {dtype} (up to {MM_N}x{MM_D})·({MM_D}x{MM_N})"] = mm["gflops"]
         best = max(candidates, key=candidates.get)
         per_core = ", ".join(f"{d} {v:.0f}" for d, v in single["gflops"].items() if d != "isa" and d != "threads")
         all_cores = ", ".join(f"{d} {v:.0f}" for d, v in fma["gflops"].items() if d != "isa" and d != "threads")
