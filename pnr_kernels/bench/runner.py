@@ -247,11 +247,6 @@ def _step_fn(case: Case, device: str):
     return step, args
 
 
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # On the CPU fast steps get more rounds: the warm-up lasts at least MIN_WARMUP_S and the timed
 # rounds at least MIN_TIMED_S (at most MAX_REPEATS of them), so that a 0.2 ms step's median is
 # taken over hundreds of repeats, not ten that a single hiccup of a shared machine can move.
