@@ -531,7 +531,7 @@ BarlowTerm barlow_term(const at::Tensor& a_in, const at::Tensor& b_in, double l,
 //   d a = rstd_a (g^ - mean_rows(g^) - a^ mean_rows(g^ a^))
 // The correlation form folds alpha into the product's matrix (M = beta C + diag(alpha), one
 // product b^ M^T). The row means are summed in chunks of rows fixed by the sizes (not the thread
-// count) and merged in order, so the result does not depend on the number of threads.
+// count) and merged in order, so they do not depend on the number of threads (at::mm's products may).
 template <typename acc_t>
 void barlow_gradient(const at::Tensor& a_std, const at::Tensor& b_std, const at::Tensor& stats,
                      const at::Tensor& saved, double weight, double l, double s, at::Tensor& out) {
