@@ -121,6 +121,8 @@ def check_backend(backend) -> str:
 
 def check_weight(name: str, value) -> float:
     """A finite real number (loss weights; zero and negative are allowed)."""
+    if type(value) is float and math.isfinite(value):  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

@@ -15,7 +15,7 @@ first).
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -52,6 +52,13 @@ def unavailable_reason(name: str, loss: Optional[str], device: torch.device, dty
     return reason
 
 
+# choose's answers on the CPU for the reference and native backends, which cannot change within a
+# process once given (the extension's load is cached; only the Triton interpreter's switch is read
+# per call), so that a call does not pay for the checks again (a few microseconds of the per-call
+# budget of the small losses)
+_CHOSEN: Dict[Tuple[str, str, str, torch.dtype, bool], str] = {}
+
+
 @torch.compiler.assume_constant_result
 def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype, batch: int = 0) -> str:
     """The backend that runs ``loss`` for ``backend`` ("auto" or one of BACKENDS), with its
@@ -61,11 +68,15 @@ def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype, batch:
     ``batch`` (rows per view, 0 when unknown): on the CPU, "auto" runs the reference below the
     loss's measured crossover (``LossSpec.cpu_reference_below``), where the fused op's fixed
     per-call cost outweighs its speed."""
+    spec = registry.LOSSES.get(loss)
+    small = device_type == "cpu" and spec is not None and 0 < batch < spec.cpu_reference_below
+    key = (backend, loss, device_type, dtype, small)
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
     check_backend(backend)
     device = torch.device(device_type)
     if backend == "auto":
-        spec = registry.LOSSES.get(loss)
-        small = device_type == "cpu" and spec is not None and 0 < batch < spec.cpu_reference_below
         for name in ("reference",) if small else AUTO_ORDER.get(device_type, ("reference",)):
             if unavailable_reason(name, loss, device, dtype) is None:
                 backend = name
@@ -79,6 +90,8 @@ def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype, batch:
                 f"backend {backend!r} cannot run {loss} on {device_type} with {dtype}: {reason}")
     if backend != "reference":
         ops.backend_ops(backend, family_of(loss), _FUSED[backend].kernels)
+    if device_type == "cpu" and backend != "triton":
+        _CHOSEN[key] = backend
     return backend
 
 

@@ -101,6 +101,7 @@ def test_eager_calls_take_the_autograd_function_with_the_custom_ops_results():
     eager_lse, eager_grads = _op_step(OP, rows, keys)
     custom_lse, custom_grads = _op_step(OP.custom_op, rows, keys)
     assert type(eager_lse.grad_fn).__name__ == "_EagerBackward"
+    assert eager_lse.grad_fn.call.layout == (2, 2, ("constant", [True, False]), ("constant", [2.0, 0.5]))
     assert "pnr_kernels" in type(custom_lse.grad_fn).__name__
     assert torch.equal(eager_lse, custom_lse)
     for e, c in zip(eager_grads, custom_grads):

@@ -131,8 +131,9 @@ def test_ops_trace_under_torch_compile_fake_tensors():
 
 
 def test_eager_calls_match_the_custom_ops_bitwise():
-    """Outside tracing each op runs as the eager autograd.Function of ops/_common.py, with the
-    registered custom op's results, loss and gradient, bitwise."""
+    """Outside tracing each op runs as the eager autograd.Function of ops/_common.py, its
+    arguments as given (tensors and constants, nothing to flatten), with the registered custom
+    op's results, loss and gradient, bitwise."""
     torch.manual_seed(0)
     p1, f1 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64)
     p2, f2 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64)
@@ -145,6 +146,8 @@ def test_eager_calls_match_the_custom_ops_bitwise():
         for fn in (op, op.custom_op):
             out = fn(*args)
             first = out[0] if isinstance(out, tuple) else out
+            if fn is op:
+                assert type(first.grad_fn).__name__ == "_EagerBackward" and first.grad_fn.call.layout is None
             results.append((first.detach(), torch.autograd.grad(first.sum(), trainable)))
         (eager, eager_grads), (custom, custom_grads) = results
         assert torch.equal(eager, custom)

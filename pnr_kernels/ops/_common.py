@@ -3,6 +3,7 @@ with autograd and fake kernels, plus an eager fast path over the same functions)
 first-order-only rule of the fused backends."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -68,19 +69,26 @@ def _first_order(backward: Callable, backend: str) -> Callable:
 # backward on a CPU (argument flattening, redispatch through the autograd and autocast keys, the
 # backward custom op): as much as the kernels themselves at small batches. Outside tracing, an
 # autograd.Function runs the same forward, setup_context and gradient formula and calls the
-# backward kernels directly. Its arguments are flattened (autograd tracks top-level tensors only):
-# a tensor is one slot, a list of tensors one slot per tensor, anything else a constant.
+# backward kernels directly. autograd tracks top-level tensors only: an op whose arguments are
+# tensors and constants passes them as they are (its gradient formula's results, one per
+# argument, are the backward's); an op with a list of tensors has its arguments flattened, a
+# tensor one slot, a list of tensors one slot per tensor, anything else a constant. Each Python
+# call on this path costs microseconds, more on a CPU whose caches the rest of a training step
+# has evicted, so the plain case does nothing per call beyond the autograd.Function itself.
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Call:
-    """One eager call: the op's functions and how its arguments were flattened."""
+    """How the eager path calls an op: its functions, and how its arguments were flattened
+    (``layout`` None: not flattened)."""
     forward: Callable
     setup_context: Callable
     backward: Callable  # (ctx, *output grads) -> one gradient (or list of them) per argument
-    layout: Tuple[Any, ...]  # per argument: "tensor", a list length, or ("constant", value)
+    layout: Optional[Tuple[Any, ...]]  # per argument: "tensor", a list length, or ("constant", value)
 
     def unflatten(self, flat):
+        if self.layout is None:
+            return flat
         args, i = [], 0
         for kind in self.layout:
             if kind == "tensor":
@@ -94,6 +102,8 @@ class _Call:
         return args
 
     def flatten_grads(self, grads):
+        if self.layout is None:
+            return grads
         flat = []
         for kind, grad in zip(self.layout, grads):
             if kind == "tensor":
@@ -136,12 +146,22 @@ class _Eager(torch.autograd.Function):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _must_trace(flat) -> bool:
+def _must_trace(tensors) -> bool:
     """Whether a call has to go through the custom op: under torch.compile / export, under a
     dispatch mode (fake tensors, ...) or with tensor subclasses, which only the registered op's
     fake kernel and dispatch handle."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or any(type(t) not in _PLAIN for t in flat))
+            or any(type(t) not in _PLAIN for t in tensors))
+
+
+def _tensor_positions(forward: Callable) -> Optional[Tuple[int, ...]]:
+    """The positions of ``forward``'s tensor arguments when every other argument is a constant
+    (no list or optional of tensors), else None."""
+    hints = typing.get_type_hints(forward)
+    hints.pop("return", None)
+    if any(hint is not torch.Tensor and "Tensor" in str(hint) for hint in hints.values()):
+        return None
+    return tuple(i for i, hint in enumerate(hints.values()) if hint is torch.Tensor)
 
 
 def define_fused_op(name: str, backend: str, forward: Callable, forward_fake: Callable, backward: Callable,
@@ -165,11 +185,20 @@ def define_fused_op(name: str, backend: str, forward: Callable, forward_fake: Ca
     def eager_formula(ctx, *grads):
         return formula(ctx, eager_backward, *grads)
 
-    def op(*args):
-        layout, flat = _flatten(args)
-        if _must_trace(flat):
-            return forward_op(*args)
-        return _Eager.apply(_Call(forward, setup_context, eager_formula, layout), *flat)
+    positions = _tensor_positions(forward)
+    if positions is not None:
+        plain_call = _Call(forward, setup_context, eager_formula, None)
+
+        def op(*args):
+            if _must_trace([args[i] for i in positions]):
+                return forward_op(*args)
+            return _Eager.apply(plain_call, *args)
+    else:
+        def op(*args):
+            layout, flat = _flatten(args)
+            if _must_trace(flat):
+                return forward_op(*args)
+            return _Eager.apply(_Call(forward, setup_context, eager_formula, layout), *flat)
 
     op.custom_op = forward_op
     return op
