@@ -26,7 +26,8 @@ before the step, measured in a fresh subprocess per case (with glibc returning e
 ``--interleave`` measures the candidates of one size (every backend and peer of one loss, dtype,
 B, D, K) in one process (:func:`measure_interleaved`; on CPU one subprocess per size): each set
 up, run once and its memory measured in turn, then timed taking turns, one step of each per
-repeat (A, B, C, A, B, C, ...), so that machine noise hits all alike; each record lists the
+round in a new order each round (A, B, C, C, A, B, ...), so that machine noise hits all alike and
+no candidate always runs in the caches one other left; each record lists the
 candidates (``interleaved``) and the load average at the end of the rounds.
 
 Throughput is reported where the loss's registry entry has a work model: GFLOP/s of the products
@@ -59,6 +60,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -259,9 +261,13 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
                      max_repeats: int = MAX_REPEATS) -> List[object]:
     """Milliseconds of the forward, the backward and the full step of each timed repeat, per
     candidate ``(forward, inputs)``, the candidates taking turns: ``warmup`` rounds of one step
-    each (more until ``min_warmup_s`` has passed), then ``repeats`` rounds A, B, C, A, B, C, ...
-    (more until ``min_timed_s`` has passed, ``max(repeats, max_repeats)`` at most) so that what the
-    machine does meanwhile falls on all of them alike; the minimum times default to MIN_WARMUP_S and
+    each (more until ``min_warmup_s`` has passed), then ``repeats`` rounds of one step each (more
+    until ``min_timed_s`` has passed, ``max(repeats, max_repeats)`` at most) so that what the
+    machine does meanwhile falls on all of them alike. Each round takes the candidates in a new
+    order (a shuffle, seeded): a step finds the caches as the step before it left them, and in a
+    fixed order every candidate would always follow the same one (the reference's temporaries
+    evicting the next candidate's inputs: a 2-12 MiB memory-bound step 1.4x slower in the slot
+    after it than in the slot after a fused kernel). The minimum times default to MIN_WARMUP_S and
     MIN_TIMED_S on the CPU, 0 elsewhere. Per candidate: its ``{phase: [ms, ...]}``, or the
     exception that stopped it (it leaves the later rounds; the others go on)."""
     cpu = device == "cpu"
@@ -269,8 +275,13 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
     min_timed_s = (MIN_TIMED_S if cpu else 0.0) if min_timed_s is None else min_timed_s
     results: List[object] = [{phase: [] for phase in PHASES} for _ in candidates]
 
+    order = list(range(len(candidates)))
+    shuffle = random.Random(0).shuffle
+
     def one_round(timed: bool) -> None:
-        for i, (forward, inputs) in enumerate(candidates):
+        shuffle(order)
+        for i in order:
+            forward, inputs = candidates[i]
             if isinstance(results[i], BaseException):
                 continue
             try:
@@ -715,8 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interleave", action="store_true",
                         help="time the candidates of each size (every backend and peer of one loss, dtype, B, D, "
                              "K) side by side in one process: each is set up, compiled and its memory measured, "
-                             "then, after the warm-up, one step of each in turn per repeat (A, B, C, A, B, C, ...), "
-                             "so that machine noise hits all alike; every record lists the candidates and the "
+                             "then, after the warm-up, one step of each per round, in a new order each round "
+                             "(A, B, C, C, A, B, ...), so that machine noise hits all alike and no candidate "
+                             "always runs in the caches one other left; every record lists the candidates and the "
                              "load average at the end (CPU: one process per size, its time budget "
                              "--case-timeout per candidate)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
