@@ -6,6 +6,11 @@ Each trial is a process running ``pnr_kernels.cssl.cli.main`` whose training is 
 of 32 MiB checkpoint writes (so that nearly every moment is inside a write), signalled at a
 delay spread over two write times. The trials fork this process (torch is imported once); two
 more run the real interpreter, where what escapes ``main`` would print its own traceback.
+
+Every child handles SIGINT as an interpreter started from a terminal does (KeyboardInterrupt),
+whatever this process inherited: a test run started in the background by a non-interactive shell
+has SIGINT ignored, which its children would inherit and the trials would then wait on a child
+that never stops (each wait is bounded, too).
 """
 import os
 import random
@@ -22,6 +27,13 @@ from pnr_kernels.cssl import checkpoint, cli
 
 BLOB = 8 * 2 ** 20  # float32 entries: 32 MiB per checkpoint
 TRIALS = 24
+WAIT_S = 60  # the longest a signalled child may take to stop
+
+
+def _sigint_as_from_a_terminal():
+    """For a child before it runs Python: SIGINT at its default disposition, so that the
+    interpreter installs its KeyboardInterrupt handler (it leaves an inherited SIG_IGN alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _writer(path, ready_fd):
@@ -56,6 +68,7 @@ def _forked_trial(folder, sig, delay):
         status = 99
         try:
             os.close(ready_r)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(err, 2)
             sys.stderr = os.fdopen(2, "w", buffering=1)
@@ -74,7 +87,16 @@ def _forked_trial(folder, sig, delay):
     os.close(ready_r)
     time.sleep(delay)
     os.kill(pid, sig)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the child did not stop within {WAIT_S} s of {sig.name}")
+        time.sleep(0.01)
     with open(err_path) as f:
         return os.waitstatus_to_exitcode(status), f.read()
 
@@ -123,12 +145,12 @@ CHILD = textwrap.dedent("""
 def test_the_entry_point_stops_cleanly_on_a_signal_during_a_write(tmp_path, sig):
     checkpoint.save_checkpoint(str(tmp_path / "checkpoint.pt"), {"step": 0, "blob": torch.full((BLOB,), 1.0)})
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_from_a_terminal)
     try:
         assert child.stdout.readline().strip() == "ready"
         time.sleep(0.05)
         child.send_signal(sig)
-        _, err = child.communicate(timeout=60)
+        _, err = child.communicate(timeout=WAIT_S)
     finally:
         child.kill()
     assert "Traceback" not in err, err
