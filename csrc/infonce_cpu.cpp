@@ -597,15 +597,29 @@ void symmetric_weights(const acc_t* x, int64_t n, acc_t shift, acc_t g, const ac
 // Units and threads.
 // ---------------------------------------------------------------------------------------------
 
-// Rows per unit: kRowTile, halved (down to kMinRowTile) until every thread gets four units. With
-// two (SimCLR-PNR at B = 256 on 2 threads: 2 x 256-row tiles per row set) the triangle of a
-// symmetric block leaves one thread a 256 x 256 square of logits more than the other; with four
-// the first/last pairing of for_each_row_tile evens it out (full step 7.3 -> 7.0 ms, median of 8
-// alternating runs of 600 steps on the 2-core AMD VM).
-int64_t row_tile(int64_t num_row_sets, int64_t num_rows) {
+// Rows per unit: kRowTile, halved (down to kMinRowTile) until every thread gets two units, four
+// where a key block is symmetric. Units of a general block carry equal work, and a smaller tile
+// only streams the keys more often (MoCo at B = 256 against a 16384-key queue: 37.5 -> 49.8 ms a
+// step with four); a symmetric block's units shrink with their position, and with two per thread
+// (SimCLR-PNR at B = 256: 2 x 256-row tiles per row set) one thread gets a 256 x 256 square of
+// logits more than the other, which four units in the first/last order of for_each_row_tile even
+// out (7.3 -> 7.0 ms a step, median of 8 alternating runs of 600 steps; both on the 2-core AMD VM).
+int64_t row_tile(int64_t num_row_sets, int64_t num_rows, bool any_symmetric) {
+  const int64_t units_per_thread = any_symmetric ? 4 : 2;
   int64_t tile = kRowTile;
-  while (tile > kMinRowTile && num_row_sets * ceil_div(num_rows, tile) < 4 * at::get_num_threads()) tile /= 2;
+  while (tile > kMinRowTile && num_row_sets * ceil_div(num_rows, tile) < units_per_thread * at::get_num_threads()) {
+    tile /= 2;
+  }
   return tile;
+}
+
+bool any_of(const std::vector<std::vector<bool>>& flags) {
+  for (const auto& row : flags) {
+    for (bool f : row) {
+      if (f) return true;
+    }
+  }
+  return false;
 }
 
 // Calls body(scratch, r, i0, tm) for row set r, rows i0 .. i0 + tm, for every unit, in parallel;
@@ -614,8 +628,9 @@ int64_t row_tile(int64_t num_row_sets, int64_t num_rows) {
 // ranges of units the threads get carry about equal work where a unit's work depends on its row
 // set and shrinks with its position (symmetric blocks).
 template <typename MakeScratch, typename F>
-void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, const MakeScratch& make_scratch, const F& body) {
-  const int64_t tile = row_tile(num_row_sets, num_rows), tiles = ceil_div(num_rows, tile);
+void for_each_row_tile(int64_t num_row_sets, int64_t num_rows, int64_t tile, const MakeScratch& make_scratch,
+                       const F& body) {
+  const int64_t tiles = ceil_div(num_rows, tile);
   at::parallel_for(0, num_row_sets * tiles, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     auto scratch = make_scratch(tile);
@@ -706,7 +721,7 @@ struct StashLayout {
   StashLayout(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
               std::vector<std::vector<bool>> symmetric_, const std::vector<bool>& rows_need_grad,
               const std::vector<bool>& keys_need_grad)
-      : tile(row_tile(rows.size(), rows[0].size(0))),
+      : tile(row_tile(rows.size(), rows[0].size(0), any_of(symmetric_))),
         num_rows(rows[0].size(0)),
         symmetric(std::move(symmetric_)),
         folded(folded_blocks(symmetric, rows_need_grad, keys_need_grad)) {
@@ -719,14 +734,7 @@ struct StashLayout {
       }
     }
   }
-  bool any_folded() const {
-    for (const auto& row : folded) {
-      for (bool f : row) {
-        if (f) return true;
-      }
-    }
-    return false;
-  }
+  bool any_folded() const { return any_of(folded); }
   bool folded_set(size_t r) const {
     for (bool f : folded[r]) {
       if (f) return true;
@@ -937,7 +945,8 @@ void forward_kernel(const Operands& ops, const std::vector<bool>& exclude_diagon
     return Scratch{std::vector<acc_t>(own_logits ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
                    std::vector<acc_t>(tile), std::vector<in_t>(folded != nullptr ? tile * kKeyTile : 0)};
   };
-  for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
+  for_each_row_tile(ops.rows.size(), num_rows, layout.tile, make_scratch,
+                    [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
     const int64_t thread = accumulator_index(num_threads);
     acc_t* maxima = s.maxima.data();
     acc_t* sums = s.sums.data();
@@ -1046,7 +1055,8 @@ void backward_kernel(const at::Tensor& grad_lse, const at::Tensor& lse, const Op
     s.scaled_rows.resize(tile * dim);
     return s;
   };
-  for_each_row_tile(ops.rows.size(), num_rows, make_scratch, [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
+  for_each_row_tile(ops.rows.size(), num_rows, layout.tile, make_scratch,
+                    [&](Scratch& s, int64_t r, int64_t i0, int64_t tm) {
     const int64_t thread = accumulator_index(num_threads);
     const in_t* a = ptr<in_t>(ops.rows[r]) + i0 * dim;
     const acc_t scale = static_cast<acc_t>(scales[r]);
@@ -1187,7 +1197,8 @@ void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale,
     return Scratch{std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
                    std::vector<acc_t>(tile)};
   };
-  for_each_row_tile(1, num_rows, make_scratch, [&](Scratch& s, int64_t, int64_t i0, int64_t tm) {
+  const int64_t tile = row_tile(1, num_rows, false);
+  for_each_row_tile(1, num_rows, tile, make_scratch, [&](Scratch& s, int64_t, int64_t i0, int64_t tm) {
     const int64_t thread = accumulator_index(num_threads);
     acc_t* maxima = s.maxima.data();
     acc_t* sums = s.sums.data();
@@ -1232,7 +1243,9 @@ void cross_backward_kernel(const acc_t* g, const acc_t* lse, const at::Tensor& a
   const acc_t* key_shift = shifts.data() + num_rows;
   const acc_t* key_g = g + num_rows;
   auto make_scratch = [&](int64_t tile) { return std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0); };
-  for_each_row_tile(1, num_rows, make_scratch, [&](std::vector<acc_t>& buffer, int64_t, int64_t i0, int64_t tm) {
+  const int64_t tile = row_tile(1, num_rows, false);
+  for_each_row_tile(1, num_rows, tile, make_scratch,
+                    [&](std::vector<acc_t>& buffer, int64_t, int64_t i0, int64_t tm) {
     const int64_t thread = accumulator_index(num_threads);
     const acc_t* rows = ptr<acc_t>(a) + i0 * dim;
     acc_t* row_grad = a_grad == nullptr ? nullptr : a_grad + i0 * dim;
@@ -1359,7 +1372,7 @@ at::Tensor infonce_cross_forward_cpu(const at::Tensor& a, const at::Tensor& b, d
   const at::ScalarType acc = compute_dtype(a.scalar_type());
   const at::Tensor a_c = a.to(acc).contiguous(), b_c = b.to(acc).contiguous();
   at::Tensor lse = at::empty({a.size(0) + b.size(0)}, a.options().dtype(acc));
-  const int64_t tile = row_tile(1, a.size(0));
+  const int64_t tile = row_tile(1, a.size(0), false);
   const std::optional<StashKey> key = cross_stash_key(a, b, scale, tile);
   at::Tensor stash = key.has_value() ? new_stash(a.requires_grad() || b.requires_grad(), a.size(0) * b.size(0), acc)
                                      : at::Tensor();
@@ -1377,7 +1390,7 @@ std::vector<at::Tensor> infonce_cross_backward_cpu(const at::Tensor& grad_lse, c
                                                    bool a_needs_grad, bool b_needs_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = compute_dtype(a.scalar_type());
-  at::Tensor stash = take_stash(lse, cross_stash_key(a, b, scale, row_tile(1, a.size(0)))).first;
+  at::Tensor stash = take_stash(lse, cross_stash_key(a, b, scale, row_tile(1, a.size(0), false))).first;
   const at::Tensor a_c = a.to(acc).contiguous(), b_c = b.to(acc).contiguous();
   const at::Tensor g = grad_lse.to(acc).contiguous(), lse_c = lse.to(acc).contiguous();
   at::Tensor a_grad = a_needs_grad ? at::empty(a_c.sizes(), a_c.options()) : at::Tensor();
