@@ -68,13 +68,13 @@ def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype, batch:
     ``batch`` (rows per view, 0 when unknown): on the CPU, "auto" runs the reference below the
     loss's measured crossover (``LossSpec.cpu_reference_below``), where the fused op's fixed
     per-call cost outweighs its speed."""
+    check_backend(backend)
     spec = registry.LOSSES.get(loss)
     small = device_type == "cpu" and spec is not None and 0 < batch < spec.cpu_reference_below
     key = (backend, loss, device_type, dtype, small)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
-    check_backend(backend)
     device = torch.device(device_type)
     if backend == "auto":
         for name in ("reference",) if small else AUTO_ORDER.get(device_type, ("reference",)):

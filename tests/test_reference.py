@@ -236,8 +236,9 @@ def test_module_twins_refuse_bad_options_at_construction(loss):
 
 def test_backend_errors_say_why():
     z = torch.randn(3, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
-        pnr_kernels.nt_xent_loss(z, z, backend="cuda")
+    for bad in ("cuda", ["native"], None):  # before anything else (a list cannot key choose's memory)
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            pnr_kernels.nt_xent_loss(z, z, backend=bad)
     with pytest.raises(pnr_kernels.BackendUnavailableError, match="float64"):
         pnr_kernels.nt_xent_loss(z, z, backend="triton")
 
