@@ -599,8 +599,9 @@ void symmetric_weights(const acc_t* x, int64_t n, acc_t shift, acc_t g, const ac
 
 // Rows per unit: kRowTile, halved (down to kMinRowTile) until every thread gets two units, four
 // where a key block is symmetric. Units of a general block carry equal work, and a smaller tile
-// only streams the keys more often (MoCo at B = 256 against a 16384-key queue: 37.5 -> 49.8 ms a
-// step with four); a symmetric block's units shrink with their position, and with two per thread
+// only streams the keys more often (MoCo-PNR at B = 256 against 16384-key queues: 188 ms a step
+// with four, 134 with two, interleaved runs of the same day); a symmetric block's units shrink
+// with their position, and with two per thread
 // (SimCLR-PNR at B = 256: 2 x 256-row tiles per row set) one thread gets a 256 x 256 square of
 // logits more than the other, which four units in the first/last order of for_each_row_tile even
 // out (7.3 -> 7.0 ms a step, median of 8 alternating runs of 600 steps; both on the 2-core AMD VM).
