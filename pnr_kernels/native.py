@@ -540,7 +540,9 @@ def kernels() -> dict:
             ops.paired_terms_forward, ops.paired_terms_backward, ops.barlow_gram_forward,
             ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward,
             paired_loss, barlow_correlation_form=lambda device: device.type == "cpu",
-            barlow_pnr_loss=ops.barlow_pnr_loss_forward, barlow_pnr_device_types=("cpu",)),
+            barlow_pnr_loss=ops.barlow_pnr_loss_forward, barlow_pnr_device_types=("cpu",),
+            paired_loss_autograd=ops.paired_loss_autograd, barlow_pnr_loss_autograd=ops.barlow_pnr_loss_autograd,
+            autograd_device_types=("cpu",)),
     }
 
 

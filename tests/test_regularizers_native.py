@@ -101,13 +101,14 @@ def _op_calls(fn):
 def test_barlow_pnr_is_one_fused_call_on_the_cpu(batch, dim):
     """The public Barlow-PNR regulariser on the CPU makes exactly one kernel call, forward and
     backward together: its two Barlow terms, their gradients and the cosine negatives' are all
-    computed in it (no barlow_gram / paired_loss / correlation-loss calls)."""
+    computed in it (no barlow_gram / paired_loss / correlation-loss calls). Outside tracing that
+    call is the op with its own autograd node, which runs the kernel without redispatch."""
     p1, p2 = (torch.randn(batch, dim, requires_grad=True) for _ in range(2))
     f1, f2 = torch.randn(batch, dim), torch.randn(batch, dim)
 
     def step():
         pnr_kernels.barlow_pnr_regularizer(p1, p2, f1, f2, backend="native").backward()
-    assert _op_calls(step) == {"pnr_kernels::barlow_pnr_loss_forward": 1}
+    assert _op_calls(step) == {"pnr_kernels::barlow_pnr_loss_autograd": 1}
 
 
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
@@ -352,3 +353,57 @@ print(native.release_cpu_output_pool())
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         # the second step reuses the first step's blocks; freeing its gradients leaves two blocks
         assert int(out.stdout.split()[-1]) == held, (setting, out.stdout, out.stderr)
+
+
+# --- The eager autograd node in C++ (csrc/regularizers_binding.cpp, SavedGradientLoss) -------------
+
+def _loss_op_calls():
+    """(op, its arguments but the needs flags) of the two native ops with their own autograd node."""
+    ops = backend_ops("native", "regularizers", native.kernels)
+    weights = [0.3, -0.2, 0.7, -1.1]
+    return [(ops.paired_loss, ("squared_distance", weights, 0.5)), (ops.paired_loss, ("cosine", weights, 0.0)),
+            (ops.barlow_pnr_loss, (1.0, 0.5, 5e-3, 0.1))]
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=str)
+@pytest.mark.parametrize("incoming", [1.0, -2.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_eager_node_in_cpp_gives_the_custom_ops_results_bitwise(needs, incoming, dtype):
+    """Outside tracing, the CPU paired_loss and barlow_pnr_loss ops record the C++ node (no Python
+    in the backward) with the registered custom op's loss and gradients, bitwise: for either view's
+    gradient alone, and for an incoming gradient of 1 (the stash itself) or not."""
+    gen = torch.Generator().manual_seed(1)
+    for op, options in _loss_op_calls():
+        inputs, results = [torch.randn(7, 12, generator=gen).to(dtype) for _ in range(4)], []
+        for fn in (op, op.custom_op):
+            p1, p2, f1, f2 = (x.clone() for x in inputs)
+            p1.requires_grad_(needs[0])
+            p2.requires_grad_(needs[1])
+            loss = fn(p1, p2, f1, f2, *options, *needs)[0]
+            if fn is op:
+                assert "SavedGradientLoss" in loss.grad_fn.name()
+            trainable = [p for p, need in zip((p1, p2), needs) if need]
+            results.append((loss.detach(), torch.autograd.grad(loss * incoming if incoming != 1 else loss, trainable)))
+        (eager, eager_grads), (custom, custom_grads) = results
+        assert torch.equal(eager, custom)
+        assert all(g.dtype == dtype and torch.equal(e, g) for e, g in zip(eager_grads, custom_grads))
+
+
+def test_eager_node_in_cpp_refuses_second_order_through_the_incoming_gradient():
+    """A second differentiation reaches the fused backends' refusal also when only the incoming
+    gradient requires one (create_graph through a weight of the loss), as on the Python path."""
+    for op, options in _loss_op_calls():
+        p1, p2, f1, f2 = (torch.randn(5, 6, dtype=torch.float64) for _ in range(4))
+        p1.requires_grad_(True)
+        weight = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(weight * op(p1, p2, f1, f2, *options, True, False)[0], [p1], create_graph=True)
+        with pytest.raises(RuntimeError, match="first-order gradients only.*backend='reference'"):
+            torch.autograd.grad(grad.sum(), [weight])
+
+
+def test_eager_node_in_cpp_records_nothing_without_grad():
+    for op, options in _loss_op_calls():
+        p1, p2, f1, f2 = (torch.randn(5, 6, requires_grad=True) for _ in range(4))
+        with torch.no_grad():
+            loss, g1, g2 = op(p1, p2, f1, f2, *options, False, False)
+        assert loss.grad_fn is None and not loss.requires_grad and g1.shape == g2.shape == (0, 6)

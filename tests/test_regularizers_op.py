@@ -152,3 +152,18 @@ def test_eager_calls_match_the_custom_ops_bitwise():
         (eager, eager_grads), (custom, custom_grads) = results
         assert torch.equal(eager, custom)
         assert all(torch.equal(e, g) for e, g in zip(eager_grads, custom_grads))
+
+
+def test_an_op_with_its_own_autograd_takes_tensors_and_constants_only():
+    """An ``autograd_op`` replaces the eager autograd.Function of an op called with its arguments
+    as given; an op whose arguments are flattened (a list of tensors) cannot have one."""
+    from typing import List
+
+    from pnr_kernels.ops._common import define_fused_op
+
+    def forward(xs: List[torch.Tensor], scale: float) -> torch.Tensor:
+        return xs[0] * scale
+
+    with pytest.raises(TypeError, match="tensors and constants"):
+        define_fused_op("pnr_kernels::test_listed_with_own_autograd", "test", forward, None, None, None, None, None,
+                        autograd_op=forward, autograd_device_types=("cpu",))

@@ -74,7 +74,9 @@ def _first_order(backward: Callable, backend: str) -> Callable:
 # argument, are the backward's); an op with a list of tensors has its arguments flattened, a
 # tensor one slot, a list of tensors one slot per tensor, anything else a constant. Each Python
 # call on this path costs microseconds, more on a CPU whose caches the rest of a training step
-# has evicted, so the plain case does nothing per call beyond the autograd.Function itself.
+# has evicted, so the plain case does nothing per call beyond the autograd.Function itself; and an
+# op whose backend records its own (C++) autograd node, an ``autograd_op``, takes no Python
+# autograd.Function at all on the device types it names.
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -166,14 +168,22 @@ def _tensor_positions(forward: Callable) -> Optional[Tuple[int, ...]]:
 
 def define_fused_op(name: str, backend: str, forward: Callable, forward_fake: Callable, backward: Callable,
                     backward_fake: Callable, setup_context: Callable, formula: Callable,
-                    eager_backward: Optional[Callable] = None) -> Callable:
+                    eager_backward: Optional[Callable] = None, autograd_op: Optional[Callable] = None,
+                    autograd_device_types: Tuple[str, ...] = ()) -> Callable:
     """Register ``forward`` (type-annotated) as the custom op ``name`` and ``backward`` as
     ``name + "_backward"``, with their fake kernels, the autograd formula
     ``formula(ctx, backward, *output grads)`` (``backward`` being whichever backward to call) and
     the first-order-only rule. Return the op to call: the custom op under tracing, the eager
     autograd.Function over the same functions otherwise (results identical, bitwise).
     ``eager_backward`` (default ``backward``), the eager path's backward, may return one of its
-    input tensors itself, which a custom op may not (it returns a copy)."""
+    input tensors itself, which a custom op may not (it returns a copy). ``autograd_op``
+    (optional; for an op whose arguments are tensors and constants) takes ``forward``'s arguments
+    and returns its results, recording its own autograd node with this eager path's results
+    (bitwise) and first-order-only rule; the eager path calls it instead of the autograd.Function
+    when the first tensor is on one of ``autograd_device_types``."""
+    positions = _tensor_positions(forward)
+    if autograd_op is not None and positions is None:
+        raise TypeError(f"{name}: an autograd_op needs an op whose arguments are tensors and constants")
     forward_op = torch.library.custom_op(name, forward, mutates_args=())
     forward_op.register_fake(forward_fake)
     backward_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
@@ -185,13 +195,16 @@ def define_fused_op(name: str, backend: str, forward: Callable, forward_fake: Ca
     def eager_formula(ctx, *grads):
         return formula(ctx, eager_backward, *grads)
 
-    positions = _tensor_positions(forward)
     if positions is not None:
         plain_call = _Call(forward, setup_context, eager_formula, None)
+        own_autograd = autograd_device_types if autograd_op is not None else ()
 
         def op(*args):
-            if _must_trace([args[i] for i in positions]):
+            tensors = [args[i] for i in positions]
+            if _must_trace(tensors):
                 return forward_op(*args)
+            if tensors[0].device.type in own_autograd:
+                return autograd_op(*args)
             return _Eager.apply(plain_call, *args)
     else:
         def op(*args):

@@ -116,6 +116,12 @@ class RegularizerKernels:
     # the whole Barlow-PNR regulariser of one process in one call, on these device types (else composed)
     barlow_pnr_loss: Optional[BarlowPNRLoss] = None
     barlow_pnr_device_types: Tuple[str, ...] = ()
+    # paired_loss and barlow_pnr_loss as ops that record their own autograd node (same arguments
+    # and results; the native CPU ops, whose backward runs no Python), for the eager path on these
+    # device types (see _common.define_fused_op)
+    paired_loss_autograd: Optional[PairedLoss] = None
+    barlow_pnr_loss_autograd: Optional[BarlowPNRLoss] = None
+    autograd_device_types: Tuple[str, ...] = ()
 
 
 def compose_paired_loss(paired_forward: PairedForward, paired_backward: PairedBackward) -> PairedLoss:
@@ -241,9 +247,10 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
         grads = iter(backward(grad_loss, g1, g2, p1, p2, *needs) if any(needs) else ())
         return (next(grads) if needs[0] else None, next(grads) if needs[1] else None, *(None,) * ctx.constants)
 
-    def define_loss_op(name, forward):
+    def define_loss_op(name, forward, autograd_op):
         return define_fused_op(f"{prefix}{name}_{backend}", backend, forward, loss_fake, loss_backward,
-                               loss_backward_fake, loss_setup, loss_formula, eager_backward=loss_eager_backward)
+                               loss_backward_fake, loss_setup, loss_formula, eager_backward=loss_eager_backward,
+                               autograd_op=autograd_op, autograd_device_types=kernels.autograd_device_types)
 
     def barlow_gram_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal_weight: float,
                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,13 +309,14 @@ def define_regularizer_ops(backend: str, kernels: RegularizerKernels) -> Regular
     return RegularizerOps(
         define_fused_op(f"{prefix}paired_terms_{backend}", backend, paired_terms, paired_fake, paired_backward,
                         paired_backward_fake, paired_setup, paired_formula),
-        define_loss_op("paired_loss", paired_loss),
+        define_loss_op("paired_loss", paired_loss, kernels.paired_loss_autograd),
         define_fused_op(f"{prefix}barlow_gram_loss_{backend}", backend, barlow_gram_loss, barlow_fake,
                         barlow_backward, barlow_backward_fake, barlow_setup, barlow_formula),
         define_fused_op(f"{prefix}barlow_correlation_loss_{backend}", backend, correlation_loss, correlation_fake,
                         correlation_backward, correlation_backward_fake, correlation_setup, correlation_formula),
         kernels.barlow_correlation_form,
-        define_loss_op("barlow_pnr_loss", barlow_pnr_loss) if kernels.barlow_pnr_loss else None,
+        (define_loss_op("barlow_pnr_loss", barlow_pnr_loss, kernels.barlow_pnr_loss_autograd)
+         if kernels.barlow_pnr_loss else None),
         lambda device: kernels.barlow_pnr_loss is not None and device.type in kernels.barlow_pnr_device_types,
     )
 
