@@ -389,14 +389,17 @@ def test_eager_node_in_cpp_gives_the_custom_ops_results_bitwise(needs, incoming,
         assert all(g.dtype == dtype and torch.equal(e, g) for e, g in zip(eager_grads, custom_grads))
 
 
-def test_eager_node_in_cpp_refuses_second_order_through_the_incoming_gradient():
-    """A second differentiation reaches the fused backends' refusal also when only the incoming
-    gradient requires one (create_graph through a weight of the loss), as on the Python path."""
+def test_eager_node_in_cpp_under_create_graph_gives_first_order_and_refuses_second_order():
+    """Under create_graph the first-order gradient is the plain backward's, and a second
+    differentiation reaches the fused backends' refusal, also through the incoming gradient alone
+    (a weight of the loss that requires a gradient), as on the Python path."""
     for op, options in _loss_op_calls():
         p1, p2, f1, f2 = (torch.randn(5, 6, dtype=torch.float64) for _ in range(4))
         p1.requires_grad_(True)
         weight = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
         (grad,) = torch.autograd.grad(weight * op(p1, p2, f1, f2, *options, True, False)[0], [p1], create_graph=True)
+        (plain,) = torch.autograd.grad(2.0 * op(p1, p2, f1, f2, *options, True, False)[0], [p1])
+        assert torch.equal(grad, plain)
         with pytest.raises(RuntimeError, match="first-order gradients only.*backend='reference'"):
             torch.autograd.grad(grad.sum(), [weight])
 
