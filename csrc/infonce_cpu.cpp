@@ -1187,7 +1187,8 @@ std::optional<StashKey> cross_stash_key(const at::Tensor& a, const at::Tensor& b
 }
 
 template <typename acc_t>
-void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale, acc_t* lse, acc_t* stash) {
+void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale, int64_t tile, acc_t* lse,
+                          acc_t* stash) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t dim = a.size(1), num_rows = a.size(0), num_keys = b.size(0), num_threads = at::get_num_threads();
   std::vector<acc_t> column_max(num_threads * num_keys, neg_inf), column_sum(num_threads * num_keys, acc_t(0));
@@ -1198,7 +1199,6 @@ void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale,
     return Scratch{std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0), std::vector<acc_t>(tile),
                    std::vector<acc_t>(tile)};
   };
-  const int64_t tile = row_tile(1, num_rows, false);
   for_each_row_tile(1, num_rows, tile, make_scratch, [&](Scratch& s, int64_t, int64_t i0, int64_t tm) {
     const int64_t thread = accumulator_index(num_threads);
     acc_t* maxima = s.maxima.data();
@@ -1235,7 +1235,7 @@ void cross_forward_kernel(const at::Tensor& a, const at::Tensor& b, acc_t scale,
 // or nullptr) is overwritten with the weights.
 template <typename acc_t>
 void cross_backward_kernel(const acc_t* g, const acc_t* lse, const at::Tensor& a, const at::Tensor& b, acc_t scale,
-                           acc_t* stash, acc_t* a_grad, std::vector<at::Tensor>* b_grad_per_thread) {
+                           int64_t tile, acc_t* stash, acc_t* a_grad, std::vector<at::Tensor>* b_grad_per_thread) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t dim = a.size(1), num_rows = a.size(0), num_keys = b.size(0), num_threads = at::get_num_threads();
   // The exp shifts: lse, or +inf for a row or key with nothing to sum (lse = -inf: weights 0).
@@ -1244,7 +1244,6 @@ void cross_backward_kernel(const acc_t* g, const acc_t* lse, const at::Tensor& a
   const acc_t* key_shift = shifts.data() + num_rows;
   const acc_t* key_g = g + num_rows;
   auto make_scratch = [&](int64_t tile) { return std::vector<acc_t>(stash == nullptr ? tile * kKeyTile : 0); };
-  const int64_t tile = row_tile(1, num_rows, false);
   for_each_row_tile(1, num_rows, tile, make_scratch,
                     [&](std::vector<acc_t>& buffer, int64_t, int64_t i0, int64_t tm) {
     const int64_t thread = accumulator_index(num_threads);
@@ -1379,7 +1378,7 @@ at::Tensor infonce_cross_forward_cpu(const at::Tensor& a, const at::Tensor& b, d
                                      : at::Tensor();
   dispatch_types(a.scalar_type(), false, [&](auto acc_value, auto) {
     using acc_t = decltype(acc_value);
-    cross_forward_kernel<acc_t>(a_c, b_c, static_cast<acc_t>(scale), lse.data_ptr<acc_t>(),
+    cross_forward_kernel<acc_t>(a_c, b_c, static_cast<acc_t>(scale), tile, lse.data_ptr<acc_t>(),
                                 stash.defined() ? stash.data_ptr<acc_t>() : nullptr);
   });
   if (stash.defined()) keep_stash(lse, *key, std::move(stash), at::Tensor());
@@ -1391,7 +1390,8 @@ std::vector<at::Tensor> infonce_cross_backward_cpu(const at::Tensor& grad_lse, c
                                                    bool a_needs_grad, bool b_needs_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = compute_dtype(a.scalar_type());
-  at::Tensor stash = take_stash(lse, cross_stash_key(a, b, scale, row_tile(1, a.size(0), false))).first;
+  const int64_t tile = row_tile(1, a.size(0), false);  // the forward's, which laid out the stash
+  at::Tensor stash = take_stash(lse, cross_stash_key(a, b, scale, tile)).first;
   const at::Tensor a_c = a.to(acc).contiguous(), b_c = b.to(acc).contiguous();
   const at::Tensor g = grad_lse.to(acc).contiguous(), lse_c = lse.to(acc).contiguous();
   at::Tensor a_grad = a_needs_grad ? at::empty(a_c.sizes(), a_c.options()) : at::Tensor();
@@ -1400,7 +1400,7 @@ std::vector<at::Tensor> infonce_cross_backward_cpu(const at::Tensor& grad_lse, c
   dispatch_types(a.scalar_type(), false, [&](auto acc_value, auto) {
     using acc_t = decltype(acc_value);
     cross_backward_kernel<acc_t>(g.const_data_ptr<acc_t>(), lse_c.const_data_ptr<acc_t>(), a_c, b_c,
-                                 static_cast<acc_t>(scale), stash.defined() ? stash.data_ptr<acc_t>() : nullptr,
+                                 static_cast<acc_t>(scale), tile, stash.defined() ? stash.data_ptr<acc_t>() : nullptr,
                                  a_needs_grad ? a_grad.data_ptr<acc_t>() : nullptr,
                                  b_needs_grad ? &b_grad_per_thread : nullptr);
   });
