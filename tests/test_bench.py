@@ -414,6 +414,24 @@ def test_the_step_floor_is_a_csv_row_and_in_the_conditions(tmp_path):
     assert not any("step floor" in line for line in bench_report._conditions(_byol_rows(None)))
 
 
+def test_the_bandwidths_of_the_rounds_are_one_conditions_line_per_footprint():
+    """Each size's own bandwidth (limits.StreamRounds) differs from the next size's: the
+    conditions give their range per footprint, with the how of the highest, instead of a line each."""
+    records = []
+    for batch, gbs in ((256, 31.0), (512, 33.0), (1024, 40.0)):
+        how = (f"STREAM triad over {192 if batch < 1024 else 12} MiB float32 timed in the record's interleaved "
+               f"rounds (copy 1.0, triad {gbs}, read 2.0 GB/s at the median of 10 rounds, 2 threads)")
+        record = _record("native", batch, 0.5, 1.0, loss="byol_pnr", peak_throughput=gbs, peak_how=how)
+        record["percent_of_peak"] = 100 * record["throughput"] / gbs
+        records.append(record)
+    lines = [line for line in bench_report._conditions(bench_report.records_to_rows(records, meta=META))
+             if "bandwidth" in line]
+    assert len(lines) == 2
+    assert lines[0].startswith("- machine bandwidth limit for float32: 40 GB/s (STREAM triad over 12 MiB")
+    assert lines[1].startswith("- machine bandwidth limit for float32: 31 to 33 GB/s (STREAM triad over 192 MiB")
+    assert "triad 33.0" in lines[1]
+
+
 def test_targets_table_holds_a_bytes_row_to_the_step_floor():
     table = bench_report.targets_table(_byol_rows())
     assert table[0].split(" | ")[8:10] == ["step floor + work at limit", "reachable at 100 %"]
@@ -503,6 +521,28 @@ def test_interleaved_timing_takes_turns_in_shuffled_rounds_and_drops_a_failing_c
     assert [len(r["full"]) for r in (results[0], results[2])] == [7, 7]
     assert isinstance(results[1], RuntimeError)
     assert all(f >= 0 and b >= 0 for f, b in zip(results[0]["forward"], results[0]["backward"]))
+
+
+def test_probes_take_turns_in_the_rounds_and_return_their_timed_rounds_after_the_candidates():
+    order = []
+    x = torch.ones(3, requires_grad=True)
+
+    def forward():
+        order.append("A")
+        return (x * 2).sum()
+
+    def probe():
+        order.append("P")
+        return {"copy": 1.0 + len(order), "read": 2.0}
+
+    results = bench.time_interleaved([(forward, [x])], "cpu", repeats=5, warmup=2, min_warmup_s=0, min_timed_s=0,
+                                     probes=[probe])
+    assert len(results) == 2 and len(results[0]["full"]) == 5
+    assert order.count("P") == order.count("A") == 7  # warm-up rounds too, untimed
+    assert {tuple(order[i:i + 2]) for i in range(0, len(order), 2)} == {("A", "P"), ("P", "A")}  # shuffled
+    probed = results[1]
+    assert set(probed) == {"copy", "read"} and len(probed["copy"]) == 5 and probed["read"] == [2.0] * 5
+    assert probed["copy"] == sorted(probed["copy"]) and probed["copy"][0] > 1 + 4  # timed rounds only
 
 
 def test_interleave_groups_are_the_candidates_of_one_size():

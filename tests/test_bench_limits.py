@@ -184,6 +184,81 @@ def test_stream_footprint_rounds_down_to_a_power_of_two():
     assert limits.stream_bytes(10) == limits.MIN_STREAM_BYTES
 
 
+def test_stream_kernels_move_the_bytes_they_say_over_one_buffer():
+    """Copy, triad and read over one float32 buffer of the footprint, each array on a cache line;
+    each kernel's bytes are what it reads plus writes."""
+    kernels = limits.stream_kernels(3 * 2 ** 20 + 100)
+    assert set(kernels) == {"copy", "triad", "read"}
+    copy, triad, read = (kernels[k][1] for k in ("copy", "triad", "read"))
+    assert read == 3 * 2 ** 20 + 100
+    assert 0 <= read - copy < 2 * 4 * limits.STREAM_ALIGN and 0 <= read - triad < 3 * 4 * limits.STREAM_ALIGN
+    assert copy % (2 * 4 * limits.STREAM_ALIGN) == 0 and triad % (3 * 4 * limits.STREAM_ALIGN) == 0
+    for kernel, _ in kernels.values():
+        kernel()
+    assert kernels["read"][0]().item() == 0  # zeros stay zeros: no overflow however many rounds
+    assert set(limits.measure_stream(2 ** 20)) == {"copy", "triad", "read"}
+
+
+def test_the_bandwidth_in_the_rounds_is_the_best_kernel_at_its_median_time():
+    stream = limits.StreamRounds(2 ** 20)
+    one = stream()
+    assert set(one) == {"copy", "triad", "read"} and all(ms > 0 for ms in one.values())
+    nbytes = {kind: n for kind, (_, n) in stream.kernels.items()}
+    times = {"copy": [1.0, 9.0, 2.0], "triad": [1.0, 1.5, 8.0], "read": [4.0, 0.1, 5.0]}
+    limit = stream.limit(times)
+    rates = {"copy": nbytes["copy"] / 2e-3 / 1e9, "triad": nbytes["triad"] / 1.5e-3 / 1e9,
+             "read": nbytes["read"] / 4e-3 / 1e9}
+    assert limit["value"] == pytest.approx(max(rates.values())) and limit["unit"] == "GB/s"
+    best = max(rates, key=rates.get)
+    assert limit["how"].startswith(f"STREAM {best} over 1 MiB") and "median of 3 rounds" in limit["how"]
+
+
+def test_a_bytes_record_divides_by_the_bandwidth_of_its_own_rounds():
+    """A bytes-model case times the STREAM kernels over its footprint in its rounds and divides by
+    them; a FLOP-model case does not."""
+    byol = bench.Case("byol_pnr", "native", "float32", 64, 32)
+    record = bench.measure_interleaved([byol, bench.Case("byol_pnr", "reference", "float32", 64, 32)], "cpu",
+                                       repeats=3, warmup=1, min_warmup_s=0, min_timed_s=0)[0]
+    limit = record["limit_in_rounds"]
+    assert limit["unit"] == "GB/s" and limit["value"] > 0
+    assert "over 1 MiB float32 timed in the record's interleaved rounds" in limit["how"]
+    assert "median of 3 rounds" in limit["how"]
+    nt_xent = bench.measure(bench.Case("nt_xent", "native", "float32", 8, 4), "cpu", repeats=2, warmup=1,
+                            min_warmup_s=0, min_timed_s=0)
+    assert "limit_in_rounds" not in nt_xent
+    assert bench._stream_rounds([byol]).total_bytes == limits.MIN_STREAM_BYTES
+    big = bench.Case("byol_pnr", "native", "float32", 4096, 128)
+    assert bench._stream_rounds([big]).total_bytes == bench.work_model(big)[1]
+
+
+def test_the_bandwidth_of_the_rounds_yields_to_the_cached_limit_only_where_a_record_passes_it(monkeypatch):
+    cached, raised = [], []
+
+    def peak(*key):
+        cached.append(key)
+        return {"value": 40.0, "unit": "GB/s", "how": "cached"}
+
+    def raise_peak(*key):
+        raised.append(key)
+        return {"value": 50.0, "unit": "GB/s", "how": "raised"}
+
+    in_rounds = {"value": 30.0, "unit": "GB/s", "how": "rounds"}
+    record = {"device": "cuda", "dtype": "float32", "throughput_unit": "GB/s", "work": 8, "throughput": 24.0,
+              "limit_in_rounds": in_rounds}
+    bench.add_percent_of_peak(record, peak=peak, raise_peak=raise_peak)
+    assert record["peak_how"] == "rounds" and record["percent_of_peak"] == pytest.approx(80.0) and not cached
+    record = {**record, "throughput": 36.0}  # past the rounds' median: the cached limit, higher, serves
+    bench.add_percent_of_peak(record, peak=peak, raise_peak=raise_peak)
+    assert record["peak_how"] == "cached" and record["percent_of_peak"] == pytest.approx(90.0) and not raised
+    record = {**record, "throughput": 45.0}  # past both: the cached one is measured again
+    bench.add_percent_of_peak(record, peak=peak, raise_peak=raise_peak)
+    assert record["peak_how"] == "raised" and record["percent_of_peak"] == pytest.approx(90.0)
+    assert cached == [("cuda", "float32", "GB/s", 8)] * 2 and raised == [("cuda", "float32", "GB/s", 8)]
+    record = {**record, "throughput": 20.0, "limit_in_rounds": {**in_rounds, "value": 10.0}}
+    bench.add_percent_of_peak(record, peak=lambda *key: {"value": 5.0, "unit": "GB/s", "how": "lower"}, raise_peak=None)
+    assert record["peak_how"] == "rounds" and record["percent_of_peak"] == pytest.approx(200.0)
+
+
 def test_the_multiply_add_loop_builds_and_measures(monkeypatch, tmp_path):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")

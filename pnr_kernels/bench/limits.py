@@ -16,7 +16,10 @@ STREAM-style copy (y = x), triad (a = b + s c) and read (a sum of x), float32, w
 threads over arrays holding together the record's bytes (rounded down to a power of two, at
 least 1 MiB, so that a case whose data stay in cache is held to the cache's bandwidth), bytes
 read plus written, the best of 5 (20 below 64 MiB); the limit is the highest of the three (a
-kernel that reads more than it writes can pass a copy's rate, not the read's).
+kernel that reads more than it writes can pass a copy's rate, not the read's). A record of
+``pnr-bench`` divides instead by the same kernels timed over its own footprint in its own rounds
+(:class:`StreamRounds`, the median of the rounds), and by the cached limit only where it passes
+that: this machine's bandwidth moves by a fifth within minutes.
 
 CPU, the step floor (ms): the least time a loss's full step takes in PyTorch whatever its
 kernels, measured as the median of 200 steps (after 20 warm-up steps) of a loss that does no
@@ -227,19 +230,63 @@ def stream_bytes(nbytes: float) -> int:
     return max(MIN_STREAM_BYTES, 2 ** int(math.floor(math.log2(max(nbytes, 1)))))
 
 
+STREAM_ALIGN = 16  # float32 elements (64 bytes): each STREAM array starts on a cache line
+
+
+def stream_kernels(total_bytes: int) -> Dict[str, Tuple[Callable[[], object], int]]:
+    """The STREAM kernels over one float32 buffer of ``total_bytes`` (zeros, written once so that
+    every page is backed), torch's threads: per kind, (the kernel, the bytes it reads plus writes).
+    Copy: the buffer's first half into its second; triad: a = b + 3 c over its thirds; read: a
+    sum of all of it."""
+    buffer = torch.empty(max(total_bytes // 4, 3 * STREAM_ALIGN)).fill_(0)
+    half = buffer.numel() // 2 // STREAM_ALIGN * STREAM_ALIGN
+    third = buffer.numel() // 3 // STREAM_ALIGN * STREAM_ALIGN
+    x, y = buffer[:half], buffer[half:2 * half]
+    a, b, c = buffer[:third], buffer[third:2 * third], buffer[2 * third:3 * third]
+    return {"copy": (lambda: y.copy_(x), 2 * x.nbytes),
+            "triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 3 * a.nbytes),
+            "read": (buffer.sum, buffer.nbytes)}
+
+
 def measure_stream(total_bytes: int) -> Dict[str, float]:
-    """GB/s (bytes read plus written) of a copy, a triad and a read (sum) whose arrays hold
-    ``total_bytes`` together, float32, torch's threads."""
+    """GB/s (bytes read plus written) of each of :func:`stream_kernels`, the best of 5 runs (20
+    below 64 MiB)."""
     runs = 20 if total_bytes < 64 * 2 ** 20 else 5
-    n2, n3 = total_bytes // 8, total_bytes // 12  # float32 elements per array: copy 2 arrays, triad 3
-    x, y = torch.ones(n2), torch.empty(n2)
-    copy = 2 * x.nbytes / _best_s(lambda: y.copy_(x), runs) / 1e9
-    a, b, c = torch.empty(n3), torch.ones(n3), torch.ones(n3)
-    triad = 3 * a.nbytes / _best_s(lambda: torch.add(b, c, alpha=3.0, out=a), runs) / 1e9
-    del a, b, c
-    r = torch.ones(total_bytes // 4)
-    read = r.nbytes / _best_s(lambda: r.sum(), runs) / 1e9
-    return {"copy": copy, "triad": triad, "read": read}
+    return {kind: nbytes / _best_s(kernel, runs) / 1e9 for kind, (kernel, nbytes) in stream_kernels(total_bytes).items()}
+
+
+class StreamRounds:
+    """The bandwidth limit measured in the bench's own rounds (``pnr-bench``'s timing of a
+    bytes-model loss): each call runs :func:`stream_kernels` over ``total_bytes`` once each and
+    returns their times in ms, so that the bench can time it as one more candidate of the
+    interleaved rounds; :meth:`limit` is the highest of the kernels' GB/s at the median of their
+    times over the rounds. The same statistic as a record's throughput (its median step), under
+    the same moments of the machine: on a machine whose bandwidth drifts by a fifth within
+    minutes (docs/benchmarks.md), a limit measured once, at another moment, moves a record's
+    percentage by as much."""
+
+    def __init__(self, total_bytes: int):
+        self.total_bytes = total_bytes
+        self.kernels = stream_kernels(total_bytes)
+
+    def __call__(self) -> Dict[str, float]:
+        times = {}
+        for kind, (kernel, _) in self.kernels.items():
+            start = time.perf_counter()
+            kernel()
+            times[kind] = (time.perf_counter() - start) * 1e3
+        return times
+
+    def limit(self, times: Dict[str, Sequence[float]]) -> Dict[str, object]:
+        """{"value", "unit", "how"} from the rounds' ``times`` (ms per kind, as :meth:`__call__`
+        returned them)."""
+        gbs = {kind: nbytes / (statistics.median(times[kind]) * 1e-3) / 1e9
+               for kind, (_, nbytes) in self.kernels.items()}
+        kind = max(gbs, key=gbs.get)
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in gbs.items())
+        how = (f"STREAM {kind} over {self.total_bytes / 2 ** 20:g} MiB float32 timed in the record's interleaved "
+               f"rounds ({rates} GB/s at the median of {len(times[kind])} rounds, {torch.get_num_threads()} threads)")
+        return {"value": gbs[kind], "unit": "GB/s", "how": how}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -575,11 +575,13 @@ def _conditions(rows) -> List[str]:
         lines.append(f"The load average exceeded the {cores.group(1)} cores: other processes shared the "
                      "machine, so these timings are disturbed (slower and noisier than on a quiet machine).")
     # the limits (pnr_kernels/bench/limits.py): one FLOP limit per dtype; a bandwidth per
-    # footprint, each its own line (the how names the footprint)
+    # footprint, each its own line (the how names the footprint), and those timed in the records'
+    # own rounds one line per footprint (their range)
     peaks = defaultdict(dict)
     for r in rows:
         if r["metric"] == "machine_peak" and _value(r) is not None:
-            kind = "" if r["unit"] == "GFLOP/s" else r["note"]
+            in_rounds = re.match(r"STREAM \w+ over (\S+ MiB) float32 timed in the record's interleaved rounds", r["note"])
+            kind = "" if r["unit"] == "GFLOP/s" else (in_rounds.group(1) if in_rounds else r["note"])
             peaks[(r["dtype"], r["unit"], kind)][_value(r)] = r["note"]
     for (dtype, unit, _), measured in sorted(peaks.items()):
         low, high = min(measured), max(measured)

@@ -34,11 +34,14 @@ Throughput is reported where the loss's registry entry has a work model: GFLOP/s
 no exact kernel of the loss can avoid (``ops.infonce.infonce_flops``: each logit used once, a
 symmetric block's pairs once, one product per gradient, no recomputation), GB/s for BYOL/VICReg-PNR (reading
 p1, p2, f1, f2 and writing two gradients once). ``percent_of_peak`` divides it by the machine's
-limit (:mod:`pnr_kernels.bench.limits`, ``pnr-bench limits``): on CPU the highest of the
-multiply-add loop's rate on all threads and torch.mm for a FLOP model, the highest of a STREAM
-copy, triad and read at the record's footprint for a bytes model, measured once per machine and cached. Peers
-are credited with the same work model (the work the loss needs, not what they happen to do), so
-no record exceeds 100 % unless the limit was measured on a busier machine than the record. A CPU
+limit (:mod:`pnr_kernels.bench.limits`, ``pnr-bench limits``): on CPU, for a FLOP model, the
+highest of the multiply-add loop's rate on all threads and torch.mm, measured once per machine
+and cached; for a bytes model, the highest of a STREAM copy, triad and read over the record's
+footprint timed in the record's own rounds (one more turn per round beside the candidates, the
+median of the rounds: the same statistic at the same moments as the steps; ``limit_in_rounds``),
+or the cached STREAM limit where a record passes that. Peers are credited with the same work
+model (the work the loss needs, not what they happen to do), so no record exceeds 100 % unless
+the limit was measured on a busier machine than the record (then it is measured again). A CPU
 record also carries the machine's step floor (``step_floor_ms``, measured and cached with the
 limits): the full step of a loss that does no work, the framework's cost that no loss avoids,
 which the report's Targets add to the time of the work at the limit.
@@ -64,6 +67,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -71,7 +75,7 @@ import torch
 from .. import _cli, backends, native
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, REGULARIZER, make_inputs
 from .dtypes import DTYPES
-from .limits import machine_peak, raise_limit, step_floor, timed_step
+from .limits import MIN_STREAM_BYTES, StreamRounds, machine_peak, raise_limit, step_floor, timed_step
 from . import peers
 from .peers import PEER_MAX_BATCH, PEERS
 
@@ -258,7 +262,8 @@ MIN_WARMUP_S, MIN_TIMED_S, MAX_REPEATS = 0.2, 1.0, 500
 
 def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
                      warmup: int, min_warmup_s: Optional[float] = None, min_timed_s: Optional[float] = None,
-                     max_repeats: int = MAX_REPEATS) -> List[object]:
+                     max_repeats: int = MAX_REPEATS,
+                     probes: Sequence[Callable[[], Dict[str, float]]] = ()) -> List[object]:
     """Milliseconds of the forward, the backward and the full step of each timed repeat, per
     candidate ``(forward, inputs)``, the candidates taking turns: ``warmup`` rounds of one step
     each (more until ``min_warmup_s`` has passed), then ``repeats`` rounds of one step each (more
@@ -269,18 +274,28 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
     evicting the next candidate's inputs: a 2-12 MiB memory-bound step 1.4x slower in the slot
     after it than in the slot after a fused kernel). The minimum times default to MIN_WARMUP_S and
     MIN_TIMED_S on the CPU, 0 elsewhere. Per candidate: its ``{phase: [ms, ...]}``, or the
-    exception that stopped it (it leaves the later rounds; the others go on)."""
+    exception that stopped it (it leaves the later rounds; the others go on). ``probes`` (such as
+    ``limits.StreamRounds``: a limit measured under the same moments of the machine) take their
+    turns in the same shuffled order; each call returns ``{kind: ms}``, and their results follow
+    the candidates' as ``{kind: [ms, ...]}``. The rounds stop when no candidate is left."""
     cpu = device == "cpu"
     min_warmup_s = (MIN_WARMUP_S if cpu else 0.0) if min_warmup_s is None else min_warmup_s
     min_timed_s = (MIN_TIMED_S if cpu else 0.0) if min_timed_s is None else min_timed_s
     results: List[object] = [{phase: [] for phase in PHASES} for _ in candidates]
+    probed: List[Dict[str, List[float]]] = [defaultdict(list) for _ in probes]
 
-    order = list(range(len(candidates)))
+    order = list(range(len(candidates) + len(probes)))
     shuffle = random.Random(0).shuffle
 
     def one_round(timed: bool) -> None:
         shuffle(order)
         for i in order:
+            if i >= len(candidates):
+                times = probes[i - len(candidates)]()
+                if timed:
+                    for kind, ms in times.items():
+                        probed[i - len(candidates)][kind].append(ms)
+                continue
             forward, inputs = candidates[i]
             if isinstance(results[i], BaseException):
                 continue
@@ -306,7 +321,7 @@ def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]
                                               and rounds < max(repeats, max_repeats))):
         one_round(True)
         rounds += 1
-    return results
+    return results + [dict(p) for p in probed]
 
 
 def _status_kb(field: str) -> int:
@@ -429,7 +444,11 @@ def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup
             _record_failure(record, case, device, error)
     if device == "cpu":
         _keep_freed_memory()
-    results = time_interleaved([(f, i) for _, _, f, i in prepared], device, repeats, max(0, warmup - 1), **timing)
+    stream = _stream_rounds(cases) if device == "cpu" and prepared else None
+    results = time_interleaved([(f, i) for _, _, f, i in prepared], device, repeats, max(0, warmup - 1), **timing,
+                               probes=[stream] if stream is not None else [])
+    probed = results.pop() if stream is not None else None
+    bandwidth = stream.limit(probed) if probed else None  # none without a timed round
     load = list(os.getloadavg())
     for (record, case, _, _), times in zip(prepared, results):
         if len(cases) > 1:
@@ -449,7 +468,24 @@ def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup
             record["throughput_unit"] = unit
             record["work"] = amount
             record["throughput"] = amount / (record["fwd_bwd_ms"] * 1e-3) / 1e9
+            if unit == "GB/s" and bandwidth is not None:
+                record["limit_in_rounds"] = bandwidth
     return records
+
+
+def _stream_rounds(cases: Sequence[Case]) -> Optional[StreamRounds]:
+    """The STREAM kernels to time in the rounds of ``cases`` (one size's candidates) when their
+    work model counts bytes: over the record's footprint (at least MIN_STREAM_BYTES), so that the
+    bandwidth a percentage divides by is measured at the same moments as the steps. None for a
+    FLOP model, or when the buffer cannot be allocated (the cached limit serves)."""
+    models = {work_model(case) for case in cases}
+    footprint = max((amount for unit, amount in filter(None, models) if unit == "GB/s"), default=None)
+    if footprint is None:
+        return None
+    try:
+        return StreamRounds(max(MIN_STREAM_BYTES, int(footprint)))
+    except RuntimeError:  # out of memory under the run's budget
+        return None
 
 
 def _cpu_name() -> str:
@@ -512,10 +548,13 @@ def add_percent_of_peak(record: dict, peak: Callable[..., Dict[str, object]] = m
                         raise_peak: Optional[Callable[..., Dict[str, object]]] = raise_limit,
                         floor: Callable[[str], Optional[Dict[str, object]]] = step_floor) -> dict:
     """Adds ``peak_throughput``, ``peak_how`` and ``percent_of_peak`` to a record that has a
-    throughput: its throughput over the machine's limit (``limits.machine_peak``; for a bytes
-    model, at the record's footprint). A record above 100 % has the limit measured again
-    (``raise_peak``, ``limits.raise_limit``: it was measured at a busier moment) before it is
-    divided by; one still above says the work model counts more than the kernel must do. On CPU
+    throughput: its throughput over the machine's limit. That is the bandwidth measured in the
+    record's own rounds (``limit_in_rounds``, :class:`limits.StreamRounds`) where the record has
+    one, else, and where the record's throughput passes it (the machine moved more bytes than the
+    STREAM median showed), the cached limit (``limits.machine_peak``; for a bytes model, at the
+    record's footprint), the higher of the two. A record above the cached limit has it measured
+    again (``raise_peak``, ``limits.raise_limit``: it was measured at a busier moment) before it
+    is divided by; one still above says the work model counts more than the kernel must do. On CPU
     also ``step_floor_ms`` and ``step_floor_how``: the machine's least full-step time of any loss
     (``floor``, ``limits.step_floor``), which the report's Targets add to the work at the limit."""
     if record.get("throughput") is None:
@@ -526,9 +565,12 @@ def add_percent_of_peak(record: dict, peak: Callable[..., Dict[str, object]] = m
         record["step_floor_how"] = measured_floor["how"]
     key = (record["device"], record["dtype"], record["throughput_unit"],
            record.get("work", 0) if record["throughput_unit"] == "GB/s" else 0)
-    ref = peak(*key)
-    if record["throughput"] > ref["value"] and raise_peak is not None:
-        ref = raise_peak(*key)
+    ref = record.get("limit_in_rounds")
+    if ref is None or record["throughput"] > ref["value"]:
+        cached = peak(*key)
+        if record["throughput"] > cached["value"] and raise_peak is not None:
+            cached = raise_peak(*key)
+        ref = cached if ref is None else max(ref, cached, key=lambda limit: limit["value"])
     record["peak_throughput"] = ref["value"]
     record["peak_how"] = ref["how"]
     record["percent_of_peak"] = 100 * record["throughput"] / ref["value"]
@@ -689,8 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
                "exact kernel avoids) by the machine's limit, measured by the bench (CPU: cached per machine): "
                "the vector multiply-add rate on all the bench's threads (fma_peak.c, built with $CC or cc; "
                "without one, torch.mm alone, saying why) or torch.mm, whichever is higher, for FLOP models; "
-               "STREAM-style copy/triad/read bandwidth at the record's footprint for byte models; a limit "
-               "that a record goes past is measured again, the higher kept. CPU records also carry the step "
+               "for byte models, STREAM-style copy/triad/read bandwidth over the record's footprint, timed "
+               "in the record's own rounds beside the candidates (median of the rounds; CPU), else cached; a "
+               "cached limit that a record goes past is measured again, the higher kept. CPU records also carry the step "
                "floor: the median full step of a loss doing no work (Python, autograd, the backward engine), "
                "which no loss beats and the report's Targets add to the work at the limit. "
                "pnr-bench limits --help: measure or remeasure them; "
