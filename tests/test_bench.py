@@ -545,6 +545,27 @@ def test_probes_take_turns_in_the_rounds_and_return_their_timed_rounds_after_the
     assert probed["copy"] == sorted(probed["copy"]) and probed["copy"][0] > 1 + 4  # timed rounds only
 
 
+def test_a_full_cpu_run_times_longer_rounds_than_a_quick_one(monkeypatch, tmp_path):
+    """The CPU worker gets the rounds' minimum time: MIN_TIMED_S with --quick, FULL_MIN_TIMED_S
+    without (a size whose reference is slow would time its fused candidates only ``repeats`` times)."""
+    asked, in_subprocess = [], bench._measure_group_in_subprocess
+
+    def measure_group(cases, repeats, warmup, timeout_s=None, memory_budget_mb=None, min_timed_s=None):
+        asked.append(min_timed_s)
+        return [bench.failed_record(case, "cpu", bench.FAILED, "not run") for case in cases]
+
+    monkeypatch.setattr(bench, "_measure_group_in_subprocess", measure_group)
+    for quick in (["--quick"], []):
+        bench.main([*quick, "--losses", "byol_pnr", "--backends", "native", "--json", str(tmp_path / "r.json")])
+    assert asked[0] == bench.MIN_TIMED_S and set(asked[1:]) == {bench.FULL_MIN_TIMED_S}
+    assert bench.FULL_MIN_TIMED_S > bench.MIN_TIMED_S
+    payload = {}
+    monkeypatch.setattr(bench.subprocess, "run", lambda argv, **kwargs: payload.update(json.loads(argv[-1])) or
+                        subprocess.CompletedProcess(argv, 0, "[]", ""))
+    in_subprocess([], 3, 1, min_timed_s=7.0)
+    assert payload["min_timed_s"] == 7.0
+
+
 def test_interleave_groups_are_the_candidates_of_one_size():
     cases = bench.make_cases("cpu", True, ["nt_xent", "byol_pnr"], ["reference", "native"], sweep=True)
     groups = bench.interleave_groups(cases)

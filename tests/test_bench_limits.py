@@ -201,8 +201,8 @@ def test_stream_kernels_move_the_bytes_they_say_over_one_buffer():
 
 def test_the_bandwidth_in_the_rounds_is_the_best_kernel_at_its_median_time():
     stream = limits.StreamRounds(2 ** 20)
-    one = stream()
-    assert set(one) == {"copy", "triad", "read"} and all(ms > 0 for ms in one.values())
+    turns = [probe() for probe in stream.probes()]  # each kernel its own turn
+    assert [list(t) for t in turns] == [["copy"], ["triad"], ["read"]] and all(t[k] > 0 for t in turns for k in t)
     nbytes = {kind: n for kind, (_, n) in stream.kernels.items()}
     times = {"copy": [1.0, 9.0, 2.0], "triad": [1.0, 1.5, 8.0], "read": [4.0, 0.1, 5.0]}
     limit = stream.limit(times)
@@ -213,9 +213,16 @@ def test_the_bandwidth_in_the_rounds_is_the_best_kernel_at_its_median_time():
     assert limit["how"].startswith(f"STREAM {best} over 1 MiB") and "median of 3 rounds" in limit["how"]
 
 
-def test_a_bytes_record_divides_by_the_bandwidth_of_its_own_rounds():
-    """A bytes-model case times the STREAM kernels over its footprint in its rounds and divides by
-    them; a FLOP-model case does not."""
+def test_the_last_level_cache_is_read_from_sysfs():
+    cache = limits.last_level_cache_bytes()
+    assert cache is None or cache >= 2 ** 15
+
+
+def test_a_bytes_record_beyond_the_cache_divides_by_the_bandwidth_of_its_own_rounds(monkeypatch):
+    """A bytes-model case whose footprint exceeds the last-level cache times the STREAM kernels
+    over its footprint in its rounds and divides by them; one the cache holds, or a FLOP-model
+    case, does not."""
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 2 ** 15)
     byol = bench.Case("byol_pnr", "native", "float32", 64, 32)
     record = bench.measure_interleaved([byol, bench.Case("byol_pnr", "reference", "float32", 64, 32)], "cpu",
                                        repeats=3, warmup=1, min_warmup_s=0, min_timed_s=0)[0]
@@ -228,6 +235,10 @@ def test_a_bytes_record_divides_by_the_bandwidth_of_its_own_rounds():
     assert "limit_in_rounds" not in nt_xent
     assert bench._stream_rounds([byol]).total_bytes == limits.MIN_STREAM_BYTES
     big = bench.Case("byol_pnr", "native", "float32", 4096, 128)
+    assert bench._stream_rounds([big]).total_bytes == bench.work_model(big)[1]
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: bench.work_model(big)[1])
+    assert bench._stream_rounds([big]) is None  # the cache holds it: the cached (warm) limit
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: None)  # unknown: timed in the rounds
     assert bench._stream_rounds([big]).total_bytes == bench.work_model(big)[1]
 
 

@@ -17,9 +17,11 @@ threads over arrays holding together the record's bytes (rounded down to a power
 least 1 MiB, so that a case whose data stay in cache is held to the cache's bandwidth), bytes
 read plus written, the best of 5 (20 below 64 MiB); the limit is the highest of the three (a
 kernel that reads more than it writes can pass a copy's rate, not the read's). A record of
-``pnr-bench`` divides instead by the same kernels timed over its own footprint in its own rounds
-(:class:`StreamRounds`, the median of the rounds), and by the cached limit only where it passes
-that: this machine's bandwidth moves by a fifth within minutes.
+``pnr-bench`` whose footprint exceeds the last-level cache divides instead by the same kernels
+timed over its own footprint in its own rounds (:class:`StreamRounds`, the median of the
+rounds), and by the cached limit only where it passes that: the memory bandwidth of the 2-core
+development VM moves by a fifth within minutes. A footprint that fits the cache is held to the
+cached (warm) limit, the cache's bandwidth.
 
 CPU, the step floor (ms): the least time a loss's full step takes in PyTorch whatever its
 kernels, measured as the median of 200 steps (after 20 warm-up steps) of a loss that does no
@@ -54,13 +56,14 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -255,30 +258,46 @@ def measure_stream(total_bytes: int) -> Dict[str, float]:
     return {kind: nbytes / _best_s(kernel, runs) / 1e9 for kind, (kernel, nbytes) in stream_kernels(total_bytes).items()}
 
 
+def last_level_cache_bytes() -> Optional[int]:
+    """The largest cache of CPU 0 in bytes (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            match = re.fullmatch(r"(\d+)([KMG]?)", (index / "size").read_text().strip())
+        except OSError:
+            continue
+        if match:
+            sizes.append(int(match.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}[match.group(2)])
+    return max(sizes) if sizes else None
+
+
 class StreamRounds:
     """The bandwidth limit measured in the bench's own rounds (``pnr-bench``'s timing of a
-    bytes-model loss): each call runs :func:`stream_kernels` over ``total_bytes`` once each and
-    returns their times in ms, so that the bench can time it as one more candidate of the
-    interleaved rounds; :meth:`limit` is the highest of the kernels' GB/s at the median of their
-    times over the rounds. The same statistic as a record's throughput (its median step), under
-    the same moments of the machine: on a machine whose bandwidth drifts by a fifth within
-    minutes (docs/benchmarks.md), a limit measured once, at another moment, moves a record's
-    percentage by as much."""
+    bytes-model loss whose footprint exceeds the last-level cache): each of :meth:`probes` runs
+    one of :func:`stream_kernels` over ``total_bytes`` and returns its time in ms, so that the
+    bench can time it as one more candidate of the interleaved rounds (each kernel its own turn:
+    one kernel run right after another would find its buffer cached by it); :meth:`limit` is the
+    highest of the kernels' GB/s at the median of their times over the rounds. The same statistic
+    as a record's throughput (its median step), at the same moments of the machine: on a machine
+    whose memory bandwidth drifts by a fifth within minutes (docs/benchmarks.md), a limit measured
+    once, at another moment, moves a record's percentage by as much."""
 
     def __init__(self, total_bytes: int):
         self.total_bytes = total_bytes
         self.kernels = stream_kernels(total_bytes)
 
-    def __call__(self) -> Dict[str, float]:
-        times = {}
-        for kind, (kernel, _) in self.kernels.items():
-            start = time.perf_counter()
-            kernel()
-            times[kind] = (time.perf_counter() - start) * 1e3
-        return times
+    def _time(self, kind: str) -> Dict[str, float]:
+        kernel = self.kernels[kind][0]
+        start = time.perf_counter()
+        kernel()
+        return {kind: (time.perf_counter() - start) * 1e3}
+
+    def probes(self) -> List[Callable[[], Dict[str, float]]]:
+        """One callable per kernel, for ``runner.time_interleaved``'s ``probes``."""
+        return [functools.partial(self._time, kind) for kind in self.kernels]
 
     def limit(self, times: Dict[str, Sequence[float]]) -> Dict[str, object]:
-        """{"value", "unit", "how"} from the rounds' ``times`` (ms per kind, as :meth:`__call__`
+        """{"value", "unit", "how"} from the rounds' ``times`` (ms per kind, as the probes
         returned them)."""
         gbs = {kind: nbytes / (statistics.median(times[kind]) * 1e-3) / 1e9
                for kind, (_, nbytes) in self.kernels.items()}

@@ -36,10 +36,11 @@ symmetric block's pairs once, one product per gradient, no recomputation), GB/s 
 p1, p2, f1, f2 and writing two gradients once). ``percent_of_peak`` divides it by the machine's
 limit (:mod:`pnr_kernels.bench.limits`, ``pnr-bench limits``): on CPU, for a FLOP model, the
 highest of the multiply-add loop's rate on all threads and torch.mm, measured once per machine
-and cached; for a bytes model, the highest of a STREAM copy, triad and read over the record's
-footprint timed in the record's own rounds (one more turn per round beside the candidates, the
-median of the rounds: the same statistic at the same moments as the steps; ``limit_in_rounds``),
-or the cached STREAM limit where a record passes that. Peers are credited with the same work
+and cached; for a bytes model, the highest of a STREAM copy, triad and read: over a footprint
+beyond the last-level cache, timed over it in the record's own rounds (each kernel one more turn
+per round beside the candidates, the median of the rounds: the same statistic at the same
+moments as the steps; ``limit_in_rounds``), or the cached STREAM limit where a record passes
+that; over a footprint the cache holds, the cached (warm) limit. Peers are credited with the same work
 model (the work the loss needs, not what they happen to do), so no record exceeds 100 % unless
 the limit was measured on a busier machine than the record (then it is measured again). A CPU
 record also carries the machine's step floor (``step_floor_ms``, measured and cached with the
@@ -75,7 +76,8 @@ import torch
 from .. import _cli, backends, native
 from ..registry import CONTRASTIVE, LOSSES, QUEUE, REGULARIZER, make_inputs
 from .dtypes import DTYPES
-from .limits import MIN_STREAM_BYTES, StreamRounds, machine_peak, raise_limit, step_floor, timed_step
+from .limits import (MIN_STREAM_BYTES, StreamRounds, last_level_cache_bytes, machine_peak, raise_limit,
+                     step_floor, timed_step)
 from . import peers
 from .peers import PEER_MAX_BATCH, PEERS
 
@@ -255,9 +257,12 @@ def _step_fn(case: Case, device: str):
 
 # On the CPU fast steps get more rounds: the warm-up lasts at least MIN_WARMUP_S and the timed
 # rounds at least MIN_TIMED_S (at most MAX_REPEATS of them), so that a 0.2 ms step's median is
-# taken over hundreds of repeats, not ten that a single hiccup of a shared machine can move.
+# taken over hundreds of repeats, not ten that a single hiccup of a shared machine can move. A
+# full (not --quick) run's rounds last at least FULL_MIN_TIMED_S: a size whose reference takes
+# 0.1-1 s a step would otherwise time its fused candidates 10 times (BYOL/VICReg-PNR at B = 4096,
+# D = 2048: 7 ms steps whose medians moved by a tenth between runs on the development VM).
 # (CUDA: the repeats asked for, so that a GPU check's time budget stays what it planned.)
-MIN_WARMUP_S, MIN_TIMED_S, MAX_REPEATS = 0.2, 1.0, 500
+MIN_WARMUP_S, MIN_TIMED_S, FULL_MIN_TIMED_S, MAX_REPEATS = 0.2, 1.0, 10.0, 500
 
 
 def time_interleaved(candidates: Sequence[Tuple[Callable, Sequence[torch.Tensor]]], device: str, repeats: int,
@@ -445,9 +450,11 @@ def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup
     if device == "cpu":
         _keep_freed_memory()
     stream = _stream_rounds(cases) if device == "cpu" and prepared else None
+    probes = stream.probes() if stream is not None else []
     results = time_interleaved([(f, i) for _, _, f, i in prepared], device, repeats, max(0, warmup - 1), **timing,
-                               probes=[stream] if stream is not None else [])
-    probed = results.pop() if stream is not None else None
+                               probes=probes)
+    probed = {kind: ms for times in results[len(prepared):] for kind, ms in times.items()}
+    del results[len(prepared):]
     bandwidth = stream.limit(probed) if probed else None  # none without a timed round
     load = list(os.getloadavg())
     for (record, case, _, _), times in zip(prepared, results):
@@ -475,12 +482,15 @@ def measure_interleaved(cases: Sequence[Case], device: str, repeats: int, warmup
 
 def _stream_rounds(cases: Sequence[Case]) -> Optional[StreamRounds]:
     """The STREAM kernels to time in the rounds of ``cases`` (one size's candidates) when their
-    work model counts bytes: over the record's footprint (at least MIN_STREAM_BYTES), so that the
-    bandwidth a percentage divides by is measured at the same moments as the steps. None for a
-    FLOP model, or when the buffer cannot be allocated (the cached limit serves)."""
+    work model counts bytes beyond the last-level cache (``limits.last_level_cache_bytes``; any
+    footprint where it is unknown): over the record's footprint, so that the memory bandwidth a
+    percentage divides by is measured at the same moments as the steps. None for a FLOP model, for
+    a footprint that fits the cache (held to the cached limit: the cache's bandwidth, measured
+    warm), or when the buffer cannot be allocated (the cached limit serves)."""
     models = {work_model(case) for case in cases}
     footprint = max((amount for unit, amount in filter(None, models) if unit == "GB/s"), default=None)
-    if footprint is None:
+    cache = last_level_cache_bytes()
+    if footprint is None or (cache is not None and footprint <= cache):
         return None
     try:
         return StreamRounds(max(MIN_STREAM_BYTES, int(footprint)))
@@ -512,17 +522,18 @@ def _limit_data(budget_mb: Optional[float]):
 
 
 def _measure_in_subprocess(case: Case, repeats: int, warmup: int, timeout_s: Optional[float] = None,
-                           memory_budget_mb: Optional[float] = None) -> dict:
-    return _measure_group_in_subprocess([case], repeats, warmup, timeout_s, memory_budget_mb)[0]
+                           memory_budget_mb: Optional[float] = None, min_timed_s: Optional[float] = None) -> dict:
+    return _measure_group_in_subprocess([case], repeats, warmup, timeout_s, memory_budget_mb, min_timed_s)[0]
 
 
 def _measure_group_in_subprocess(cases: Sequence[Case], repeats: int, warmup: int, timeout_s: Optional[float] = None,
-                                 memory_budget_mb: Optional[float] = None) -> List[dict]:
+                                 memory_budget_mb: Optional[float] = None,
+                                 min_timed_s: Optional[float] = None) -> List[dict]:
     """The records of ``cases`` measured together (:func:`measure_interleaved`) in a fresh
     process; ``timeout_s`` is per case (the process gets their sum), the memory budget the
-    process's."""
+    process's, ``min_timed_s`` the rounds' (default MIN_TIMED_S)."""
     payload = json.dumps(dict(cases=[dataclasses.asdict(c) for c in cases], repeats=repeats, warmup=warmup,
-                              memory_budget_mb=memory_budget_mb))
+                              memory_budget_mb=memory_budget_mb, min_timed_s=min_timed_s))
     # Allocations of 64 KiB and more are mmapped and unmapped when freed, so the resident set
     # follows what is live instead of what glibc keeps cached from the warm-up step.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -731,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
                "exact kernel avoids) by the machine's limit, measured by the bench (CPU: cached per machine): "
                "the vector multiply-add rate on all the bench's threads (fma_peak.c, built with $CC or cc; "
                "without one, torch.mm alone, saying why) or torch.mm, whichever is higher, for FLOP models; "
-               "for byte models, STREAM-style copy/triad/read bandwidth over the record's footprint, timed "
-               "in the record's own rounds beside the candidates (median of the rounds; CPU), else cached; a "
+               "for byte models, STREAM-style copy/triad/read bandwidth over the record's footprint (CPU, "
+               "beyond the last-level cache: timed in the record's own rounds beside the candidates, the median "
+               "of the rounds), else cached; a "
                "cached limit that a record goes past is measured again, the higher kept. CPU records also carry the step "
                "floor: the median full step of a loss doing no work (Python, autograd, the backward engine), "
                "which no loss beats and the report's Targets add to the work at the limit. "
@@ -751,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input dtypes (default: float32 on CPU; bfloat16 and float32 on CUDA)")
     parser.add_argument("--repeats", type=_cli.positive_int, default=None,
                         help="timed repeats per case, at least (default 5 quick, 10 full; on the CPU a fast step "
-                             "gets more, until its timed rounds last 1 s, at most 500)")
+                             "gets more, until its timed rounds last 1 s with --quick, 10 s without, at most 500)")
     parser.add_argument("--case-timeout", type=_cli.positive_float, default=600.0, metavar="S",
                         help="wall-clock budget of one case in seconds (CPU: its process is killed), and "
                              "the projected time past which a sweep stops a backend (default 600)")
@@ -796,7 +808,8 @@ def _worker(payload: str) -> int:
     torch.manual_seed(0)
     _limit_data(job.get("memory_budget_mb"))
     cases = [Case(**c) for c in job["cases"]]
-    print(json.dumps(measure_interleaved(cases, "cpu", job["repeats"], job["warmup"])))
+    print(json.dumps(measure_interleaved(cases, "cpu", job["repeats"], job["warmup"],
+                                         min_timed_s=job.get("min_timed_s"))))
     return 0
 
 
@@ -839,8 +852,11 @@ def main(argv=None) -> int:
         print(f"note: {text}", file=sys.stderr, flush=True)
 
     if args.device == "cpu":
+        min_timed_s = MIN_TIMED_S if args.quick else FULL_MIN_TIMED_S
+
         def measure_group(group):
-            return _measure_group_in_subprocess(group, repeats, warmup, budget.case_timeout_s, budget.memory_mb)
+            return _measure_group_in_subprocess(group, repeats, warmup, budget.case_timeout_s, budget.memory_mb,
+                                                min_timed_s)
     else:
         def measure_group(group):
             torch.manual_seed(0)
