@@ -353,6 +353,10 @@ def test_target_verdicts():
     assert verdict(2.0, 1.1, 10.0, 50.0, True) == "behind: 50 % < 80 % of the bandwidth"
     assert verdict(2.0, 1.1, 10.0, 85.0, True) == "met"
     assert verdict(None, 1.1, None, None, False) == "not measured"
+    # a value that rounds to the target gets the decimals that show it short of it
+    assert verdict(1.098, 1.1, 20.0, 30.0, False) == "behind: 1.098x < 1.1x"
+    assert verdict(2.0, 1.1, 10.0, 79.62, True) == "behind: 79.6 % < 80 % of the bandwidth"
+    assert verdict(1.29996, 1.3, 20.0, 30.0, False) == "behind: 1.3000x < 1.3x"  # 4 decimals at most
 
 
 def test_target_verdicts_with_the_step_floor():

@@ -482,6 +482,14 @@ def _best_step(peer_ms: Optional[float], peer_percent: Optional[float],
     return floor_ms, peer_ms * peer_percent / 100
 
 
+def _short_of(value: float, target: float, digits: int) -> str:
+    """``value`` (below ``target``) with ``digits`` decimals, more where it would read as the
+    target (79.6 % is "79.6", not "80", against 80 %), 4 at most."""
+    while digits < 4 and f"{value:.{digits}f}" == f"{target:.{digits}f}":
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
 def target_verdict(ratio: Optional[float], target: float, peer_percent: Optional[float],
                    percent: Optional[float], bytes_model: bool, *, peer_ms: Optional[float] = None,
                    floor_ms: Optional[float] = None) -> str:
@@ -503,13 +511,14 @@ def target_verdict(ratio: Optional[float], target: float, peer_percent: Optional
         elif best is None and peer_percent is not None and target * peer_percent > 100:
             problems.append(f"out of reach: {target:g}x needs {target * peer_percent:.0f} % of the limit")
         else:
-            problems.append(f"behind: {ratio:.2f}x < {target:g}x")
+            problems.append(f"behind: {_short_of(ratio, target, 2)}x < {target:g}x")
     if bytes_model and (percent is None or percent < TARGET_PERCENT):
         if best is not None and 100 * best[1] / sum(best) < TARGET_PERCENT:
             problems.append(f"out of reach: at most {_fmt(100 * best[1] / sum(best))} % of the bandwidth (step "
                             f"floor {best[0] * 1e3:.0f} us, {_fmt(best[1] * 1e3)} us of traffic)")
         else:
-            problems.append(f"behind: {percent or 0:.0f} % < {TARGET_PERCENT:.0f} % of the bandwidth")
+            problems.append(f"behind: {_short_of(percent or 0, TARGET_PERCENT, 0)} % < {TARGET_PERCENT:.0f} % "
+                            "of the bandwidth")
     return "; ".join(problems) or "met"
 
 
