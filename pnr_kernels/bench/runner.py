@@ -259,8 +259,9 @@ def _step_fn(case: Case, device: str):
 # rounds at least MIN_TIMED_S (at most MAX_REPEATS of them), so that a 0.2 ms step's median is
 # taken over hundreds of repeats, not ten that a single hiccup of a shared machine can move. A
 # full (not --quick) run's rounds last at least FULL_MIN_TIMED_S: a size whose reference takes
-# 0.1-1 s a step would otherwise time its fused candidates 10 times (BYOL/VICReg-PNR at B = 4096,
-# D = 2048: 7 ms steps whose medians moved by a tenth between runs on the development VM).
+# 0.1-0.5 s a step would otherwise time its fused candidates 10 times (VICReg-PNR at B = 4096,
+# D = 2048, reference 0.33 s: 7 ms fused steps, now 23 rounds; BYOL-PNR there, reference 1 s a
+# step, still gets the 10 repeats).
 # (CUDA: the repeats asked for, so that a GPU check's time budget stays what it planned.)
 MIN_WARMUP_S, MIN_TIMED_S, FULL_MIN_TIMED_S, MAX_REPEATS = 0.2, 1.0, 10.0, 500
 
