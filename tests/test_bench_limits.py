@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pnr_kernels.bench import limits
+from pnr_kernels.bench import report as bench_report
 from pnr_kernels.bench import runner as bench
 from pnr_kernels.registry import LOSSES, make_inputs
 
@@ -211,6 +212,11 @@ def test_the_bandwidth_in_the_rounds_is_the_best_kernel_at_its_median_time():
     assert limit["value"] == pytest.approx(max(rates.values())) and limit["unit"] == "GB/s"
     best = max(rates, key=rates.get)
     assert limit["how"].startswith(f"STREAM {best} over 1 MiB") and "median of 3 rounds" in limit["how"]
+    # the report tells these limits from the cached ones by their how
+    assert bench_report._in_rounds_footprint(limit["how"]) == "1 MiB"
+    cached = limits.stream_limit({"copy": 2.0}, 2 ** 20, "", ", 2 threads; measured now, load 0.00")
+    assert cached["how"] == "STREAM copy over 1 MiB float32 (copy 2.0 GB/s, 2 threads; measured now, load 0.00)"
+    assert bench_report._in_rounds_footprint(cached["how"]) is None
 
 
 def test_the_last_level_cache_is_read_from_sysfs():

@@ -271,6 +271,18 @@ def last_level_cache_bytes() -> Optional[int]:
     return max(sizes) if sizes else None
 
 
+IN_ROUNDS = "timed in the record's interleaved rounds"  # a StreamRounds how; report._in_rounds_footprint reads it
+
+
+def stream_limit(gbs: Dict[str, float], total_bytes: int, where: str, detail: str) -> Dict[str, object]:
+    """{"value", "unit", "how"}: the highest of the STREAM rates ``gbs`` (GB/s per kind) over
+    ``total_bytes``, the how naming it, ``where`` it was measured, every rate and ``detail``."""
+    kind = max(gbs, key=gbs.get)
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in gbs.items())
+    how = f"STREAM {kind} over {total_bytes / 2 ** 20:g} MiB float32{where} ({rates} GB/s{detail})"
+    return {"value": gbs[kind], "unit": "GB/s", "how": how}
+
+
 class StreamRounds:
     """The bandwidth limit measured in the bench's own rounds (``pnr-bench``'s timing of a
     bytes-model loss whose footprint exceeds the last-level cache): each of :meth:`probes` runs
@@ -301,11 +313,9 @@ class StreamRounds:
         returned them)."""
         gbs = {kind: nbytes / (statistics.median(times[kind]) * 1e-3) / 1e9
                for kind, (_, nbytes) in self.kernels.items()}
-        kind = max(gbs, key=gbs.get)
-        rates = ", ".join(f"{k} {v:.1f}" for k, v in gbs.items())
-        how = (f"STREAM {kind} over {self.total_bytes / 2 ** 20:g} MiB float32 timed in the record's interleaved "
-               f"rounds ({rates} GB/s at the median of {len(times[kind])} rounds, {torch.get_num_threads()} threads)")
-        return {"value": gbs[kind], "unit": "GB/s", "how": how}
+        rounds = len(next(iter(times.values())))
+        return stream_limit(gbs, self.total_bytes, f" {IN_ROUNDS}",
+                            f" at the median of {rounds} rounds, {torch.get_num_threads()} threads")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,12 +456,8 @@ class CpuLimits:
         record's footprint (see :func:`stream_bytes`)."""
         total = stream_bytes(nbytes)
         entry = self.stream(total)
-        gbs = entry["gbs"]
-        kind = max(gbs, key=gbs.get)
-        rates = ", ".join(f"{k} {v:.1f}" for k, v in gbs.items())
-        how = (f"STREAM {kind} over {total / 2 ** 20:g} MiB float32 ({rates} GB/s, {torch.get_num_threads()} "
-               f"threads; measured {entry['measured_at']}, load {entry['loadavg'][0]:.2f})")
-        return {"value": gbs[kind], "unit": "GB/s", "how": how}
+        return stream_limit(entry["gbs"], total, "", f", {torch.get_num_threads()} threads; measured "
+                            f"{entry['measured_at']}, load {entry['loadavg'][0]:.2f}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -561,6 +561,14 @@ def targets_table(rows: Sequence[Dict[str, str]], fused: str = "native") -> List
                    "reachable at 100 %", "verdict"], table)
 
 
+def _in_rounds_footprint(how: str) -> Optional[str]:
+    """The footprint ("192 MiB") named by the how of a bandwidth measured in a record's own rounds
+    (limits.StreamRounds.limit, whose how says limits.IN_ROUNDS; this module imports no other
+    bench module), None for any other limit's how."""
+    match = re.match(r"STREAM \w+ over (\S+ MiB) float32 timed in the record's interleaved rounds ", how)
+    return match.group(1) if match else None
+
+
 def _conditions(rows) -> List[str]:
     loads = [float(r["loadavg_1m"]) for r in rows if r.get("loadavg_1m")]
     stamps = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
@@ -589,8 +597,7 @@ def _conditions(rows) -> List[str]:
     peaks = defaultdict(dict)
     for r in rows:
         if r["metric"] == "machine_peak" and _value(r) is not None:
-            in_rounds = re.match(r"STREAM \w+ over (\S+ MiB) float32 timed in the record's interleaved rounds", r["note"])
-            kind = "" if r["unit"] == "GFLOP/s" else (in_rounds.group(1) if in_rounds else r["note"])
+            kind = "" if r["unit"] == "GFLOP/s" else (_in_rounds_footprint(r["note"]) or r["note"])
             peaks[(r["dtype"], r["unit"], kind)][_value(r)] = r["note"]
     for (dtype, unit, _), measured in sorted(peaks.items()):
         low, high = min(measured), max(measured)
