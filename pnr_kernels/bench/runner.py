@@ -523,8 +523,8 @@ def _limit_data(budget_mb: Optional[float]):
 
 
 def _measure_in_subprocess(case: Case, repeats: int, warmup: int, timeout_s: Optional[float] = None,
-                           memory_budget_mb: Optional[float] = None, min_timed_s: Optional[float] = None) -> dict:
-    return _measure_group_in_subprocess([case], repeats, warmup, timeout_s, memory_budget_mb, min_timed_s)[0]
+                           memory_budget_mb: Optional[float] = None) -> dict:
+    return _measure_group_in_subprocess([case], repeats, warmup, timeout_s, memory_budget_mb)[0]
 
 
 def _measure_group_in_subprocess(cases: Sequence[Case], repeats: int, warmup: int, timeout_s: Optional[float] = None,
