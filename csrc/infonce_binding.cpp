@@ -63,7 +63,12 @@ at::Tensor forward_cpu(at::TensorList rows, at::TensorList keys, const c10::List
                        c10::ArrayRef<double> scales) {
   const KernelGuard kernel_guard;
   const Arguments args(rows, keys, exclude_diagonal, scales);
-  return infonce_forward_cpu(args.rows, args.keys, args.exclude_diagonal, args.scales);
+  // The op's contract (pnr_kernels/ops/infonce.py): the inputs that require a gradient get one.
+  std::vector<bool> rows_need_grad, keys_need_grad;
+  for (const auto& row : args.rows) rows_need_grad.push_back(row.requires_grad());
+  for (const auto& key : args.keys) keys_need_grad.push_back(key.requires_grad());
+  return infonce_forward_cpu(args.rows, args.keys, args.exclude_diagonal, args.scales, rows_need_grad,
+                             keys_need_grad);
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_lse, const at::Tensor& lse, at::TensorList rows,

@@ -1272,22 +1272,20 @@ void cross_backward_kernel(const acc_t* g, const acc_t* lse, const at::Tensor& a
 }  // namespace
 
 at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
-                               const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales) {
+                               const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
+                               const std::vector<bool>& rows_grad, const std::vector<bool>& keys_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType input = rows[0].scalar_type();
   const bool half_products = use_half_products(input);
   const Operands ops = operands(rows, keys, half_products);
   at::Tensor lse = at::empty({static_cast<int64_t>(rows.size()), rows[0].size(0)},
                              rows[0].options().dtype(compute_dtype(input)));
-  std::vector<bool> rows_grad(rows.size()), keys_grad(keys.size());
-  for (size_t r = 0; r < rows.size(); ++r) rows_grad[r] = rows[r].requires_grad();
-  for (size_t k = 0; k < keys.size(); ++k) keys_grad[k] = keys[k].requires_grad();
   const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_grad, keys_grad, half_products), rows_grad,
                            keys_grad);
   const std::optional<StashKey> key = stash_key(rows, keys, exclude_diagonal, scales, layout);
   bool any_grad = false;
-  for (const auto* list : {&rows, &keys}) {
-    for (const auto& t : *list) any_grad = any_grad || t.requires_grad();
+  for (const auto* flags : {&rows_grad, &keys_grad}) {
+    for (bool need : *flags) any_grad = any_grad || need;
   }
   at::Tensor stash = key.has_value() ? new_stash(any_grad, layout.total, lse.scalar_type()) : at::Tensor();
   // Without a key (inference tensors) backward could not find the folded gradients: none then.
@@ -1318,7 +1316,7 @@ std::vector<at::Tensor> infonce_backward_cpu(const at::Tensor& grad_lse, const a
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType input = rows[0].scalar_type();
   const bool half_products = use_half_products(input);
-  // Forward chose the same layout from the inputs' requires_grad, which the need flags repeat.
+  // Forward chose the same layout from the same need flags.
   const StashLayout layout(rows, keys, symmetric_blocks(rows, keys, rows_need_grad, keys_need_grad, half_products),
                            rows_need_grad, keys_need_grad);
   auto [stash, folded] = take_stash(lse, stash_key(rows, keys, exclude_diagonal, scales, layout));

@@ -11,9 +11,12 @@
 
 namespace pnr_kernels {
 
-// lse (R, M) in the compute dtype (float64 for float64 inputs, float32 otherwise).
+// lse (R, M) in the compute dtype (float64 for float64 inputs, float32 otherwise). The need flags
+// say which rows and keys backward will differentiate (what forward keeps for it: the logits stash
+// and folded blocks); backward must be given the same.
 at::Tensor infonce_forward_cpu(const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& keys,
-                               const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales);
+                               const std::vector<bool>& exclude_diagonal, const std::vector<double>& scales,
+                               const std::vector<bool>& rows_need_grad, const std::vector<bool>& keys_need_grad);
 
 // The gradients of the rows that need one, then of the keys that need one, in input order, each
 // in its input's dtype and shape. grad_lse and lse are (R, M) in the compute dtype.

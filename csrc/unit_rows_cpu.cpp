@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "unit_rows_cpu.h"
 
 namespace pnr_kernels {
 namespace {
@@ -95,6 +96,8 @@ void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
 }
 
+}  // namespace
+
 at::Tensor unit_rows_forward_cpu(const at::Tensor& x, double huge, double eps) {
   const KernelGuard kernel_guard;
   check_rows(x, "x");
@@ -122,8 +125,6 @@ at::Tensor unit_rows_backward_cpu(const at::Tensor& grad, const at::Tensor& x, d
   });
   return dx;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pnr_kernels, m) {
   m.def("unit_rows_forward(Tensor x, float huge, float eps) -> Tensor");

@@ -55,6 +55,14 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce(x) / n
 
 
+def gathers(gather_distributed: bool, process_group=None) -> bool:
+    """Whether :func:`data_parallel` with these options would not return None (it gathers, or
+    raises for a process_group without torch.distributed), found without a collective."""
+    if not gather_distributed:
+        return False
+    return world_size(process_group) > 1 if is_initialized() else process_group is not None
+
+
 class Gather(NamedTuple):
     """Where this rank's rows sit in the global batch: ``rank`` and ``world`` in ``group``."""
     rank: int

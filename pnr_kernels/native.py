@@ -49,7 +49,9 @@ skipped.
 Ops: ``pnr_kernels::infonce_lse_forward`` / ``infonce_lse_backward`` and, CPU only, the cross pair
 ``infonce_cross_lse_forward`` / ``infonce_cross_lse_backward`` (csrc/infonce_*), the contrastive
 losses' row normalisation ``unit_rows_forward`` / ``unit_rows_backward`` (CPU only,
-csrc/unit_rows_cpu.cpp) and the regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
+csrc/unit_rows_cpu.cpp), SimCLR-PNR / NT-Xent of one process in one op with its own autograd node
+``infonce_views_loss`` and its backward ``infonce_views_loss_backward`` (CPU only,
+csrc/infonce_views_cpu.cpp) and the regulariser kernels (csrc/regularizers_*), handed to the backend-neutral autograd glue of
 ``pnr_kernels.ops`` through :func:`kernels`, this backend's one hookup.
 
 Memory: CPU gradients of 32 MiB or more (the regularisers' ``(B, D)`` gradients at large sizes) come
@@ -535,7 +537,8 @@ def kernels() -> dict:
         "infonce": InfoNCEKernels(
             ops.infonce_lse_forward, ops.infonce_lse_backward,
             cross=CrossKernels(ops.infonce_cross_lse_forward, ops.infonce_cross_lse_backward, ("cpu",)),
-            unit_rows_forward=ops.unit_rows_forward, unit_rows_backward=ops.unit_rows_backward),
+            unit_rows_forward=ops.unit_rows_forward, unit_rows_backward=ops.unit_rows_backward,
+            views_loss=ops.infonce_views_loss, views_loss_backward=ops.infonce_views_loss_backward.default),
         "regularizers": RegularizerKernels(
             ops.paired_terms_forward, ops.paired_terms_backward, ops.barlow_gram_forward,
             ops.barlow_gram_backward, ops.barlow_correlation_loss_forward, ops.barlow_correlation_loss_backward,

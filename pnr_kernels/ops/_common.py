@@ -22,15 +22,19 @@ def _refusal(backend: str) -> HigherOrderGradientError:
 
 
 def first_order_only(backward_op, backend: str) -> None:
-    """Make differentiating ``backward_op`` (a custom op computing a fused backward) raise a
-    clear error: the fused backends give first-order gradients only."""
+    """Make differentiating ``backward_op`` (a custom op computing a fused backward: a
+    ``torch.library.custom_op``, or the OpOverload of one defined in C++) raise a clear error:
+    the fused backends give first-order gradients only."""
     def refuse(ctx, *grads):
         raise _refusal(backend)
 
     def setup_context(ctx, inputs, output):
         pass
 
-    backward_op.register_autograd(refuse, setup_context=setup_context)
+    if isinstance(backward_op, torch._ops.OpOverload):
+        torch.library.register_autograd(backward_op, refuse, setup_context=setup_context)
+    else:
+        backward_op.register_autograd(refuse, setup_context=setup_context)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
