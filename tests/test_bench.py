@@ -644,3 +644,17 @@ def test_cpu_peak_memory_counts_gradients_from_the_native_output_pool():
     record = bench.measure(bench.Case("vicreg_pnr", "native", "float32", 4096, 2048), "cpu", repeats=1, warmup=1)
     assert record["status"] == "ok"
     assert record["peak_memory_mb"] >= 64
+
+
+def test_the_conditions_say_when_the_load_exceeded_the_cores():
+    """A load average above the core count (the bench's own threads count in it) is reported with
+    its highest value; one within the cores is not."""
+    rows = _byol_rows()
+    for r in rows:
+        r["device_name"] = "Some CPU (2 cores)"
+    for load, said in ((1.96, False), (2.05, True)):
+        for r in rows:
+            r["loadavg_1m"] = f"{load:.2f}"
+        text = "\n".join(bench_report._conditions(rows))
+        assert ("The load average exceeded the 2 cores at times (up to 2.05; the bench's own threads count in it)"
+                in text) == said, text
