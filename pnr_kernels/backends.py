@@ -60,24 +60,20 @@ _CHOSEN: Dict[Tuple[str, str, str, torch.dtype, bool], str] = {}
 
 
 @torch.compiler.assume_constant_result
-def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype, batch: int = 0) -> str:
+def choose(backend: str, loss: str, device_type: str, dtype: torch.dtype) -> str:
     """The backend that runs ``loss`` for ``backend`` ("auto" or one of BACKENDS), with its
     custom ops registered; raises when none can. Under ``torch.compile`` it runs once at trace
-    time and its answer is a constant of the graph (it may build the native extension).
-
-    ``batch`` (rows per view, 0 when unknown): on the CPU, "auto" runs the reference below the
-    loss's measured crossover (``LossSpec.cpu_reference_below``), where the fused op's fixed
-    per-call cost outweighs its speed."""
+    time and its answer is a constant of the graph (it may build the native extension). "auto"
+    takes the first available of AUTO_ORDER at every batch size (on the CPU the native kernels
+    beat the reference from B = 8 up: docs/benchmarks.md, "Small batches")."""
     check_backend(backend)
-    spec = registry.LOSSES.get(loss)
-    small = device_type == "cpu" and spec is not None and 0 < batch < spec.cpu_reference_below
-    key = (backend, loss, device_type, dtype, small)
+    key = (backend, loss, device_type, dtype)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
     device = torch.device(device_type)
     if backend == "auto":
-        for name in ("reference",) if small else AUTO_ORDER.get(device_type, ("reference",)):
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
             if unavailable_reason(name, loss, device, dtype) is None:
                 backend = name
                 break

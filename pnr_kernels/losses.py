@@ -20,10 +20,7 @@ def _dispatch(what: str, backend: str, first: torch.Tensor, function_of, *args, 
     """Choose the backend for ``what`` (a loss, or the op family "infonce") on ``first``'s device
     and dtype, and call ``function_of(chosen)(*args, **options)`` with autocast off (the one
     dispatch of the public functions)."""
-    # the batch only moves "auto" across a measured CPU crossover; a compiled graph has no
-    # per-call Python cost to avoid, so it always takes the fused path
-    batch = 0 if torch.compiler.is_compiling() else first.shape[0]
-    chosen = backends.choose(backend, what, first.device.type, first.dtype, batch)
+    chosen = backends.choose(backend, what, first.device.type, first.dtype)
     with autocast_disabled(first.device.type):
         return function_of(chosen)(*args, **options)
 

@@ -50,10 +50,6 @@ class LossSpec:
     work, work_unit: the work model of one forward + backward (bench throughput), or None, and
         its unit ("FLOP": the products no exact kernel can avoid, 2 per multiply-add, see
         ``ops.infonce.infonce_flops``; "byte": one read of each input, one write of each gradient).
-    cpu_reference_below: on CPU tensors, ``backend="auto"`` runs the reference for batches below
-        this size (rows per view): the measured crossover under which the fused op's fixed
-        per-call cost (Python dispatch and autograd wiring, about 0.1 ms per op call) loses to
-        the reference (docs/benchmarks.md, "Small batches").
     docs: where the mathematics is (docs/losses.md section).
     """
     name: str
@@ -70,7 +66,6 @@ class LossSpec:
     example_options: Dict[str, float] = field(default_factory=dict)
     work: Optional[WorkModel] = None
     work_unit: str = "FLOP"
-    cpu_reference_below: int = 0
 
     @property
     def function(self) -> Callable:
@@ -175,13 +170,13 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
         "simclr_pnr", "simclr_pnr_loss", "SimCLRPNRLoss", reference.simclr_pnr_loss,
         "infonce", infonce.simclr_pnr_loss, CONTRASTIVE, trainable=("z1", "z2", "p1", "p2"),
         docs="docs/losses.md section 1", options=_GATHERED, example_options={"temperature": 0.3},
-        work=_simclr_pnr_work, cpu_reference_below=64,
+        work=_simclr_pnr_work,
     ),
     LossSpec(
         "nt_xent", "nt_xent_loss", "NTXentLoss", reference.nt_xent_loss,
         "infonce", infonce.nt_xent_loss, CONTRASTIVE, trainable=("z1", "z2"),
         docs="docs/losses.md section 2", options=_GATHERED, example_options={"temperature": 0.3},
-        work=_nt_xent_work, cpu_reference_below=128,
+        work=_nt_xent_work,
     ),
     LossSpec(
         "moco_pnr", "moco_pnr_loss", "MoCoPNRLoss", reference.moco_pnr_loss,
@@ -196,14 +191,14 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
         "infonce", infonce.moco_loss, QUEUE, trainable=("q1", "q2"),
         queues=("key_queue",), docs="docs/losses.md section 3", options=_TEMPERATURE,
         example_options={"temperature": 0.3},
-        work=_moco_work, cpu_reference_below=128,
+        work=_moco_work,
     ),
     LossSpec(
         "cassle_simclr", "cassle_simclr_regularizer", "CaSSLeSimCLRRegularizer",
         reference.cassle_simclr_regularizer, "infonce", infonce.cassle_simclr_regularizer, CONTRASTIVE,
         trainable=("p1", "p2"), docs="docs/losses.md section 5", options=_GATHERED,
         example_options={"temperature": 0.3},
-        work=_cassle_simclr_work, cpu_reference_below=256,
+        work=_cassle_simclr_work,
     ),
     LossSpec(
         "byol_pnr", "byol_pnr_regularizer", "BYOLPNRRegularizer", reference.byol_pnr_regularizer,
