@@ -13,6 +13,7 @@ benchmark runner and the trainer's ``--verify-backend``.
 - :func:`free_port`: a free TCP port on the loopback (multi-process gloo tests and benchmarks).
 - :func:`fused_losses`: the registered losses of one op family composed over given ops (to test
   the glue with stand-in kernels).
+- :func:`op_calls`: which ``pnr_kernels`` ops a function calls, and how often.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from .registry import LOSSES, make_inputs
 
 __all__ = ["TOLERANCES", "Comparison", "assert_close_relative", "check_against_reference", "free_port", "fused_losses",
-           "make_inputs", "relative_error", "restride", "where_it_differs"]
+           "make_inputs", "op_calls", "relative_error", "restride", "where_it_differs"]
 
 # docs/losses.md "Precision": (loss, gradients) relative tolerances against the float64 reference.
 # float64 is computed in float64 by every backend that accepts it, so it is held to near machine
@@ -153,3 +154,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def op_calls(fn) -> Dict[str, int]:
+    """{``pnr_kernels::`` op name: calls} while ``fn()`` runs (forward and backward), from the
+    profiler's view of the dispatcher: kernels called inside an op's own C++ code do not count."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    calls: Dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("pnr_kernels::"):
+            calls[event.name] = calls.get(event.name, 0) + 1
+    return calls

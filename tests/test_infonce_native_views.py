@@ -10,6 +10,7 @@ import torch
 import pnr_kernels
 from pnr_kernels import distributed, native
 from pnr_kernels.ops import backend_ops, infonce
+from pnr_kernels.testing import op_calls
 
 pytestmark = pytest.mark.skipif(
     native.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
@@ -61,17 +62,6 @@ def test_views_op_gives_the_composition_bitwise(loss, dtype, batch, dim, incomin
             assert g.dtype == dtype and torch.equal(g, w), (needs, (g - w).abs().max())
 
 
-def _op_calls(fn):
-    """{pnr_kernels op name: calls} while ``fn`` runs (forward and backward)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    calls = {}
-    for event in prof.events():
-        if event.name.startswith("pnr_kernels::"):
-            calls[event.name] = calls.get(event.name, 0) + 1
-    return calls
-
-
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_public_loss_is_one_op_call_per_step(loss):
     """Through the public API a CPU step (forward and backward) calls the views op once and no
@@ -82,7 +72,7 @@ def test_public_loss_is_one_op_call_per_step(loss):
 
     def step():
         public(*inputs, temperature=0.2, backend="native").backward()
-    assert _op_calls(step) == {"pnr_kernels::infonce_views_loss": 1}
+    assert op_calls(step) == {"pnr_kernels::infonce_views_loss": 1}
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

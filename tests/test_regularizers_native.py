@@ -9,7 +9,8 @@ import pnr_kernels
 from pnr_kernels import native
 from pnr_kernels.ops import backend_ops
 from pnr_kernels.registry import LOSSES as REGISTRY
-from pnr_kernels.testing import TOLERANCES, check_against_reference, fused_losses, make_inputs, relative_error, restride
+from pnr_kernels.testing import (TOLERANCES, check_against_reference, fused_losses, make_inputs, op_calls,
+                                 relative_error, restride)
 
 REASON = native.unavailable_reason(torch.device("cpu"), torch.float32)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
@@ -86,17 +87,6 @@ def test_stashed_gradients_survive_retained_graphs_and_in_place_edits(loss, batc
 
 # --- Barlow-PNR in one call on the CPU (csrc/regularizers_cpu.cpp, barlow_pnr_loss_forward_cpu) -----
 
-def _op_calls(fn):
-    """{pnr_kernels op name: calls} while ``fn`` runs (forward and backward)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    calls = {}
-    for event in prof.events():
-        if event.name.startswith("pnr_kernels::"):
-            calls[event.name] = calls.get(event.name, 0) + 1
-    return calls
-
-
 @pytest.mark.parametrize("batch,dim", [(6, 20), (20, 6)])  # Gram and correlation forms
 def test_barlow_pnr_is_one_fused_call_on_the_cpu(batch, dim):
     """The public Barlow-PNR regulariser on the CPU makes exactly one kernel call, forward and
@@ -108,7 +98,7 @@ def test_barlow_pnr_is_one_fused_call_on_the_cpu(batch, dim):
 
     def step():
         pnr_kernels.barlow_pnr_regularizer(p1, p2, f1, f2, backend="native").backward()
-    assert _op_calls(step) == {"pnr_kernels::barlow_pnr_loss_autograd": 1}
+    assert op_calls(step) == {"pnr_kernels::barlow_pnr_loss_autograd": 1}
 
 
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
