@@ -656,5 +656,5 @@ def test_the_conditions_say_when_the_load_exceeded_the_cores():
         for r in rows:
             r["loadavg_1m"] = f"{load:.2f}"
         text = "\n".join(bench_report._conditions(rows))
-        assert ("The load average exceeded the 2 cores at times (up to 2.05; the bench's own threads count in it)"
+        assert ("The load average exceeded the 2 cores at times (up to 2.05, the bench's own threads included)"
                 in text) == said, text

@@ -589,9 +589,9 @@ def _conditions(rows) -> List[str]:
                      "candidates of their size (`pnr-bench --interleave`), the others each in a process of its own.")
     cores = re.search(r"\((\d+) cores\)", rows[0]["device_name"]) if rows else None
     if loads and cores and max(loads) > int(cores.group(1)):
-        lines.append(f"The load average exceeded the {cores.group(1)} cores at times (up to {max(loads):.2f}; the "
-                     "bench's own threads count in it): more threads were runnable than there were cores, so "
-                     "those timings are disturbed (slower and noisier than on a quiet machine).")
+        lines.append(f"The load average exceeded the {cores.group(1)} cores at times (up to {max(loads):.2f}, the "
+                     "bench's own threads included): where it did, more threads were runnable than there were "
+                     "cores, and the timings are slower and noisier than on a quiet machine.")
     # the limits (pnr_kernels/bench/limits.py): one FLOP limit per dtype; a bandwidth per
     # footprint, each its own line (the how names the footprint), and those timed in the records'
     # own rounds one line per footprint (their range)
