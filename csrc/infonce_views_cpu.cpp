@@ -1,5 +1,5 @@
-// SimCLR-PNR and NT-Xent of one process on CPU tensors as one op with its own autograd node (C++),
-// the eager path of pnr_kernels/ops/infonce.py's simclr_pnr_loss and nt_xent_loss there. Their
+// SimCLR-PNR and NT-Xent of one process on CPU tensors as one op with its own autograd node (C++):
+// the eager path of simclr_pnr_loss and nt_xent_loss in pnr_kernels/ops/infonce.py. Their
 // composition in Python (two unit-rows ops, the InfoNCE op, the positives and means: three Python
 // autograd Functions and some twenty recorded ATen ops) spends about a third of an NT-Xent step at
 // B = 256 outside the kernels on a 2-core CPU. This calls the same kernels with the same arguments

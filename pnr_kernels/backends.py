@@ -56,7 +56,7 @@ def unavailable_reason(name: str, loss: Optional[str], device: torch.device, dty
 # process once given (the extension's load is cached; only the Triton interpreter's switch is read
 # per call), so that a call does not pay for the checks again (a few microseconds of the per-call
 # budget of the small losses)
-_CHOSEN: Dict[Tuple[str, str, str, torch.dtype, bool], str] = {}
+_CHOSEN: Dict[Tuple[str, str, str, torch.dtype], str] = {}
 
 
 @torch.compiler.assume_constant_result
