@@ -56,11 +56,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def gathers(gather_distributed: bool, process_group=None) -> bool:
-    """Whether :func:`data_parallel` with these options would not return None (it gathers, or
-    raises for a process_group without torch.distributed), found without a collective."""
+    """Whether a loss with these options is data-parallel (``gather_distributed`` and W > 1 in
+    ``process_group``; also True for a process_group without torch.distributed, which
+    :func:`data_parallel` refuses), found without a collective: :func:`data_parallel`'s decision."""
     if not gather_distributed:
         return False
-    return world_size(process_group) > 1 if is_initialized() else process_group is not None
+    return world_size(process_group) != 1 if is_initialized() else process_group is not None
 
 
 class Gather(NamedTuple):
@@ -86,16 +87,11 @@ def data_parallel(gather_distributed: bool, process_group, local_sizes: Union[in
     mapping name -> rows for several blocks. One all-gather of the sizes checks that every rank
     has the same; else ValueError naming the sizes of every rank, raised on every rank (so that
     none of them waits in a later collective)."""
-    if not gather_distributed:
+    if not gathers(gather_distributed, process_group):
         return None
     if not is_initialized():
-        if process_group is not None:
-            raise RuntimeError("process_group was given but torch.distributed is not initialised")
-        return None
-    world = dist.get_world_size(process_group)
-    if world == 1:
-        return None
-    me = dist.get_rank(process_group)
+        raise RuntimeError("process_group was given but torch.distributed is not initialised")
+    world, me = dist.get_world_size(process_group), dist.get_rank(process_group)
     named = {"stacked rows (2 x batch)": local_sizes} if isinstance(local_sizes, int) else dict(local_sizes)
     local = torch.tensor(list(named.values()), dtype=torch.int64, device=device)
     sizes = torch.empty(world * len(named), dtype=torch.int64, device=device)
