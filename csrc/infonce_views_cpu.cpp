@@ -144,10 +144,8 @@ std::vector<at::Tensor> views_backward_cpu(const at::Tensor& grad_loss, at::Tens
   }
   if (sets.size() == 3) {  // the pseudo-negatives: P against F, and P_i . F_i / t
     const at::Tensor coefficient = g.expand({n}).div(n).neg().div(temperature).unsqueeze(1);
-    if (set_need[1]) set_grads[1] = rows_grad[1];
-    if (set_need[2]) set_grads[2] = keys_grad[1];
-    if (set_need[1]) add_scaled(set_grads[1], coefficient, sets[2]);
-    if (set_need[2]) add_scaled(set_grads[2], coefficient, sets[1]);
+    if (set_need[1]) add_scaled(set_grads[1] = rows_grad[1], coefficient, sets[2]);
+    if (set_need[2]) add_scaled(set_grads[2] = keys_grad[1], coefficient, sets[1]);
   }
   std::vector<at::Tensor> out;  // each set's rows are [x1; x2]: its unit-rows backward per half
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -162,9 +160,9 @@ struct ViewsLoss : public torch::autograd::Function<ViewsLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z1, const at::Tensor& z2, at::TensorList pnr,
                                double temperature, double huge, double eps, const std::vector<bool>& needs) {
     const std::vector<at::Tensor> inputs = checked_inputs(z1, z2, pnr);
-    std::vector<at::Tensor> out = views_forward(inputs, temperature, needs, huge, eps);
-    const std::vector<at::Tensor> saved(out.begin() + 1, out.end());
-    std::vector<at::Tensor> to_save = saved;
+    const std::vector<at::Tensor> out = views_forward(inputs, temperature, needs, huge, eps);
+    std::vector<at::Tensor> to_save(out.begin() + 1, out.end());  // lse and the unit rows, then the inputs
+    const auto num_saved = static_cast<int64_t>(to_save.size());
     to_save.insert(to_save.end(), inputs.begin(), inputs.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["temperature"] = temperature;
@@ -173,7 +171,7 @@ struct ViewsLoss : public torch::autograd::Function<ViewsLoss> {
     c10::List<bool> need_list;
     for (bool need : needs) need_list.push_back(need);
     ctx->saved_data["needs"] = need_list;
-    ctx->saved_data["num_saved"] = static_cast<int64_t>(saved.size());
+    ctx->saved_data["num_saved"] = num_saved;
     return {out[0]};
   }
 
